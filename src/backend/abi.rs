@@ -1,0 +1,1 @@
+//! Structs and constants shared with the CUDA kernels (kernels/abi.h through bindgen).

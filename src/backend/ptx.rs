@@ -1,0 +1,1 @@
+//! PTX of kernels/*.cu embedded by build.rs.

@@ -1,0 +1,1 @@
+//! The one transformer definition, written against `Backend`.

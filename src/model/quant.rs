@@ -1,0 +1,1 @@
+//! GGUF block formats: dequantization of rows (owned by the GGUF work item).

@@ -1,0 +1,1 @@
+//! Weights of the transformer, each field with its shape.
