@@ -68,7 +68,10 @@ impl Tokenizer {
     /// Encodes a prompt. Special tokens written in the text (`<|im_start|>`) are
     /// recognised; bos is prepended when the model asks for it and `add_special`.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -78,7 +81,12 @@ impl Tokenizer {
 
     /// Token ids that end generation: the eos token, if the tokenizer knows it.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.special.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t)).into_iter().collect()
+        self.special
+            .eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
+            .into_iter()
+            .collect()
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -32,10 +32,14 @@ impl Sampler {
     /// `prompt`: the prompt ids; `output`: ids generated so far (for penalties).
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> Sampled {
         let _ = (prompt, output, &self.params);
-        let (token_id, _) = logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best });
+        let (token_id, _) =
+            logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 {
+                    (i, l)
+                } else {
+                    best
+                }
+            });
         Sampled { token_id: token_id as u32, logprob: 0.0, top_logprobs: Vec::new() }
     }
 }

@@ -81,13 +81,22 @@ impl SamplingParams {
             return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", format!("must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("must be > 0, got {}", self.repetition_penalty),
+            );
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad("presence_penalty", format!("must be in [-2, 2], got {}", self.presence_penalty));
+            return bad(
+                "presence_penalty",
+                format!("must be in [-2, 2], got {}", self.presence_penalty),
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad("frequency_penalty", format!("must be in [-2, 2], got {}", self.frequency_penalty));
+            return bad(
+                "frequency_penalty",
+                format!("must be in [-2, 2], got {}", self.frequency_penalty),
+            );
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());

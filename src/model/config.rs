@@ -42,7 +42,9 @@ pub struct RopeConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Static YaRN as transformers' `_compute_yarn_parameters` computes it.
     Yarn {
         factor: f64,
@@ -199,7 +201,8 @@ impl ModelConfig {
             .or_else(|| json.get("rope_theta"))
             .and_then(Value::as_f64)
             .unwrap_or(10000.0);
-        let scaling_json = rope_parameters.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
+        let scaling_json =
+            rope_parameters.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
         let scaling = match scaling_json {
             Some(s) => parse_rope_scaling(s, max_position_embeddings, head_dim)?,
             None => RopeScaling::None,
@@ -263,13 +266,14 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(s: &Value, max_position_embeddings: usize, head_dim: usize) -> Result<RopeScaling, String> {
+fn parse_rope_scaling(
+    s: &Value,
+    max_position_embeddings: usize,
+    head_dim: usize,
+) -> Result<RopeScaling, String> {
     let _ = head_dim;
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind =
+        s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = |name: &str| s.get(name).and_then(Value::as_f64);
     let factor = || f("factor").ok_or_else(|| format!("rope scaling `{kind}` needs `factor`"));
     match kind {

@@ -34,6 +34,10 @@ impl LoadError {
     }
 
     pub fn tensor(path: &Path, tensor: impl Into<String>, message: impl Into<String>) -> Self {
-        LoadError::Tensor { path: path.to_path_buf(), tensor: tensor.into(), message: message.into() }
+        LoadError::Tensor {
+            path: path.to_path_buf(),
+            tensor: tensor.into(),
+            message: message.into(),
+        }
     }
 }

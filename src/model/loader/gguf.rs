@@ -8,7 +8,8 @@ use crate::model::LoadError;
 pub fn has_magic(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && &magic == b"GGUF"
 }
 
 pub fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {

@@ -38,7 +38,9 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, LoadError> {
     let meta = std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?;
     if meta.is_dir() {
         safetensors::load_hf_dir(path)
-    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || gguf::has_magic(path) {
+    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        || gguf::has_magic(path)
+    {
         gguf::load_gguf(path)
     } else {
         Err(LoadError::invalid(
