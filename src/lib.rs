@@ -1,6 +1,9 @@
-//! Qilin: a private LLM inference engine. See README.md and shared design notes.
+//! Qilin: a private LLM inference engine. See README.md for the map.
 
 pub mod backend;
+pub mod commands;
+pub mod config;
 pub mod engine;
+pub mod kv;
 pub mod model;
 pub mod tokenizer;

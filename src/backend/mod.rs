@@ -1,5 +1,126 @@
-//! Backends: the fused ops the transformer needs, on CPU (reference) or CUDA.
+//! Backends: the fused ops the transformer needs, on CPU (reference, default) or CUDA.
+//!
+//! The model (`model/forward.rs`) is written once against [`Backend`]. Activations are
+//! backend buffers of `rows x cols` values (row = token); weights are uploaded once.
+//! Every op here has the same semantics on every backend: the CPU implementation is the
+//! oracle of each CUDA kernel's parity test.
 
 pub mod abi;
+pub mod batch;
 pub mod cpu;
 pub mod ptx;
+
+pub use batch::{Batch, SeqSlice, BLOCK_SIZE};
+
+use crate::model::rope::RopeTable;
+use crate::model::WeightTensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("weight `{name}`: {message}")]
+    Weight { name: String, message: String },
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+}
+
+/// Geometry of the paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    /// Bytes of K and V for one token across all layers at `bytes_per_value`.
+    pub fn bytes_per_token(&self, bytes_per_value: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_value
+    }
+}
+
+/// Attention geometry of one layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale, 1/sqrt(head_dim) for our models.
+    pub scale: f32,
+}
+
+pub trait Backend: Send + Sync {
+    /// Activations: `rows x cols` values (f32 on CPU, bf16 on CUDA).
+    type Tensor: Send;
+    /// A linear layer's weight `[out, in]` and optional bias `[out]`, in whatever
+    /// layout the backend prefers.
+    type Linear: Send + Sync;
+    /// A vector weight (norm scale) `[n]`.
+    type Vector: Send + Sync;
+    /// The paged KV cache of every layer.
+    type KvCache: Send;
+
+    fn name(&self) -> &'static str;
+
+    fn upload_linear(
+        &self,
+        name: &str,
+        weight: &WeightTensor,
+        bias: Option<&WeightTensor>,
+    ) -> Result<Self::Linear, BackendError>;
+    fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<Self::Vector, BackendError>;
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
+
+    /// out `[ids.len(), hidden]` = rows `ids` of `table` `[vocab, hidden]`.
+    fn embedding(&self, table: &Self::Linear, ids: &[u32]) -> Self::Tensor;
+
+    /// Fused residual add + RMSNorm: if `x` is given, `residual += x`; then
+    /// returns `rmsnorm(residual) * weight`. residual, x: `[n, hidden]`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: Option<&Self::Tensor>,
+        weight: &Self::Vector,
+        eps: f32,
+    ) -> Self::Tensor;
+
+    /// `x [n, in]` -> `[n, out]` = x W^T + b.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Self::Tensor;
+
+    /// Rotates q `[n, heads*head_dim]` and k `[n, kv_heads*head_dim]` (rotate-half /
+    /// NEOX layout) at `batch.positions`, then writes k and v `[n, kv_heads*head_dim]`
+    /// into layer `layer` of the cache at `batch.slot_mapping`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_store_kv(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: AttentionShape,
+    );
+
+    /// Causal paged attention over a batch mixing prefill chunks and decode tokens.
+    /// q `[n, heads*head_dim]` -> `[n, heads*head_dim]`; K/V read from `cache` through
+    /// each sequence's block table.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        batch: &Batch,
+        cache: &Self::KvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> Self::Tensor;
+
+    /// gate, up `[n, ffn]` -> `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+
+    /// Rows `rows` of x, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Self::Tensor;
+
+    /// Copies a `[n, cols]` tensor to the host as f32, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+}

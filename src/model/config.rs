@@ -204,7 +204,11 @@ impl ModelConfig {
         let scaling_json =
             rope_parameters.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
         let scaling = match scaling_json {
-            Some(s) => parse_rope_scaling(s, max_position_embeddings, head_dim)?,
+            Some(s) => parse_rope_scaling(
+                s,
+                max_position_embeddings,
+                json.get("original_max_position_embeddings").and_then(Value::as_u64),
+            )?,
             None => RopeScaling::None,
         };
         let config = ModelConfig {
@@ -269,9 +273,13 @@ impl ModelConfig {
 fn parse_rope_scaling(
     s: &Value,
     max_position_embeddings: usize,
-    head_dim: usize,
+    top_level_original: Option<u64>,
 ) -> Result<RopeScaling, String> {
-    let _ = head_dim;
+    if let Some(p) = s.get("partial_rotary_factor").and_then(Value::as_f64) {
+        if p != 1.0 {
+            return Err(format!("partial_rotary_factor {p} is not supported"));
+        }
+    }
     let kind =
         s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = |name: &str| s.get(name).and_then(Value::as_f64);
@@ -280,12 +288,17 @@ fn parse_rope_scaling(
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear { factor: factor()? }),
         "yarn" => {
-            let factor = factor()?;
-            let original = s
-                .get("original_max_position_embeddings")
-                .and_then(Value::as_u64)
+            // transformers: a top-level `original_max_position_embeddings` wins (Phi-3
+            // style), then the one inside the scaling dict, then max_position_embeddings;
+            // a missing factor is max_position_embeddings / original (DeepSeek-V3 style).
+            let original = top_level_original
+                .or_else(|| s.get("original_max_position_embeddings").and_then(Value::as_u64))
                 .map(|v| v as usize)
                 .unwrap_or(max_position_embeddings);
+            if original == 0 {
+                return Err("rope scaling: original_max_position_embeddings must be positive".into());
+            }
+            let factor = f("factor").unwrap_or(max_position_embeddings as f64 / original as f64);
             let attention_factor = match (f("attention_factor"), f("mscale"), f("mscale_all_dim")) {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {

@@ -1,1 +1,67 @@
-//! The one transformer definition, written against `Backend`.
+//! The one transformer definition (Qwen2 and Llama share it), written against
+//! [`Backend`]: embedding -> N x (norm, attention, norm, SwiGLU MLP) -> norm -> lm_head,
+//! with residual adds fused into the norms and logits only where asked.
+
+use super::rope::RopeTable;
+use super::weights::ModelWeights;
+use super::ModelConfig;
+use crate::backend::{AttentionShape, Backend, Batch};
+
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    pub weights: ModelWeights<B>,
+    rope: RopeTable,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn new(config: ModelConfig, backend: B, weights: ModelWeights<B>) -> Self {
+        let rope = RopeTable::new(&config.rope, config.head_dim);
+        Model { config, backend, weights, rope }
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Runs one step: writes the batch's K/V into `cache` and returns the logits of
+    /// `batch.logits_rows`, `[n_logits, vocab]` row-major on the host.
+    pub fn forward(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Vec<f32> {
+        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        self.rope.ensure(max_pos + 1);
+        let b = &self.backend;
+        let w = &self.weights;
+        let shape = self.attention_shape();
+        let eps = self.config.rms_norm_eps;
+
+        let mut residual = b.embedding(&w.embed_tokens, &batch.token_ids);
+        let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
+        for (i, layer) in w.layers.iter().enumerate() {
+            let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
+            let mut q = b.linear(&x, &layer.q_proj);
+            let mut k = b.linear(&x, &layer.k_proj);
+            let v = b.linear(&x, &layer.v_proj);
+            b.rope_and_store_kv(&mut q, &mut k, &v, batch, &self.rope, cache, i, shape);
+            let attn = b.attention(&q, batch, cache, i, shape);
+            let attn_out = b.linear(&attn, &layer.o_proj);
+            let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);
+            let gate = b.linear(&x, &layer.gate_proj);
+            let up = b.linear(&x, &layer.up_proj);
+            pending = Some(b.linear(&b.silu_mul(&gate, &up), &layer.down_proj));
+        }
+        if batch.logits_rows.is_empty() {
+            return Vec::new();
+        }
+        // Only the rows that need logits go through the final norm and lm_head.
+        let mut last = b.gather_rows(&residual, &batch.logits_rows);
+        let pending_last = pending.map(|p| b.gather_rows(&p, &batch.logits_rows));
+        let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
+        b.to_host(&b.linear(&x, w.lm_head()))
+    }
+}

@@ -4,6 +4,7 @@ pub mod config;
 pub mod forward;
 pub mod loader;
 pub mod quant;
+pub mod rope;
 pub mod tensor;
 pub mod weights;
 

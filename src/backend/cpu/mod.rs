@@ -1,1 +1,167 @@
-//! The CPU backend: reference for every kernel and the default that runs anywhere.
+//! The CPU backend: the reference every CUDA kernel is checked against, and the
+//! default that runs anywhere. f32 activations and KV cache, f32 accumulation; weights
+//! stay in their file format (bf16, f16, GGUF blocks) and are decoded on the fly.
+
+mod attention;
+mod linear;
+mod norm;
+
+pub use attention::CpuKvCache;
+pub use linear::CpuLinear;
+pub use norm::add_rms_norm_rows;
+
+use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape};
+use crate::model::quant::dequantize_row;
+use crate::model::rope::RopeTable;
+use crate::model::WeightTensor;
+
+/// Activations: `rows x cols` f32, row-major (a row is a token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>, // [rows, cols]
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+    }
+
+    pub fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "tensor data does not match its shape");
+        CpuTensor { data, rows, cols }
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+/// Decodes a whole 1-D or 2-D weight to f32 (norm scales, biases).
+pub(crate) fn weight_to_f32(name: &str, w: &WeightTensor) -> Result<Vec<f32>, BackendError> {
+    let row_len = w.row_len();
+    if w.dtype.row_bytes(row_len).is_none() {
+        return Err(BackendError::Weight {
+            name: name.to_string(),
+            message: format!("row of {row_len} values is not a whole number of {} blocks", w.dtype),
+        });
+    }
+    let mut out = vec![0.0f32; w.numel()];
+    for (r, chunk) in out.chunks_mut(row_len.max(1)).enumerate() {
+        dequantize_row(w.dtype, w.row(r), chunk);
+    }
+    Ok(out)
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Linear = CpuLinear;
+    type Vector = Vec<f32>;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_linear(
+        &self,
+        name: &str,
+        weight: &WeightTensor,
+        bias: Option<&WeightTensor>,
+    ) -> Result<CpuLinear, BackendError> {
+        CpuLinear::new(name, weight, bias)
+    }
+
+    fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<Vec<f32>, BackendError> {
+        weight_to_f32(name, weight)
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, BackendError> {
+        CpuKvCache::new(shape)
+    }
+
+    fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> CpuTensor {
+        table.gather(ids)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: Option<&CpuTensor>,
+        weight: &Vec<f32>,
+        eps: f32,
+    ) -> CpuTensor {
+        let mut out = CpuTensor::zeros(residual.rows, residual.cols);
+        add_rms_norm_rows(
+            &mut residual.data,
+            x.map(|x| x.data.as_slice()),
+            weight,
+            eps,
+            &mut out.data,
+        );
+        out
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> CpuTensor {
+        w.forward(x)
+    }
+
+    fn rope_and_store_kv(
+        &self,
+        q: &mut CpuTensor,
+        k: &mut CpuTensor,
+        v: &CpuTensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) {
+        attention::apply_rope(q, &batch.positions, rope, shape.head_dim);
+        attention::apply_rope(k, &batch.positions, rope, shape.head_dim);
+        cache.store(layer, &batch.slot_mapping, k, v);
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        batch: &Batch,
+        cache: &CpuKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CpuTensor {
+        attention::paged_attention(q, batch, cache, layer, shape)
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+        let data = gate
+            .data
+            .iter()
+            .zip(&up.data)
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        CpuTensor::from_vec(data, gate.rows, gate.cols)
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> CpuTensor {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(x.row(r as usize));
+        }
+        CpuTensor::from_vec(data, rows.len(), x.cols)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data.clone()
+    }
+}

@@ -1,0 +1,58 @@
+//! What one forward step sees: the tokens of every sequence in the batch and where their
+//! keys and values live in the paged cache. Built once per step by the engine and read
+//! by every backend, so paging is exercised on the CPU exactly as on a GPU.
+
+/// Tokens per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// One sequence's part of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// This sequence's tokens are `Batch::token_ids[start..start + len]`.
+    pub start: usize,
+    pub len: usize,
+    /// Tokens in the cache once this step has written its own: the new tokens sit at
+    /// positions `context_len - len .. context_len`.
+    pub context_len: usize,
+    /// Physical block of each logical block: token at position p lives in slot
+    /// `block_table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE`.
+    pub block_table: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub token_ids: Vec<u32>,    // [n_tokens]
+    pub positions: Vec<u32>,    // [n_tokens]
+    pub slot_mapping: Vec<u32>, // [n_tokens] cache slot each token's K/V is written to
+    pub seqs: Vec<SeqSlice>,    // [n_seqs], in token order
+    /// Rows of the batch whose logits are wanted (usually each sequence's last token).
+    pub logits_rows: Vec<u32>, // [n_logits]
+}
+
+impl Batch {
+    pub fn n_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Appends one sequence's chunk: `tokens` at positions `first_pos..`, with K/V slots
+    /// from `block_table`, asking for the logits of its last token when `want_logits`.
+    pub fn push_seq(&mut self, tokens: &[u32], first_pos: usize, block_table: &[u32], want_logits: bool) {
+        let start = self.token_ids.len();
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = first_pos + i;
+            self.token_ids.push(t);
+            self.positions.push(pos as u32);
+            let block = block_table[pos / BLOCK_SIZE] as usize;
+            self.slot_mapping.push((block * BLOCK_SIZE + pos % BLOCK_SIZE) as u32);
+        }
+        if want_logits && !tokens.is_empty() {
+            self.logits_rows.push((start + tokens.len() - 1) as u32);
+        }
+        self.seqs.push(SeqSlice {
+            start,
+            len: tokens.len(),
+            context_len: first_pos + tokens.len(),
+            block_table: block_table.to_vec(),
+        });
+    }
+}

@@ -1,0 +1,3 @@
+//! What each subcommand does, from parsed flags to output.
+
+pub mod generate;

@@ -1,0 +1,115 @@
+//! Every command-line flag, its default and its validation, in one place.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::SamplingParams;
+use crate::model::loader::GenerationDefaults;
+
+#[derive(Parser, Debug)]
+#[command(name = "qilin", version, about = "Private LLM inference: Qwen2 and Llama models on CPU or CUDA")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a completion for one prompt.
+    Generate(GenerateArgs),
+}
+
+/// Engine settings shared by every command that loads a model.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Model directory (Hugging Face layout) or .gguf file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Worker threads of the CPU backend (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Longest sequence (prompt + output) admitted; default: the model's limit, at most 8192.
+    #[arg(long, value_name = "TOKENS")]
+    pub max_model_len: Option<usize>,
+    /// Most prompt tokens processed in one forward step (chunked prefill).
+    #[arg(long, value_name = "TOKENS", default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt text, used as given (special tokens written in it are recognised).
+    #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
+    pub prompt: Option<String>,
+    /// OpenAI-style messages array as JSON; implies --chat.
+    #[arg(long, value_name = "JSON")]
+    pub messages: Option<String>,
+    /// Wrap --prompt with the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy. Default: the model's generation_config, else 1.0.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long, value_name = "S")]
+    pub stop: Vec<String>,
+    /// Stop after this token id (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub stop_token_id: Vec<u32>,
+    /// Keep generating past the end-of-sequence token (benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Report each generated token's top K alternatives with logprobs (with --json).
+    #[arg(long, value_name = "K")]
+    pub top_logprobs: Option<usize>,
+    /// Print one JSON object on the last stdout line instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GenerateArgs {
+    /// Flags first, then the model's generation_config, then OpenAI's defaults.
+    pub fn sampling_params(&self, defaults: &GenerationDefaults) -> SamplingParams {
+        let base = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(base.temperature),
+            top_k: self.top_k.or(defaults.top_k).unwrap_or(base.top_k),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(base.top_p),
+            min_p: self.min_p,
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(base.repetition_penalty),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_id.clone(),
+            ignore_eos: self.ignore_eos,
+            top_logprobs: self.top_logprobs,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! One request from prompt ids to finished text: chunked prefill, then decode steps,
+//! sampling, incremental detokenization and stop handling. The continuous-batching
+//! engine replaces the single-sequence driver here; the per-token bookkeeping stays.
+
+use serde::Serialize;
+
+use super::sampler::{Sampler, TokenLogprob};
+use super::sampling_params::{InvalidParam, SamplingParams};
+use super::stop::StopMatcher;
+use crate::backend::{Backend, Batch, KvCacheShape};
+use crate::kv::BlockPool;
+use crate::model::forward::Model;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the prompt has {prompt} tokens; this server admits at most {max} (--max-model-len)")]
+    PromptTooLong { prompt: usize, max: usize },
+    #[error(transparent)]
+    InvalidParam(#[from] InvalidParam),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("the KV cache has no room for this sequence")]
+    OutOfBlocks,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An eos / stop token or a stop string.
+    Stop,
+    /// max_tokens or the context limit.
+    Length,
+}
+
+/// The sampled token of one step with its logprob and the top alternatives.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepLogprobs {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GenerationOutput {
+    pub prompt_ids: Vec<u32>,
+    /// Every generated token, including a final eos / stop token.
+    pub output_ids: Vec<u32>,
+    /// The text of `output_ids` without special tokens, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<StepLogprobs>>,
+    #[serde(skip)]
+    pub timings: Timings,
+}
+
+/// Wall time of the two phases of a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Prompt processing up to the first sampled token.
+    pub prefill: std::time::Duration,
+    /// Every later forward step.
+    pub decode: std::time::Duration,
+}
+
+pub struct Generator<B: Backend> {
+    pub model: Model<B>,
+    pub tokenizer: Tokenizer,
+    cache: B::KvCache,
+    blocks: BlockPool,
+    /// Token ids that end generation (model eos ids).
+    eos_ids: Vec<u32>,
+    max_model_len: usize,
+    /// Most prompt tokens one forward step takes (chunked prefill).
+    prefill_chunk: usize,
+}
+
+impl<B: Backend> Generator<B> {
+    /// Sizes the KV cache for one sequence of `max_model_len` tokens.
+    pub fn new(
+        model: Model<B>,
+        tokenizer: Tokenizer,
+        eos_ids: Vec<u32>,
+        max_model_len: usize,
+        prefill_chunk: usize,
+    ) -> Result<Self, crate::backend::BackendError> {
+        let c = &model.config;
+        let num_blocks = BlockPool::blocks_for(max_model_len);
+        let cache = model.backend.alloc_kv_cache(KvCacheShape {
+            num_layers: c.num_layers,
+            num_blocks,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        })?;
+        Ok(Generator {
+            model,
+            tokenizer,
+            cache,
+            blocks: BlockPool::new(num_blocks),
+            eos_ids,
+            max_model_len,
+            prefill_chunk: prefill_chunk.max(1),
+        })
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Generates a completion of `prompt_ids`; `on_text` receives each text delta as
+    /// soon as it is final (never a partial UTF-8 character or a partial stop string).
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerationOutput, GenerateError> {
+        params.validate()?;
+        self.check_prompt(prompt_ids)?;
+        let mut table = Vec::new();
+        let result = self.run(prompt_ids, params, &mut table, &mut on_text);
+        self.blocks.release(&mut table);
+        result
+    }
+
+    fn check_prompt(&self, prompt_ids: &[u32]) -> Result<(), GenerateError> {
+        if prompt_ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
+        if prompt_ids.len() >= self.max_model_len {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt_ids.len(),
+                max: self.max_model_len - 1,
+            });
+        }
+        Ok(())
+    }
+
+
+    fn run(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        table: &mut Vec<u32>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerationOutput, GenerateError> {
+        let Generator { model, tokenizer, cache, blocks, eos_ids, max_model_len, prefill_chunk } =
+            self;
+        // Runs `tokens` (positions `first_pos..`) through the model; logits of the last one.
+        let mut step = |tokens: &[u32], first_pos: usize, table: &mut Vec<u32>, want_logits| {
+            if !blocks.grow(table, first_pos + tokens.len()) {
+                return Err(GenerateError::OutOfBlocks);
+            }
+            let mut batch = Batch::default();
+            batch.push_seq(tokens, first_pos, table, want_logits);
+            Ok(model.forward(&batch, cache))
+        };
+        let started = std::time::Instant::now();
+        let mut logits = Vec::new();
+        let chunks = prompt_ids.chunks(*prefill_chunk);
+        let n_chunks = chunks.len();
+        for (i, chunk) in chunks.enumerate() {
+            logits = step(chunk, i * *prefill_chunk, table, i + 1 == n_chunks)?;
+        }
+        let prefill = started.elapsed();
+        let decode_started = std::time::Instant::now();
+        let mut sampler = Sampler::new(params.clone());
+        let mut decoder = tokenizer.stream_decoder(true);
+        let mut stop = StopMatcher::new(&params.stop);
+        let mut output_ids: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut logprobs = params.top_logprobs.map(|_| Vec::new());
+        let mut emit = |s: &str, text: &mut String| {
+            if !s.is_empty() {
+                text.push_str(s);
+                on_text(s);
+            }
+        };
+        let finish_reason = loop {
+            let sampled = sampler.sample(&mut logits, prompt_ids, &output_ids);
+            let id = sampled.token_id;
+            output_ids.push(id);
+            if let Some(lp) = logprobs.as_mut() {
+                lp.push(StepLogprobs {
+                    token_id: id,
+                    logprob: sampled.logprob,
+                    top_logprobs: sampled.top_logprobs,
+                });
+            }
+            let is_eos = !params.ignore_eos && eos_ids.contains(&id);
+            if is_eos || params.stop_token_ids.contains(&id) {
+                break FinishReason::Stop;
+            }
+            let outcome = stop.push(&decoder.push(id)?);
+            emit(&outcome.emit, &mut text);
+            if outcome.stopped {
+                break FinishReason::Stop;
+            }
+            let context = prompt_ids.len() + output_ids.len();
+            if output_ids.len() >= params.max_tokens || context >= *max_model_len {
+                break FinishReason::Length;
+            }
+            logits = step(&[id], context - 1, table, true)?;
+        };
+        let stopped_by_string = finish_reason == FinishReason::Stop && !output_ids.last().is_some_and(|id| {
+            (!params.ignore_eos && eos_ids.contains(id)) || params.stop_token_ids.contains(id)
+        });
+        if !stopped_by_string {
+            let outcome = stop.push(&decoder.finish()?);
+            emit(&outcome.emit, &mut text);
+            if !outcome.stopped {
+                emit(&stop.finish(), &mut text);
+            }
+        }
+        Ok(GenerationOutput {
+            prompt_ids: prompt_ids.to_vec(),
+            output_ids,
+            text,
+            finish_reason,
+            logprobs,
+            timings: Timings { prefill, decode: decode_started.elapsed() },
+        })
+    }
+}

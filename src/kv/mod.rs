@@ -1,0 +1,5 @@
+//! The paged KV cache's bookkeeping (the storage itself belongs to the backend).
+
+pub mod block_pool;
+
+pub use block_pool::BlockPool;

