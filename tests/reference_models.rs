@@ -3,11 +3,11 @@
 //!
 //! Tolerances: both sides compute in f32 from the same bf16-rounded weights, so the
 //! only differences are summation order and exp/ln implementations: relative errors of
-//! ~1e-6 per op, a few 1e-5 on logits after three layers. A logprob tolerance of 2e-3
-//! leaves room for that and still catches any real mistake (a wrong RoPE frequency,
-//! bias, GQA mapping or norm shifts logprobs by 1e-1 or more on these models). Token
-//! choices are only required to agree where transformers' own top-2 margin exceeds
-//! 1e-2 logits, five times that tolerance, so a near-tie cannot flip the verdict.
+//! ~1e-6 per op; measured logprob differences are at most 6e-5 on these models. A
+//! tolerance of 5e-4 leaves room for other CPUs' summation orders and still catches any
+//! real mistake (a wrong RoPE frequency, bias, GQA mapping or norm shifts logprobs by
+//! 1e-1 or more here). Token choices must agree wherever transformers' own top-2 margin
+//! exceeds 5e-3 logits, ten times that tolerance, so a near-tie cannot flip the verdict.
 
 mod common;
 
@@ -15,8 +15,8 @@ use common::{compare_greedy, manifest_dir, read_expected};
 use qilin::engine::load::{load_cpu_generator, EngineOptions};
 use qilin::engine::SamplingParams;
 
-const LOGPROB_TOL: f32 = 2e-3;
-const MIN_MARGIN: f32 = 1e-2;
+const LOGPROB_TOL: f32 = 5e-4;
+const MIN_MARGIN: f32 = 5e-3;
 
 fn fixture_models() -> Vec<std::path::PathBuf> {
     let root = manifest_dir().join("tests/fixtures/models");
@@ -37,8 +37,12 @@ fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
     let (mut generator, _) = load_cpu_generator(dir, &options)
         .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
     for case in &expected.cases {
+        if let (Some(messages), Some(prompt)) = (&case.messages, &case.prompt) {
+            let rendered = generator.tokenizer.apply_chat_template(messages, true).unwrap();
+            assert_eq!(&rendered, prompt, "{}: chat template", case.name);
+        }
         if let Some(prompt) = &case.prompt {
-            let ids = generator.tokenizer.encode(prompt, true).expect("encode");
+            let ids = generator.tokenizer.encode(prompt, case.add_special_tokens).expect("encode");
             assert_eq!(ids, case.prompt_ids, "{}: tokenization of the prompt", case.name);
         }
         let params = SamplingParams {

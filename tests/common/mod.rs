@@ -36,14 +36,16 @@ pub struct Expected {
     pub cases: Vec<Case>,
 }
 
+/// One reference run. With `messages`, `prompt` is transformers' rendering of them.
 #[derive(Debug, Deserialize)]
 pub struct Case {
     pub name: String,
     pub prompt: Option<String>,
     #[serde(default)]
     pub messages: Option<Vec<qilin::tokenizer::ChatMessage>>,
-    #[serde(default)]
-    pub rendered: Option<String>,
+    /// Whether the reference encoded `prompt` with the tokenizer's special tokens.
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
     pub prompt_ids: Vec<u32>,
     pub output_ids: Vec<u32>,
     pub steps: Vec<Step>,
@@ -60,6 +62,10 @@ pub struct Step {
 pub struct RefLogprob {
     pub token_id: u32,
     pub logprob: f32,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub fn read_expected(path: &Path) -> Expected {

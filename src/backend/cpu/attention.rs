@@ -21,15 +21,12 @@ impl CpuKvCache {
             .num_blocks
             .checked_mul(BLOCK_SIZE * shape.num_kv_heads * shape.head_dim)
             .ok_or_else(|| BackendError::OutOfMemory(format!("KV cache of {shape:?}")))?;
-        let alloc = || {
-            let mut v = Vec::new();
-            v.try_reserve_exact(per_layer)
-                .map_err(|_| BackendError::OutOfMemory(format!("KV cache of {shape:?}")))?;
-            v.resize(per_layer, 0.0f32);
-            Ok::<_, BackendError>(v)
-        };
-        let keys = (0..shape.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
-        let values = (0..shape.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
+        if per_layer.checked_mul(8 * shape.num_layers).is_none_or(|b| b > isize::MAX as usize) {
+            return Err(BackendError::OutOfMemory(format!("KV cache of {shape:?}")));
+        }
+        // Zeroed allocations are lazily committed by the OS: blocks never used cost nothing.
+        let keys = (0..shape.num_layers).map(|_| vec![0.0f32; per_layer]).collect();
+        let values = (0..shape.num_layers).map(|_| vec![0.0f32; per_layer]).collect();
         Ok(CpuKvCache { shape, keys, values })
     }
 

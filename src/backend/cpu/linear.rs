@@ -12,9 +12,14 @@ use crate::model::WeightTensor;
 /// enough to balance two to sixteen threads on a 576-row matrix.
 const ROWS_PER_TASK: usize = 16;
 
-/// Up to this many tokens, each row's dot products read the encoded row directly;
-/// above it, a row is decoded once to f32 and reused for every token.
-const DIRECT_DOT_MAX_TOKENS: usize = 2;
+/// Output rows per rayon task on the GEMM path (prefill): enough for the GEMM to
+/// reach its peak, few enough that the decoded f32 tile stays in L2.
+const GEMM_ROWS_PER_TASK: usize = 64;
+
+/// Up to this many tokens (decode), dot products read the encoded rows directly, so
+/// each weight byte is read once; above it (prefill), tiles of rows are decoded to f32
+/// and multiplied by all tokens at once with a GEMM.
+const DIRECT_DOT_MAX_TOKENS: usize = 4;
 
 pub struct CpuLinear {
     weight: WeightTensor,    // [out, in]
@@ -60,31 +65,28 @@ impl CpuLinear {
     pub fn forward(&self, x: &CpuTensor) -> CpuTensor {
         assert_eq!(x.cols, self.in_features, "linear input width");
         let n = x.rows;
-        let dtype = self.weight.dtype;
         // Computed as [out, n] so that each task owns whole output rows.
         let mut out_t = vec![0.0f32; self.out_features * n];
-        out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
-            let first_row = task * ROWS_PER_TASK;
-            let mut decoded = Vec::new();
-            for (i, outs) in chunk.chunks_mut(n).enumerate() {
-                let r = first_row + i;
-                let row = self.weight.row(r);
-                if n <= DIRECT_DOT_MAX_TOKENS {
+        if n <= DIRECT_DOT_MAX_TOKENS {
+            out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
+                for (i, outs) in chunk.chunks_mut(n).enumerate() {
+                    let row = self.weight.row(task * ROWS_PER_TASK + i);
                     for (t, o) in outs.iter_mut().enumerate() {
-                        *o = dot_row(dtype, row, x.row(t));
-                    }
-                } else {
-                    decoded.resize(self.in_features, 0.0);
-                    dequantize_row(dtype, row, &mut decoded);
-                    for (t, o) in outs.iter_mut().enumerate() {
-                        *o = dot_f32(&decoded, x.row(t));
+                        *o = dot_row(self.weight.dtype, row, x.row(t));
                     }
                 }
-                if let Some(b) = &self.bias {
-                    outs.iter_mut().for_each(|o| *o += b[r]);
-                }
+            });
+        } else {
+            out_t.par_chunks_mut(GEMM_ROWS_PER_TASK * n).enumerate().for_each_init(
+                Vec::new,
+                |decoded, (task, chunk)| self.gemm_rows(task * GEMM_ROWS_PER_TASK, chunk, x, decoded),
+            );
+        }
+        if let Some(b) = &self.bias {
+            for (outs, &bias) in out_t.chunks_mut(n).zip(b) {
+                outs.iter_mut().for_each(|o| *o += bias);
             }
-        });
+        }
         if n == 1 {
             return CpuTensor::from_vec(out_t, 1, self.out_features);
         }
@@ -95,6 +97,38 @@ impl CpuLinear {
             }
         }
         out
+    }
+
+    /// Rows `first_row..` of the output, transposed (`out_t [rows, n]`): decodes those
+    /// weight rows to f32 once, then one f32 GEMM against every token.
+    fn gemm_rows(&self, first_row: usize, out_t: &mut [f32], x: &CpuTensor, decoded: &mut Vec<f32>) {
+        let (n, k) = (x.rows, self.in_features);
+        let rows = out_t.len() / n;
+        decoded.resize(rows * k, 0.0);
+        for (i, dst) in decoded.chunks_mut(k).enumerate() {
+            dequantize_row(self.weight.dtype, self.weight.row(first_row + i), dst);
+        }
+        // out_t [rows, n] = W [rows, k] . x^T [k, n]; x is [n, k] row-major.
+        // SAFETY: the pointers and strides describe exactly the slices above, and
+        // out_t does not alias the inputs.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                n,
+                1.0,
+                decoded.as_ptr(),
+                k as isize,
+                1,
+                x.data.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out_t.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
     }
 
     /// Rows `ids` decoded to f32: `[ids.len(), in]` (embedding lookup).
