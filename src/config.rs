@@ -38,6 +38,7 @@ pub struct EngineArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
