@@ -263,7 +263,7 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
-        if !(self.rope.theta > 0.0) {
+        if self.rope.theta.is_nan() || self.rope.theta <= 0.0 {
             return Err("rope_theta must be positive".into());
         }
         Ok(())
@@ -296,7 +296,9 @@ fn parse_rope_scaling(
                 .map(|v| v as usize)
                 .unwrap_or(max_position_embeddings);
             if original == 0 {
-                return Err("rope scaling: original_max_position_embeddings must be positive".into());
+                return Err(
+                    "rope scaling: original_max_position_embeddings must be positive".into()
+                );
             }
             let factor = f("factor").unwrap_or(max_position_embeddings as f64 / original as f64);
             let attention_factor = match (f("attention_factor"), f("mscale"), f("mscale_all_dim")) {
