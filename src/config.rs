@@ -8,7 +8,11 @@ use crate::engine::SamplingParams;
 use crate::model::loader::GenerationDefaults;
 
 #[derive(Parser, Debug)]
-#[command(name = "qilin", version, about = "Private LLM inference: Qwen2 and Llama models on CPU or CUDA")]
+#[command(
+    name = "qilin",
+    version,
+    about = "Private LLM inference: Qwen2 and Llama models on CPU or CUDA"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

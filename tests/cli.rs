@@ -12,8 +12,12 @@ fn qilin(args: &[&str]) -> Output {
 
 fn tiny_model() -> String {
     let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> =
-        std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     dirs[0].to_string_lossy().into_owned()
 }
@@ -26,8 +30,19 @@ fn stderr(o: &Output) -> String {
 fn json_output_has_the_documented_fields() {
     let model = tiny_model();
     let o = qilin(&[
-        "generate", "--model", &model, "--prompt", "Hello there", "--max-tokens", "5",
-        "--temperature", "0", "--ignore-eos", "--json", "--top-logprobs", "2",
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--top-logprobs",
+        "2",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8(o.stdout).unwrap();

@@ -17,8 +17,12 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Any fixture model directory.
 fn a_fixture_model() -> std::path::PathBuf {
     let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> =
-        std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     dirs.into_iter().next().expect("fixture models exist")
 }

@@ -34,8 +34,8 @@ fn fixture_models() -> Vec<std::path::PathBuf> {
 fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
     let expected = read_expected(&dir.join("expected.json"));
     let options = EngineOptions { max_model_len: None, prefill_chunk };
-    let (mut generator, _) = load_cpu_generator(dir, &options)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    let (mut generator, _) =
+        load_cpu_generator(dir, &options).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
     for case in &expected.cases {
         if let (Some(messages), Some(prompt)) = (&case.messages, &case.prompt) {
             let rendered = generator.tokenizer.apply_chat_template(messages, true).unwrap();

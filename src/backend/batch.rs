@@ -36,7 +36,13 @@ impl Batch {
 
     /// Appends one sequence's chunk: `tokens` at positions `first_pos..`, with K/V slots
     /// from `block_table`, asking for the logits of its last token when `want_logits`.
-    pub fn push_seq(&mut self, tokens: &[u32], first_pos: usize, block_table: &[u32], want_logits: bool) {
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        first_pos: usize,
+        block_table: &[u32],
+        want_logits: bool,
+    ) {
         let start = self.token_ids.len();
         for (i, &t) in tokens.iter().enumerate() {
             let pos = first_pos + i;

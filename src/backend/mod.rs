@@ -68,7 +68,11 @@ pub trait Backend: Send + Sync {
         weight: &WeightTensor,
         bias: Option<&WeightTensor>,
     ) -> Result<Self::Linear, BackendError>;
-    fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<Self::Vector, BackendError>;
+    fn upload_vector(
+        &self,
+        name: &str,
+        weight: &WeightTensor,
+    ) -> Result<Self::Vector, BackendError>;
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
 
     /// out `[ids.len(), hidden]` = rows `ids` of `table` `[vocab, hidden]`.

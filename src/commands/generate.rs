@@ -123,7 +123,9 @@ pub fn parse_messages(text: &str) -> anyhow::Result<Vec<ChatMessage>> {
                     .collect::<anyhow::Result<Vec<_>>>()?
                     .concat(),
                 Some(Value::Null) | None => String::new(),
-                Some(_) => bail!("message {i}: `content` must be a string or an array of text parts"),
+                Some(_) => {
+                    bail!("message {i}: `content` must be a string or an array of text parts")
+                }
             };
             Ok(ChatMessage { role: role.to_string(), content })
         })

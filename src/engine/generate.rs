@@ -149,7 +149,6 @@ impl<B: Backend> Generator<B> {
         Ok(())
     }
 
-
     fn run(
         &mut self,
         prompt_ids: &[u32],
@@ -215,9 +214,10 @@ impl<B: Backend> Generator<B> {
             }
             logits = step(&[id], context - 1, table, true)?;
         };
-        let stopped_by_string = finish_reason == FinishReason::Stop && !output_ids.last().is_some_and(|id| {
-            (!params.ignore_eos && eos_ids.contains(id)) || params.stop_token_ids.contains(id)
-        });
+        let stopped_by_string = finish_reason == FinishReason::Stop
+            && !output_ids.last().is_some_and(|id| {
+                (!params.ignore_eos && eos_ids.contains(id)) || params.stop_token_ids.contains(id)
+            });
         if !stopped_by_string {
             let outcome = stop.push(&decoder.finish()?);
             emit(&outcome.emit, &mut text);

@@ -7,9 +7,9 @@ use anyhow::Context;
 use super::Generator;
 use crate::backend::cpu::CpuBackend;
 use crate::model::forward::Model;
+use crate::model::load_model;
 use crate::model::loader::GenerationDefaults;
 use crate::model::weights::ModelWeights;
-use crate::model::load_model;
 
 /// Default cap on the context of the CPU backend when the user gives none: the KV
 /// cache of one full sequence is allocated up front.

@@ -49,12 +49,14 @@ impl<B: Backend> ModelWeights<B> {
             }
             Ok(t)
         };
-        let upload_err = |e: crate::backend::BackendError| LoadError::invalid(source, e.to_string());
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<B::Linear, LoadError> {
-            let w = get(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
-            backend.upload_linear(name, w, b).map_err(upload_err)
-        };
+        let upload_err =
+            |e: crate::backend::BackendError| LoadError::invalid(source, e.to_string());
+        let linear =
+            |name: &str, out: usize, inp: usize, bias: bool| -> Result<B::Linear, LoadError> {
+                let w = get(&format!("{name}.weight"), &[out, inp])?;
+                let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
+                backend.upload_linear(name, w, b).map_err(upload_err)
+            };
         let vector = |name: &str, n: usize| -> Result<B::Vector, LoadError> {
             backend.upload_vector(name, get(name, &[n])?).map_err(upload_err)
         };

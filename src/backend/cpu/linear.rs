@@ -22,8 +22,8 @@ const GEMM_ROWS_PER_TASK: usize = 64;
 const DIRECT_DOT_MAX_TOKENS: usize = 4;
 
 pub struct CpuLinear {
-    weight: WeightTensor,    // [out, in]
-    bias: Option<Vec<f32>>,  // [out]
+    weight: WeightTensor,   // [out, in]
+    bias: Option<Vec<f32>>, // [out]
     pub out_features: usize,
     pub in_features: usize,
 }
@@ -79,7 +79,9 @@ impl CpuLinear {
         } else {
             out_t.par_chunks_mut(GEMM_ROWS_PER_TASK * n).enumerate().for_each_init(
                 Vec::new,
-                |decoded, (task, chunk)| self.gemm_rows(task * GEMM_ROWS_PER_TASK, chunk, x, decoded),
+                |decoded, (task, chunk)| {
+                    self.gemm_rows(task * GEMM_ROWS_PER_TASK, chunk, x, decoded)
+                },
             );
         }
         if let Some(b) = &self.bias {
@@ -101,7 +103,13 @@ impl CpuLinear {
 
     /// Rows `first_row..` of the output, transposed (`out_t [rows, n]`): decodes those
     /// weight rows to f32 once, then one f32 GEMM against every token.
-    fn gemm_rows(&self, first_row: usize, out_t: &mut [f32], x: &CpuTensor, decoded: &mut Vec<f32>) {
+    fn gemm_rows(
+        &self,
+        first_row: usize,
+        out_t: &mut [f32],
+        x: &CpuTensor,
+        decoded: &mut Vec<f32>,
+    ) {
         let (n, k) = (x.rows, self.in_features);
         let rows = out_t.len() / n;
         decoded.resize(rows * k, 0.0);

@@ -38,11 +38,14 @@ pub fn load_tensors(dir: &Path) -> Result<HashMap<String, WeightTensor>, LoadErr
             .and_then(Value::as_object)
             .ok_or_else(|| LoadError::invalid(&index, "no `weight_map` object"))?;
         for file in map.values() {
-            let name = file
-                .as_str()
-                .ok_or_else(|| LoadError::invalid(&index, "weight_map values must be file names"))?;
+            let name = file.as_str().ok_or_else(|| {
+                LoadError::invalid(&index, "weight_map values must be file names")
+            })?;
             if name.contains('/') || name.contains('\\') || name.contains("..") {
-                return Err(LoadError::invalid(&index, format!("shard name `{name}` is not a plain file name")));
+                return Err(LoadError::invalid(
+                    &index,
+                    format!("shard name `{name}` is not a plain file name"),
+                ));
             }
             let path = dir.join(name);
             if !files.contains(&path) {
