@@ -42,9 +42,12 @@ impl DType {
     }
 
     /// Bytes needed for a row of `elems` values, or None when `elems` is not a whole
-    /// number of blocks.
+    /// number of blocks or the size overflows (hostile headers).
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
-        (elems % self.block_elems() == 0).then(|| elems / self.block_elems() * self.block_bytes())
+        if elems % self.block_elems() != 0 {
+            return None;
+        }
+        (elems / self.block_elems()).checked_mul(self.block_bytes())
     }
 
     pub fn is_quantized(self) -> bool {
@@ -130,7 +133,7 @@ impl WeightTensor {
     /// is not a whole number of blocks.
     pub fn expected_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
         let row_len = shape.last().copied().unwrap_or(1);
-        let rows: usize = shape.iter().rev().skip(1).product();
-        dtype.row_bytes(row_len).map(|rb| rb * rows)
+        let rows = shape.iter().rev().skip(1).try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        dtype.row_bytes(row_len)?.checked_mul(rows)
     }
 }

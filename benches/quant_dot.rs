@@ -1,0 +1,81 @@
+//! `dot_row` throughput in GB/s of weight bytes, per dtype, for the row lengths of
+//! SmolLM2-135M (576 = hidden, 1536 = FFN). Two working sets: one matrix that stays in
+//! L2 (compute bound: what the kernel itself can do) and ~48 MB that streams from DRAM
+//! (what a decode step sees: the 135M Q4_1 model reads ~80 MB per token).
+//!
+//! cargo bench --bench quant_dot
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use qilin::model::quant::dot_row;
+use qilin::model::DType;
+
+const DTYPES: [DType; 6] =
+    [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16, DType::BF16, DType::F32];
+
+/// Random bytes with finite f16 scales (0x2000..0x3000 is ~1e-4..0.1).
+fn matrix(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+    let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes: Vec<u8> = (0..rows * row_bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let fix = |b: &mut [u8]| b.copy_from_slice(&0x2c00u16.to_le_bytes());
+    match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
+                fix(&mut blk[0..2]);
+                if dtype == DType::Q4_1 {
+                    fix(&mut blk[2..4]);
+                }
+            }
+        }
+        DType::F16 | DType::BF16 => bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f),
+        DType::F32 => bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f),
+    }
+    bytes
+}
+
+fn bench(c: &mut Criterion) {
+    for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
+        let mut group = c.benchmark_group(format!("dot_row_{label}"));
+        group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+        for cols in [576usize, 1536] {
+            for dtype in DTYPES {
+                let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+                let rows = if target_bytes == 0 {
+                    // One 576x1536 / 1536x576 projection.
+                    if cols == 576 {
+                        1536
+                    } else {
+                        576
+                    }
+                } else {
+                    target_bytes / row_bytes
+                };
+                let w = matrix(dtype, rows, cols);
+                let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+                let mut out = vec![0f32; rows];
+                group.throughput(Throughput::Bytes(w.len() as u64));
+                group.bench_function(format!("{dtype}/{cols}"), |b| {
+                    b.iter(|| {
+                        for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                            *o = dot_row(dtype, row, black_box(&x));
+                        }
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

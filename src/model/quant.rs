@@ -1,1 +1,0 @@
-//! GGUF block formats: dequantization of rows (owned by the GGUF work item).

@@ -1,0 +1,284 @@
+//! GGUF block formats: dequantization of rows and the dot product of a weight row with
+//! an f32 activation vector, the hot loop of the CPU backend.
+//!
+//! Layouts are ggml's (`ggml-common.h`), 32 values per block, little endian:
+//! - Q8_0: `d: f16, qs: [i8; 32]`, `x[i] = d * qs[i]`.
+//! - Q4_0: `d: f16, qs: [u8; 16]`, `x[i] = d * (nib[i] - 8)`.
+//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]`, `x[i] = d * nib[i] + m`.
+//!
+//! where `nib[i] = qs[i] & 0xF` for `i < 16` and `qs[i - 16] >> 4` for `i >= 16`.
+//!
+//! `dot_row` runs AVX2/FMA intrinsics (x86.rs) when the CPU has them, chosen at run
+//! time, and portable Rust otherwise.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use super::DType;
+
+/// Values per quantization block in every block format here.
+const QK: usize = 32;
+/// Accumulator lanes: one AVX2 register of f32.
+const LANES: usize = 8;
+
+/// f16 bits to f32, exact for every finite value and infinities (NaNs stay NaN).
+/// Branch-free integer/float arithmetic so that it vectorizes, unlike a table or
+/// `half`'s scalar path.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    // Shifting exponent+mantissa into f32 position and scaling by 2^112 rebias the
+    // exponent (15 -> 127) and turns f16 subnormals into f32 normals, exactly.
+    let scaled = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let bits = if em >= 0x7c00 { (em << 13) | 0x7f80_0000 } else { scaled };
+    f32::from_bits(bits | sign)
+}
+
+#[inline(always)]
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline(always)]
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// Panics when `row` is not exactly the bytes of `n` values: rows come from tensors the
+/// loader validated, so a mismatch is a bug in the caller, not bad input.
+fn check_row(dtype: DType, row: &[u8], n: usize) {
+    let expected = dtype.row_bytes(n);
+    assert!(
+        expected == Some(row.len()),
+        "{dtype} row of {} bytes does not hold {n} values",
+        row.len()
+    );
+}
+
+/// Dequantizes one row: `out.len()` values from `row`.
+pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
+    check_row(dtype, row, out.len());
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f16_to_f32(le_u16(b, 0));
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = bf16_to_f32(le_u16(b, 0));
+            }
+        }
+        DType::Q8_0 => {
+            for (o, blk) in out.chunks_exact_mut(QK).zip(row.chunks_exact(34)) {
+                let d = f16_to_f32(le_u16(blk, 0));
+                for (o, &q) in o.iter_mut().zip(&blk[2..34]) {
+                    *o = d * (q as i8) as f32;
+                }
+            }
+        }
+        DType::Q4_0 => {
+            for (o, blk) in out.chunks_exact_mut(QK).zip(row.chunks_exact(18)) {
+                let d = f16_to_f32(le_u16(blk, 0));
+                let (lo, hi) = o.split_at_mut(16);
+                for (j, &q) in blk[2..18].iter().enumerate() {
+                    lo[j] = d * ((q & 0xf) as i32 - 8) as f32;
+                    hi[j] = d * ((q >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        DType::Q4_1 => {
+            for (o, blk) in out.chunks_exact_mut(QK).zip(row.chunks_exact(20)) {
+                let d = f16_to_f32(le_u16(blk, 0));
+                let m = f16_to_f32(le_u16(blk, 2));
+                let (lo, hi) = o.split_at_mut(16);
+                for (j, &q) in blk[4..20].iter().enumerate() {
+                    lo[j] = d * (q & 0xf) as f32 + m;
+                    hi[j] = d * (q >> 4) as f32 + m;
+                }
+            }
+        }
+    }
+}
+
+/// Dot product of one weight row (`x.len()` values in `dtype`) with `x`, accumulated
+/// in f32.
+pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+    check_row(dtype, row, x.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: the CPU has the features; the row length was checked above.
+        return unsafe { x86::dot_row(dtype, row, x) };
+    }
+    dot_row_portable(dtype, row, x)
+}
+
+/// The portable kernels (any CPU); `dot_row` uses them where AVX2/FMA is missing.
+pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+    check_row(dtype, row, x.len());
+    match dtype {
+        DType::F32 => dot_plain(row, x, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        DType::F16 => dot_plain(row, x, 2, |b| f16_to_f32(le_u16(b, 0))),
+        DType::BF16 => dot_plain(row, x, 2, |b| bf16_to_f32(le_u16(b, 0))),
+        DType::Q8_0 => dot_q8_0(row, x),
+        DType::Q4_0 => dot_q4(row, x, 18, 2, -8.0, false),
+        DType::Q4_1 => dot_q4(row, x, 20, 4, 0.0, true),
+    }
+}
+
+#[inline(always)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    // Pairwise, so the rounding does not depend on the vector width LLVM picks.
+    let a: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// Plain float rows: `width` bytes per value, decoded by `load`.
+// Lane-indexed loops over parallel fixed-size arrays are the shape LLVM vectorizes.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn dot_plain(row: &[u8], x: &[f32], width: usize, load: impl Fn(&[u8]) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut xc = x.chunks_exact(LANES);
+    let mut rc = row.chunks_exact(width * LANES);
+    for (xs, ws) in (&mut xc).zip(&mut rc) {
+        for l in 0..LANES {
+            acc[l] += load(&ws[l * width..]) * xs[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (xv, w) in xc.remainder().iter().zip(rc.remainder().chunks_exact(width)) {
+        tail += load(w) * xv;
+    }
+    hsum(acc) + tail
+}
+
+/// `x` as whole blocks of 32; the row length is a multiple of 32 (checked by the caller).
+#[inline(always)]
+fn x_blocks(x: &[f32]) -> impl Iterator<Item = &[f32; QK]> {
+    x.chunks_exact(QK).map(|c| <&[f32; QK]>::try_from(c).expect("chunks_exact yields QK"))
+}
+
+// Lane-indexed loops over parallel fixed-size arrays are the shape LLVM vectorizes.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (blk, xs) in row.chunks_exact(34).zip(x_blocks(x)) {
+        let d = f16_to_f32(le_u16(blk, 0));
+        let qs = &blk[2..34];
+        let mut s = [0f32; LANES];
+        for c in 0..QK / LANES {
+            for l in 0..LANES {
+                let i = c * LANES + l;
+                s[l] += (qs[i] as i8) as f32 * xs[i];
+            }
+        }
+        for l in 0..LANES {
+            acc[l] += d * s[l];
+        }
+    }
+    hsum(acc)
+}
+
+/// Q4_0 and Q4_1: `bytes` per block, nibbles from byte `qs_at`; Q4_0 subtracts
+/// `offset` (8) from every nibble, Q4_1 adds its per-block min times the sum of `x`.
+// Lane-indexed loops over parallel fixed-size arrays are the shape LLVM vectorizes.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn dot_q4(row: &[u8], x: &[f32], bytes: usize, qs_at: usize, offset: f32, has_min: bool) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (blk, xs) in row.chunks_exact(bytes).zip(x_blocks(x)) {
+        let d = f16_to_f32(le_u16(blk, 0));
+        let qs = &blk[qs_at..qs_at + 16];
+        let mut s = [0f32; LANES];
+        let mut sx = [0f32; LANES];
+        for c in 0..16 / LANES {
+            for l in 0..LANES {
+                let j = c * LANES + l;
+                let lo = (qs[j] & 0xf) as f32 + offset;
+                let hi = (qs[j] >> 4) as f32 + offset;
+                s[l] += lo * xs[j] + hi * xs[j + 16];
+                if has_min {
+                    sx[l] += xs[j] + xs[j + 16];
+                }
+            }
+        }
+        if has_min {
+            let m = f16_to_f32(le_u16(blk, 2));
+            for l in 0..LANES {
+                acc[l] += d * s[l] + m * sx[l];
+            }
+        } else {
+            for l in 0..LANES {
+                acc[l] += d * s[l];
+            }
+        }
+    }
+    hsum(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_matches_half_on_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let ours = f16_to_f32(bits);
+            let theirs = half::f16::from_bits(bits).to_f32();
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn dispatched_and_portable_kernels_agree() {
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+            for n in [32usize, 64, 96, 576, 1536] {
+                let mut row: Vec<u8> =
+                    (0..dtype.row_bytes(n).unwrap()).map(|_| next() as u8).collect();
+                // Finite scales / values: clear the top exponent bit of every f16/bf16.
+                match dtype {
+                    DType::F32 => row.chunks_exact_mut(4).for_each(|b| b[3] &= 0x3f),
+                    DType::F16 | DType::BF16 => row.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f),
+                    _ => row.chunks_exact_mut(dtype.block_bytes()).for_each(|b| {
+                        b[1] &= 0x3f;
+                        b[3] &= 0x3f;
+                    }),
+                }
+                let x: Vec<f32> = (0..n).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect();
+                let mut w = vec![0f32; n];
+                dequantize_row(dtype, &row, &mut w);
+                let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                let (a, b) = (dot_row(dtype, &row, &x), dot_row_portable(dtype, &row, &x));
+                assert!((a - b).abs() <= 1e-5 * scale + 1e-30, "{dtype} n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_tail_is_included() {
+        let w: Vec<f32> = (0..13).map(|i| i as f32).collect();
+        let x = vec![1.0f32; 13];
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(dot_row(DType::F32, &bytes, &x), 78.0);
+    }
+}
