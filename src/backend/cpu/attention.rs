@@ -4,7 +4,6 @@
 
 use rayon::prelude::*;
 
-use super::linear::dot_f32;
 use super::CpuTensor;
 use crate::backend::{AttentionShape, BackendError, Batch, KvCacheShape, BLOCK_SIZE};
 use crate::model::rope::RopeTable;
@@ -62,8 +61,25 @@ pub fn apply_rope(x: &mut CpuTensor, positions: &[u32], rope: &RopeTable, head_d
     }
 }
 
+/// Query rows per attention task: bounds the score matrix to `QUERY_BLOCK x context`.
+const QUERY_BLOCK: usize = 64;
+
+/// One unit of attention work: a block of one sequence's query rows against one KV head
+/// (and so every query head of its group).
+struct AttentionTask {
+    seq: usize,
+    kv_head: usize,
+    /// Rows `first_row..first_row + rows` of the sequence's slice of the batch.
+    first_row: usize,
+    rows: usize,
+}
+
 /// Causal attention of every batch row over its own sequence's cached K/V.
 /// q `[n, heads*head_dim]` -> `[n, heads*head_dim]`.
+///
+/// Per task, the KV head's keys and values are gathered from their blocks into
+/// contiguous `[context, head_dim]` tiles, then each query head of the group does two
+/// GEMMs (scores = Q K^T, out = P V) around a masked softmax.
 pub fn paged_attention(
     q: &CpuTensor,
     batch: &Batch,
@@ -71,48 +87,117 @@ pub fn paged_attention(
     layer: usize,
     shape: AttentionShape,
 ) -> CpuTensor {
-    let hd = shape.head_dim;
-    let group = shape.num_heads / shape.num_kv_heads;
-    let kv_width = cache.width();
-    let keys = &cache.keys[layer];
-    let values = &cache.values[layer];
-    // Which sequence each batch row belongs to.
-    let mut row_seq = vec![0usize; q.rows];
+    let mut tasks = Vec::new();
     for (s, seq) in batch.seqs.iter().enumerate() {
-        row_seq[seq.start..seq.start + seq.len].iter_mut().for_each(|r| *r = s);
-    }
-    let mut out = CpuTensor::zeros(q.rows, q.cols);
-    out.data.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, out_head)| {
-        let (row, head) = (idx / shape.num_heads, idx % shape.num_heads);
-        let seq = &batch.seqs[row_seq[row]];
-        let pos = seq.context_len - seq.len + (row - seq.start);
-        let kv_head = head / group;
-        let q_head = &q.row(row)[head * hd..(head + 1) * hd];
-        let slot_offset = |j: usize| {
-            let slot = seq.block_table[j / BLOCK_SIZE] as usize * BLOCK_SIZE + j % BLOCK_SIZE;
-            slot * kv_width + kv_head * hd
-        };
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..=pos {
-            let off = slot_offset(j);
-            let s = dot_f32(q_head, &keys[off..off + hd]) * shape.scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for (j, &p) in scores.iter().enumerate() {
-            let off = slot_offset(j);
-            let w = p * inv;
-            for (o, &v) in out_head.iter_mut().zip(&values[off..off + hd]) {
-                *o += w * v;
+        for kv_head in 0..shape.num_kv_heads {
+            for first_row in (0..seq.len).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(seq.len - first_row);
+                tasks.push(AttentionTask { seq: s, kv_head, first_row, rows });
             }
         }
-    });
+    }
+    let results: Vec<Vec<f32>> =
+        tasks.par_iter().map(|t| attend(q, batch, cache, layer, shape, t)).collect();
+    let hd = shape.head_dim;
+    let group = shape.num_heads / shape.num_kv_heads;
+    let mut out = CpuTensor::zeros(q.rows, q.cols);
+    for (t, result) in tasks.iter().zip(results) {
+        let seq = &batch.seqs[t.seq];
+        // result: [group, rows, head_dim]
+        for (g, head_rows) in result.chunks(t.rows * hd).enumerate() {
+            let head = t.kv_head * group + g;
+            for (r, values) in head_rows.chunks(hd).enumerate() {
+                let row = seq.start + t.first_row + r;
+                out.data[row * q.cols + head * hd..][..hd].copy_from_slice(values);
+            }
+        }
+    }
+    out
+}
+
+/// One task's output, `[group, rows, head_dim]`.
+fn attend(
+    q: &CpuTensor,
+    batch: &Batch,
+    cache: &CpuKvCache,
+    layer: usize,
+    shape: AttentionShape,
+    task: &AttentionTask,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let group = shape.num_heads / shape.num_kv_heads;
+    let seq = &batch.seqs[task.seq];
+    let first_pos = seq.context_len - seq.len + task.first_row;
+    // Keys visible to the last row of the block (causal).
+    let ctx = first_pos + task.rows;
+    let kv_width = cache.width();
+    let mut keys = vec![0.0f32; ctx * hd]; // [ctx, head_dim]
+    let mut values = vec![0.0f32; ctx * hd]; // [ctx, head_dim]
+    for j in 0..ctx {
+        let slot = seq.block_table[j / BLOCK_SIZE] as usize * BLOCK_SIZE + j % BLOCK_SIZE;
+        let src = slot * kv_width + task.kv_head * hd;
+        keys[j * hd..(j + 1) * hd].copy_from_slice(&cache.keys[layer][src..src + hd]);
+        values[j * hd..(j + 1) * hd].copy_from_slice(&cache.values[layer][src..src + hd]);
+    }
+    let rows = task.rows;
+    let mut scores = vec![0.0f32; rows * ctx]; // [rows, ctx]
+    let mut out = vec![0.0f32; group * rows * hd]; // [group, rows, head_dim]
+    for g in 0..group {
+        let head = task.kv_head * group + g;
+        let q_block = &q.data[(seq.start + task.first_row) * q.cols + head * hd..];
+        // scores [rows, ctx] = scale * Q [rows, hd] (row stride q.cols) . K^T [hd, ctx]
+        // SAFETY: every pointer/stride pair stays inside its slice: Q rows are
+        // `rows` rows of `q.cols` starting at this head's columns; K is [ctx, hd].
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                hd,
+                ctx,
+                shape.scale,
+                q_block.as_ptr(),
+                q.cols as isize,
+                1,
+                keys.as_ptr(),
+                1,
+                hd as isize,
+                0.0,
+                scores.as_mut_ptr(),
+                ctx as isize,
+                1,
+            );
+        }
+        for (r, row) in scores.chunks_mut(ctx).enumerate() {
+            let visible = first_pos + r + 1;
+            let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in &mut row[..visible] {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row[..visible].iter_mut().for_each(|s| *s *= inv);
+            row[visible..].iter_mut().for_each(|s| *s = 0.0);
+        }
+        // out [rows, hd] = P [rows, ctx] . V [ctx, hd]
+        // SAFETY: P is [rows, ctx], V is [ctx, hd], the output slice is [rows, hd].
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                ctx,
+                hd,
+                1.0,
+                scores.as_ptr(),
+                ctx as isize,
+                1,
+                values.as_ptr(),
+                hd as isize,
+                1,
+                0.0,
+                out[g * rows * hd..].as_mut_ptr(),
+                hd as isize,
+                1,
+            );
+        }
+    }
     out
 }

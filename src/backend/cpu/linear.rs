@@ -12,9 +12,9 @@ use crate::model::WeightTensor;
 /// enough to balance two to sixteen threads on a 576-row matrix.
 const ROWS_PER_TASK: usize = 16;
 
-/// Output rows per rayon task on the GEMM path (prefill): enough for the GEMM to
-/// reach its peak, few enough that the decoded f32 tile stays in L2.
-const GEMM_ROWS_PER_TASK: usize = 64;
+/// Fewest output rows per rayon task on the GEMM path (prefill). Each task packs all
+/// of x again, so tasks are made as large as load balance allows: two per thread.
+const GEMM_MIN_ROWS_PER_TASK: usize = 64;
 
 /// Up to this many tokens (decode), dot products read the encoded rows directly, so
 /// each weight byte is read once; above it (prefill), tiles of rows are decoded to f32
@@ -77,11 +77,11 @@ impl CpuLinear {
                 }
             });
         } else {
-            out_t.par_chunks_mut(GEMM_ROWS_PER_TASK * n).enumerate().for_each_init(
+            let tasks = 2 * rayon::current_num_threads();
+            let rows_per_task = self.out_features.div_ceil(tasks).max(GEMM_MIN_ROWS_PER_TASK);
+            out_t.par_chunks_mut(rows_per_task * n).enumerate().for_each_init(
                 Vec::new,
-                |decoded, (task, chunk)| {
-                    self.gemm_rows(task * GEMM_ROWS_PER_TASK, chunk, x, decoded)
-                },
+                |decoded, (task, chunk)| self.gemm_rows(task * rows_per_task, chunk, x, decoded),
             );
         }
         if let Some(b) = &self.bias {
@@ -147,18 +147,4 @@ impl CpuLinear {
         }
         out
     }
-}
-
-/// f32 dot product with independent accumulators so LLVM vectorises it.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let chunks = a.len() / LANES * LANES;
-    for (ca, cb) in a[..chunks].chunks_exact(LANES).zip(b[..chunks].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let tail: f32 = a[chunks..].iter().zip(&b[chunks..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
