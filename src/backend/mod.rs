@@ -23,6 +23,13 @@ pub enum BackendError {
     OutOfMemory(String),
 }
 
+/// One weight (and bias) of a possibly fused linear layer.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearPart<'a> {
+    pub weight: &'a WeightTensor,       // [out_i, in]
+    pub bias: Option<&'a WeightTensor>, // [out_i]
+}
+
 /// Geometry of the paged KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheShape {
@@ -62,11 +69,13 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
 
+    /// One linear layer from `parts` stacked along the output dimension (fused QKV or
+    /// gate+up: one launch instead of several); each part `[out_i, in]` with an optional
+    /// bias `[out_i]`.
     fn upload_linear(
         &self,
         name: &str,
-        weight: &WeightTensor,
-        bias: Option<&WeightTensor>,
+        parts: &[LinearPart<'_>],
     ) -> Result<Self::Linear, BackendError>;
     fn upload_vector(
         &self,
@@ -119,8 +128,11 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
     ) -> Self::Tensor;
 
-    /// gate, up `[n, ffn]` -> `silu(gate) * up`.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    /// `gate_up [n, 2*ffn]` (gate first) -> `silu(gate) * up`, `[n, ffn]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Self::Tensor;
+
+    /// Splits `x [n, sum(widths)]` into column blocks `[n, widths[i]]`.
+    fn split_cols(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
 
     /// Rows `rows` of x, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Self::Tensor;

@@ -39,21 +39,24 @@ impl<B: Backend> Model<B> {
         let w = &self.weights;
         let shape = self.attention_shape();
         let eps = self.config.rms_norm_eps;
+        let q_width = self.config.num_heads * self.config.head_dim;
+        let kv_width = self.config.num_kv_heads * self.config.head_dim;
 
         let mut residual = b.embedding(&w.embed_tokens, &batch.token_ids);
         let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
         for (i, layer) in w.layers.iter().enumerate() {
             let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
-            let mut q = b.linear(&x, &layer.q_proj);
-            let mut k = b.linear(&x, &layer.k_proj);
-            let v = b.linear(&x, &layer.v_proj);
+            let qkv = b.linear(&x, &layer.qkv_proj);
+            let [mut q, mut k, v]: [B::Tensor; 3] = b
+                .split_cols(&qkv, &[q_width, kv_width, kv_width])
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("split_cols returns one tensor per width"));
             b.rope_and_store_kv(&mut q, &mut k, &v, batch, &self.rope, cache, i, shape);
             let attn = b.attention(&q, batch, cache, i, shape);
             let attn_out = b.linear(&attn, &layer.o_proj);
             let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);
-            let gate = b.linear(&x, &layer.gate_proj);
-            let up = b.linear(&x, &layer.up_proj);
-            pending = Some(b.linear(&b.silu_mul(&gate, &up), &layer.down_proj));
+            let gate_up = b.linear(&x, &layer.gate_up_proj);
+            pending = Some(b.linear(&b.silu_mul(&gate_up), &layer.down_proj));
         }
         if batch.logits_rows.is_empty() {
             return Vec::new();

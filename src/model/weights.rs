@@ -4,18 +4,17 @@
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{LoadError, LoadedModel, ModelConfig, WeightTensor};
-use crate::backend::Backend;
+use crate::backend::{Backend, LinearPart};
 
 pub struct LayerWeights<B: Backend> {
-    pub input_norm: B::Vector,          // [hidden]
-    pub q_proj: B::Linear,              // [heads * head_dim, hidden] (+ bias [heads * head_dim])
-    pub k_proj: B::Linear,              // [kv_heads * head_dim, hidden] (+ bias)
-    pub v_proj: B::Linear,              // [kv_heads * head_dim, hidden] (+ bias)
+    pub input_norm: B::Vector, // [hidden]
+    /// q, k, v stacked: [(heads + 2 * kv_heads) * head_dim, hidden] (+ bias, Qwen2).
+    pub qkv_proj: B::Linear,
     pub o_proj: B::Linear,              // [hidden, heads * head_dim]
     pub post_attention_norm: B::Vector, // [hidden]
-    pub gate_proj: B::Linear,           // [ffn, hidden]
-    pub up_proj: B::Linear,             // [ffn, hidden]
-    pub down_proj: B::Linear,           // [hidden, ffn]
+    /// gate and up stacked: [2 * ffn, hidden].
+    pub gate_up_proj: B::Linear,
+    pub down_proj: B::Linear, // [hidden, ffn]
 }
 
 pub struct ModelWeights<B: Backend> {
@@ -51,11 +50,17 @@ impl<B: Backend> ModelWeights<B> {
         };
         let upload_err =
             |e: crate::backend::BackendError| LoadError::invalid(source, e.to_string());
+        // (name, out_features) of each stacked part; all take `inp` inputs.
         let linear =
-            |name: &str, out: usize, inp: usize, bias: bool| -> Result<B::Linear, LoadError> {
-                let w = get(&format!("{name}.weight"), &[out, inp])?;
-                let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
-                backend.upload_linear(name, w, b).map_err(upload_err)
+            |parts: &[(&str, usize)], inp: usize, bias: bool| -> Result<B::Linear, LoadError> {
+                let mut loaded = Vec::with_capacity(parts.len());
+                for &(name, out) in parts {
+                    let weight = get(&format!("{name}.weight"), &[out, inp])?;
+                    let bias =
+                        if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
+                    loaded.push(LinearPart { weight, bias });
+                }
+                backend.upload_linear(parts[0].0, &loaded).map_err(upload_err)
             };
         let vector = |name: &str, n: usize| -> Result<B::Vector, LoadError> {
             backend.upload_vector(name, get(name, &[n])?).map_err(upload_err)
@@ -66,28 +71,37 @@ impl<B: Backend> ModelWeights<B> {
             ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let embed_tokens = linear("model.embed_tokens", c.vocab_size, h, false)?;
+        let embed_tokens = linear(&[("model.embed_tokens", c.vocab_size)], h, false)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let bias = c.attention_bias;
             layers.push(LayerWeights {
                 input_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_out, h, bias)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_out, h, bias)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_out, h, bias)?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                qkv_proj: linear(
+                    &[
+                        (&format!("{p}.self_attn.q_proj"), q_out),
+                        (&format!("{p}.self_attn.k_proj"), kv_out),
+                        (&format!("{p}.self_attn.v_proj"), kv_out),
+                    ],
+                    h,
+                    bias,
+                )?,
+                o_proj: linear(&[(&format!("{p}.self_attn.o_proj"), h)], q_out, false)?,
                 post_attention_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), ffn, h, false)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), ffn, h, false)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), h, ffn, false)?,
+                gate_up_proj: linear(
+                    &[(&format!("{p}.mlp.gate_proj"), ffn), (&format!("{p}.mlp.up_proj"), ffn)],
+                    h,
+                    false,
+                )?,
+                down_proj: linear(&[(&format!("{p}.mlp.down_proj"), h)], ffn, false)?,
             });
             progress.inc(1);
         }
         let norm = vector("model.norm.weight", h)?;
         // Some checkpoints say tied but still ship lm_head (identical); use it if present.
         let lm_head = if model.tensors.contains_key("lm_head.weight") {
-            Some(linear("lm_head", c.vocab_size, h, false)?)
+            Some(linear(&[("lm_head", c.vocab_size)], h, false)?)
         } else if c.tie_word_embeddings {
             None
         } else {

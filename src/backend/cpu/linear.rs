@@ -4,9 +4,9 @@
 use rayon::prelude::*;
 
 use super::{weight_to_f32, CpuTensor};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, LinearPart};
 use crate::model::quant::{dequantize_row, dot_row};
-use crate::model::WeightTensor;
+use crate::model::{DType, WeightTensor};
 
 /// Output rows handed to one rayon task; large enough to amortise scheduling, small
 /// enough to balance two to sixteen threads on a 576-row matrix.
@@ -21,44 +21,75 @@ const GEMM_MIN_ROWS_PER_TASK: usize = 64;
 /// and multiplied by all tokens at once with a GEMM.
 const DIRECT_DOT_MAX_TOKENS: usize = 4;
 
+/// One or more weights stacked along the output dimension (fused QKV, gate+up), kept in
+/// their file formats and not copied: `[sum of out, in]`.
 pub struct CpuLinear {
-    weight: WeightTensor,   // [out, in]
-    bias: Option<Vec<f32>>, // [out]
+    parts: Vec<WeightTensor>, // each [out_i, in]
+    /// First output row of each part.
+    part_starts: Vec<usize>,
+    bias: Option<Vec<f32>>, // [out]; zeros for parts without bias
     pub out_features: usize,
     pub in_features: usize,
 }
 
 impl CpuLinear {
-    pub fn new(
-        name: &str,
-        weight: &WeightTensor,
-        bias: Option<&WeightTensor>,
-    ) -> Result<Self, BackendError> {
+    pub fn new(name: &str, parts: &[LinearPart<'_>]) -> Result<Self, BackendError> {
         let bad = |message: String| BackendError::Weight { name: name.to_string(), message };
-        if weight.shape.len() != 2 {
-            return Err(bad(format!("expected a 2-D weight, got shape {:?}", weight.shape)));
-        }
-        let (out_features, in_features) = (weight.shape[0], weight.shape[1]);
-        if weight.dtype.row_bytes(in_features).is_none() {
-            return Err(bad(format!(
-                "{in_features} inputs is not a whole number of {} blocks",
-                weight.dtype
-            )));
-        }
-        let bias = match bias {
-            Some(b) => {
-                let values = weight_to_f32(name, b)?;
-                if values.len() != out_features {
-                    return Err(bad(format!(
-                        "bias has {} values for {out_features} outputs",
-                        values.len()
-                    )));
-                }
-                Some(values)
-            }
-            None => None,
+        let Some(first) = parts.first() else {
+            return Err(bad("a linear layer needs at least one weight".into()));
         };
-        Ok(CpuLinear { weight: weight.clone(), bias, out_features, in_features })
+        let in_features = first.weight.shape.last().copied().unwrap_or(0);
+        let mut part_starts = Vec::with_capacity(parts.len());
+        let mut out_features = 0;
+        let any_bias = parts.iter().any(|p| p.bias.is_some());
+        let mut bias = Vec::new();
+        for part in parts {
+            let w = part.weight;
+            if w.shape.len() != 2 || w.shape[1] != in_features {
+                return Err(bad(format!(
+                    "expected a 2-D weight with {in_features} inputs, got shape {:?}",
+                    w.shape
+                )));
+            }
+            if w.dtype.row_bytes(in_features).is_none() {
+                return Err(bad(format!(
+                    "{in_features} inputs is not a whole number of {} blocks",
+                    w.dtype
+                )));
+            }
+            let rows = w.shape[0];
+            if any_bias {
+                match part.bias {
+                    Some(b) => {
+                        let values = weight_to_f32(name, b)?;
+                        if values.len() != rows {
+                            return Err(bad(format!(
+                                "bias has {} values for {rows} outputs",
+                                values.len()
+                            )));
+                        }
+                        bias.extend(values);
+                    }
+                    None => bias.resize(bias.len() + rows, 0.0),
+                }
+            }
+            part_starts.push(out_features);
+            out_features += rows;
+        }
+        Ok(CpuLinear {
+            parts: parts.iter().map(|p| p.weight.clone()).collect(),
+            part_starts,
+            bias: any_bias.then_some(bias),
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Format and bytes of output row `r`.
+    fn row(&self, r: usize) -> (DType, &[u8]) {
+        let p = self.part_starts.iter().rposition(|&start| start <= r).unwrap_or(0);
+        let part = &self.parts[p];
+        (part.dtype, part.row(r - self.part_starts[p]))
     }
 
     /// `x [n, in]` -> `[n, out]`.
@@ -70,19 +101,21 @@ impl CpuLinear {
         if n <= DIRECT_DOT_MAX_TOKENS {
             out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
                 for (i, outs) in chunk.chunks_mut(n).enumerate() {
-                    let row = self.weight.row(task * ROWS_PER_TASK + i);
+                    let (dtype, row) = self.row(task * ROWS_PER_TASK + i);
                     for (t, o) in outs.iter_mut().enumerate() {
-                        *o = dot_row(self.weight.dtype, row, x.row(t));
+                        *o = dot_row(dtype, row, x.row(t));
                     }
                 }
             });
         } else {
             let tasks = 2 * rayon::current_num_threads();
             let rows_per_task = self.out_features.div_ceil(tasks).max(GEMM_MIN_ROWS_PER_TASK);
-            out_t.par_chunks_mut(rows_per_task * n).enumerate().for_each_init(
-                Vec::new,
-                |decoded, (task, chunk)| self.gemm_rows(task * rows_per_task, chunk, x, decoded),
-            );
+            out_t
+                .par_chunks_mut(rows_per_task * n)
+                .enumerate()
+                .for_each_init(Vec::new, |decoded, (task, chunk)| {
+                    self.gemm_rows(task * rows_per_task, chunk, x, decoded)
+                });
         }
         if let Some(b) = &self.bias {
             for (outs, &bias) in out_t.chunks_mut(n).zip(b) {
@@ -114,7 +147,8 @@ impl CpuLinear {
         let rows = out_t.len() / n;
         decoded.resize(rows * k, 0.0);
         for (i, dst) in decoded.chunks_mut(k).enumerate() {
-            dequantize_row(self.weight.dtype, self.weight.row(first_row + i), dst);
+            let (dtype, row) = self.row(first_row + i);
+            dequantize_row(dtype, row, dst);
         }
         // out_t [rows, n] = W [rows, k] . x^T [k, n]; x is [n, k] row-major.
         // SAFETY: the pointers and strides describe exactly the slices above, and
@@ -143,7 +177,8 @@ impl CpuLinear {
     pub fn gather(&self, ids: &[u32]) -> CpuTensor {
         let mut out = CpuTensor::zeros(ids.len(), self.in_features);
         for (dst, &id) in out.data.chunks_mut(self.in_features).zip(ids) {
-            dequantize_row(self.weight.dtype, self.weight.row(id as usize), dst);
+            let (dtype, row) = self.row(id as usize);
+            dequantize_row(dtype, row, dst);
         }
         out
     }

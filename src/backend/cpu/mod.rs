@@ -10,7 +10,7 @@ pub use attention::CpuKvCache;
 pub use linear::CpuLinear;
 pub use norm::add_rms_norm_rows;
 
-use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape};
+use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart};
 use crate::model::quant::dequantize_row;
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -76,10 +76,9 @@ impl Backend for CpuBackend {
     fn upload_linear(
         &self,
         name: &str,
-        weight: &WeightTensor,
-        bias: Option<&WeightTensor>,
+        parts: &[LinearPart<'_>],
     ) -> Result<CpuLinear, BackendError> {
-        CpuLinear::new(name, weight, bias)
+        CpuLinear::new(name, parts)
     }
 
     fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<Vec<f32>, BackendError> {
@@ -143,10 +142,30 @@ impl Backend for CpuBackend {
         attention::paged_attention(q, batch, cache, layer, shape)
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        let data =
-            gate.data.iter().zip(&up.data).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-        CpuTensor::from_vec(data, gate.rows, gate.cols)
+    fn silu_mul(&self, gate_up: &CpuTensor) -> CpuTensor {
+        let ffn = gate_up.cols / 2;
+        let mut data = Vec::with_capacity(gate_up.rows * ffn);
+        for row in gate_up.data.chunks(gate_up.cols) {
+            let (gate, up) = row.split_at(ffn);
+            data.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        }
+        CpuTensor::from_vec(data, gate_up.rows, ffn)
+    }
+
+    fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Vec<CpuTensor> {
+        debug_assert_eq!(widths.iter().sum::<usize>(), x.cols);
+        let mut outs: Vec<CpuTensor> = widths
+            .iter()
+            .map(|&w| CpuTensor { data: Vec::with_capacity(x.rows * w), rows: x.rows, cols: w })
+            .collect();
+        for row in x.data.chunks(x.cols) {
+            let mut start = 0;
+            for (out, &w) in outs.iter_mut().zip(widths) {
+                out.data.extend_from_slice(&row[start..start + w]);
+                start += w;
+            }
+        }
+        outs
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> CpuTensor {
