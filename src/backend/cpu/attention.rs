@@ -64,11 +64,16 @@ pub fn apply_rope(x: &mut CpuTensor, positions: &[u32], rope: &RopeTable, head_d
 /// Query rows per attention task: bounds the score matrix to `QUERY_BLOCK x context`.
 const QUERY_BLOCK: usize = 64;
 
-/// One unit of attention work: a block of one sequence's query rows against one KV head
-/// (and so every query head of its group).
+/// Up to this many query rows (decode), a task reads K/V in place and computes scores
+/// with dot products; above it (prefill), it gathers K/V tiles once and runs GEMMs.
+const DIRECT_MAX_ROWS: usize = 4;
+
+/// One unit of attention work: a block of one sequence's query rows against one KV
+/// head, for query heads `kv_head * group + heads.start .. + heads.end` of its group.
 struct AttentionTask {
     seq: usize,
     kv_head: usize,
+    heads: std::ops::Range<usize>,
     /// Rows `first_row..first_row + rows` of the sequence's slice of the batch.
     first_row: usize,
     rows: usize,
@@ -87,24 +92,40 @@ pub fn paged_attention(
     layer: usize,
     shape: AttentionShape,
 ) -> CpuTensor {
+    let group = shape.num_heads / shape.num_kv_heads;
     let mut tasks = Vec::new();
     for (s, seq) in batch.seqs.iter().enumerate() {
         for kv_head in 0..shape.num_kv_heads {
+            if seq.len <= DIRECT_MAX_ROWS {
+                // Decode: one task per query head, so few KV heads still fill the threads.
+                for g in 0..group {
+                    let (first_row, rows) = (0, seq.len);
+                    tasks.push(AttentionTask { seq: s, kv_head, heads: g..g + 1, first_row, rows });
+                }
+                continue;
+            }
             for first_row in (0..seq.len).step_by(QUERY_BLOCK) {
                 let rows = QUERY_BLOCK.min(seq.len - first_row);
-                tasks.push(AttentionTask { seq: s, kv_head, first_row, rows });
+                tasks.push(AttentionTask { seq: s, kv_head, heads: 0..group, first_row, rows });
             }
         }
     }
-    let results: Vec<Vec<f32>> =
-        tasks.par_iter().map(|t| attend(q, batch, cache, layer, shape, t)).collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| {
+            if t.rows <= DIRECT_MAX_ROWS {
+                attend_direct(q, batch, cache, layer, shape, t)
+            } else {
+                attend(q, batch, cache, layer, shape, t)
+            }
+        })
+        .collect();
     let hd = shape.head_dim;
-    let group = shape.num_heads / shape.num_kv_heads;
     let mut out = CpuTensor::zeros(q.rows, q.cols);
     for (t, result) in tasks.iter().zip(results) {
         let seq = &batch.seqs[t.seq];
-        // result: [group, rows, head_dim]
-        for (g, head_rows) in result.chunks(t.rows * hd).enumerate() {
+        // result: [heads, rows, head_dim]
+        for (g, head_rows) in t.heads.clone().zip(result.chunks(t.rows * hd)) {
             let head = t.kv_head * group + g;
             for (r, values) in head_rows.chunks(hd).enumerate() {
                 let row = seq.start + t.first_row + r;
@@ -115,7 +136,74 @@ pub fn paged_attention(
     out
 }
 
-/// One task's output, `[group, rows, head_dim]`.
+/// One task's output, `[heads, rows, head_dim]`, reading K/V in place (decode).
+fn attend_direct(
+    q: &CpuTensor,
+    batch: &Batch,
+    cache: &CpuKvCache,
+    layer: usize,
+    shape: AttentionShape,
+    task: &AttentionTask,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let group = shape.num_heads / shape.num_kv_heads;
+    let seq = &batch.seqs[task.seq];
+    let kv_width = cache.width();
+    let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+    let slot_offset = |j: usize| {
+        let slot = seq.block_table[j / BLOCK_SIZE] as usize * BLOCK_SIZE + j % BLOCK_SIZE;
+        slot * kv_width + task.kv_head * hd
+    };
+    let mut out = vec![0.0f32; task.heads.len() * task.rows * hd];
+    let mut scores = Vec::new();
+    let mut outs = out.chunks_mut(hd);
+    for g in task.heads.clone() {
+        let head = task.kv_head * group + g;
+        for r in 0..task.rows {
+            let row = seq.start + task.first_row + r;
+            let pos = seq.context_len - seq.len + task.first_row + r;
+            let q_head = &q.row(row)[head * hd..(head + 1) * hd];
+            scores.clear();
+            scores.extend((0..=pos).map(|j| {
+                let off = slot_offset(j);
+                dot_f32(q_head, &keys[off..off + hd]) * shape.scale
+            }));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            let dst = outs.next().unwrap_or_default();
+            for (j, &p) in scores.iter().enumerate() {
+                let off = slot_offset(j);
+                let w = p * inv;
+                for (o, &v) in dst.iter_mut().zip(&values[off..off + hd]) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// f32 dot product with independent accumulators so LLVM vectorises it.
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let whole = a.len() / LANES * LANES;
+    for (ca, cb) in a[..whole].chunks_exact(LANES).zip(b[..whole].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One task's output, `[heads, rows, head_dim]`, from gathered K/V tiles and GEMMs
+/// (prefill).
 fn attend(
     q: &CpuTensor,
     batch: &Batch,
@@ -141,8 +229,8 @@ fn attend(
     }
     let rows = task.rows;
     let mut scores = vec![0.0f32; rows * ctx]; // [rows, ctx]
-    let mut out = vec![0.0f32; group * rows * hd]; // [group, rows, head_dim]
-    for g in 0..group {
+    let mut out = vec![0.0f32; task.heads.len() * rows * hd]; // [heads, rows, head_dim]
+    for (i, g) in task.heads.clone().enumerate() {
         let head = task.kv_head * group + g;
         let q_block = &q.data[(seq.start + task.first_row) * q.cols + head * hd..];
         // scores [rows, ctx] = scale * Q [rows, hd] (row stride q.cols) . K^T [hd, ctx]
@@ -193,7 +281,7 @@ fn attend(
                 hd as isize,
                 1,
                 0.0,
-                out[g * rows * hd..].as_mut_ptr(),
+                out[i * rows * hd..].as_mut_ptr(),
                 hd as isize,
                 1,
             );

