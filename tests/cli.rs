@@ -4,22 +4,12 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::manifest_dir;
-
 fn qilin(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qilin")).args(args).output().expect("run qilin")
 }
 
 fn tiny_model() -> String {
-    let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    dirs[0].to_string_lossy().into_owned()
+    common::a_fixture_model().to_string_lossy().into_owned()
 }
 
 fn stderr(o: &Output) -> String {

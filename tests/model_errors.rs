@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::manifest_dir;
+use common::a_fixture_model;
 use qilin::model::load_model;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -12,19 +12,6 @@ fn copy_dir(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
-}
-
-/// Any fixture model directory.
-fn a_fixture_model() -> std::path::PathBuf {
-    let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    dirs.into_iter().next().expect("fixture models exist")
 }
 
 fn load_err(path: &Path) -> String {

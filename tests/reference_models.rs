@@ -11,25 +11,12 @@
 
 mod common;
 
-use common::{compare_greedy, manifest_dir, read_expected};
+use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected};
 use qilin::engine::load::{load_cpu_generator, EngineOptions};
 use qilin::engine::SamplingParams;
 
 const LOGPROB_TOL: f32 = 5e-4;
 const MIN_MARGIN: f32 = 5e-3;
-
-fn fixture_models() -> Vec<std::path::PathBuf> {
-    let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("expected.json").exists())
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 4, "expected the fixture models under {}", root.display());
-    dirs
-}
 
 fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
     let expected = read_expected(&dir.join("expected.json"));
@@ -53,12 +40,7 @@ fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
             ..SamplingParams::default()
         };
         let out = generator.generate(&case.prompt_ids, &params, |_| {}).expect("generate");
-        let top: Vec<Vec<(u32, f32)>> = out
-            .logprobs
-            .expect("logprobs were asked for")
-            .iter()
-            .map(|s| s.top_logprobs.iter().map(|t| (t.token_id, t.logprob)).collect())
-            .collect();
+        let top = our_top_logprobs(&out);
         let cmp = compare_greedy(case, &out.output_ids, &top, MIN_MARGIN, LOGPROB_TOL);
         eprintln!(
             "{} / {}: {} steps agree, max logprob error {:.2e}",

@@ -11,7 +11,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{compare_greedy, manifest_dir, read_expected, smollm2_gguf};
+use common::{compare_greedy, manifest_dir, our_top_logprobs, read_expected, smollm2_gguf};
 use qilin::engine::load::{load_cpu_generator, EngineOptions};
 use qilin::engine::{FinishReason, SamplingParams};
 
@@ -38,13 +38,7 @@ fn chat_prompts_match_transformers() {
             ..SamplingParams::default()
         };
         let out = generator.generate(&ids, &params, |_| {}).expect("generate");
-        let top: Vec<Vec<(u32, f32)>> = out
-            .logprobs
-            .as_ref()
-            .expect("logprobs were asked for")
-            .iter()
-            .map(|s| s.top_logprobs.iter().map(|t| (t.token_id, t.logprob)).collect())
-            .collect();
+        let top = our_top_logprobs(&out);
         let cmp = compare_greedy(case, &out.output_ids, &top, MIN_MARGIN, LOGPROB_TOL);
         eprintln!(
             "smollm2 / {}: {} of {} steps agree, max logprob error {:.2e}",

@@ -19,6 +19,11 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
 }
 
+/// The cache slot of position `pos` of a sequence with this block table.
+pub fn slot_of(block_table: &[u32], pos: usize) -> usize {
+    block_table[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + pos % BLOCK_SIZE
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     pub token_ids: Vec<u32>,    // [n_tokens]
@@ -48,8 +53,7 @@ impl Batch {
             let pos = first_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            let block = block_table[pos / BLOCK_SIZE] as usize;
-            self.slot_mapping.push((block * BLOCK_SIZE + pos % BLOCK_SIZE) as u32);
+            self.slot_mapping.push(slot_of(block_table, pos) as u32);
         }
         if want_logits && !tokens.is_empty() {
             self.logits_rows.push((start + tokens.len() - 1) as u32);

@@ -32,6 +32,35 @@ pub fn smollm2_gguf() -> PathBuf {
     })
 }
 
+/// The fixture model directories (tests/fixtures/models/*), sorted.
+pub fn fixture_models() -> Vec<PathBuf> {
+    let root = manifest_dir().join("tests/fixtures/models");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("expected.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 4, "expected the fixture models under {}", root.display());
+    dirs
+}
+
+/// Any one fixture model, for tests about files and flags rather than numbers.
+pub fn a_fixture_model() -> PathBuf {
+    fixture_models().swap_remove(0)
+}
+
+/// Per generated token, our top alternatives as (id, logprob).
+pub fn our_top_logprobs(out: &qilin::engine::GenerationOutput) -> Vec<Vec<(u32, f32)>> {
+    out.logprobs
+        .as_ref()
+        .expect("logprobs were asked for")
+        .iter()
+        .map(|s| s.top_logprobs.iter().map(|t| (t.token_id, t.logprob)).collect())
+        .collect()
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Expected {
     pub reference: String,

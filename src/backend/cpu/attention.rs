@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::CpuTensor;
+use crate::backend::batch::slot_of;
 use crate::backend::{AttentionShape, BackendError, Batch, KvCacheShape, BLOCK_SIZE};
 use crate::model::rope::RopeTable;
 
@@ -150,10 +151,7 @@ fn attend_direct(
     let seq = &batch.seqs[task.seq];
     let kv_width = cache.width();
     let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-    let slot_offset = |j: usize| {
-        let slot = seq.block_table[j / BLOCK_SIZE] as usize * BLOCK_SIZE + j % BLOCK_SIZE;
-        slot * kv_width + task.kv_head * hd
-    };
+    let slot_offset = |j: usize| slot_of(&seq.block_table, j) * kv_width + task.kv_head * hd;
     let mut out = vec![0.0f32; task.heads.len() * task.rows * hd];
     let mut scores = Vec::new();
     let mut outs = out.chunks_mut(hd);
@@ -168,24 +166,29 @@ fn attend_direct(
                 let off = slot_offset(j);
                 dot_f32(q_head, &keys[off..off + hd]) * shape.scale
             }));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
+            softmax_in_place(&mut scores);
             let dst = outs.next().unwrap_or_default();
             for (j, &p) in scores.iter().enumerate() {
                 let off = slot_offset(j);
-                let w = p * inv;
                 for (o, &v) in dst.iter_mut().zip(&values[off..off + hd]) {
-                    *o += w * v;
+                    *o += p * v;
                 }
             }
         }
     }
     out
+}
+
+/// Numerically stable softmax of attention scores, in place.
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    scores.iter_mut().for_each(|s| *s *= inv);
 }
 
 /// f32 dot product with independent accumulators so LLVM vectorises it.
@@ -222,8 +225,7 @@ fn attend(
     let mut keys = vec![0.0f32; ctx * hd]; // [ctx, head_dim]
     let mut values = vec![0.0f32; ctx * hd]; // [ctx, head_dim]
     for j in 0..ctx {
-        let slot = seq.block_table[j / BLOCK_SIZE] as usize * BLOCK_SIZE + j % BLOCK_SIZE;
-        let src = slot * kv_width + task.kv_head * hd;
+        let src = slot_of(&seq.block_table, j) * kv_width + task.kv_head * hd;
         keys[j * hd..(j + 1) * hd].copy_from_slice(&cache.keys[layer][src..src + hd]);
         values[j * hd..(j + 1) * hd].copy_from_slice(&cache.values[layer][src..src + hd]);
     }
@@ -256,14 +258,7 @@ fn attend(
         }
         for (r, row) in scores.chunks_mut(ctx).enumerate() {
             let visible = first_pos + r + 1;
-            let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in &mut row[..visible] {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            row[..visible].iter_mut().for_each(|s| *s *= inv);
+            softmax_in_place(&mut row[..visible]);
             row[visible..].iter_mut().for_each(|s| *s = 0.0);
         }
         // out [rows, hd] = P [rows, ctx] . V [ctx, hd]
