@@ -63,6 +63,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
         }
     })?;
+    if stream {
+        // End the streamed answer before the timings line on stderr.
+        println!();
+    }
     let t = output.timings;
     let decoded = output.output_ids.len().saturating_sub(1);
     eprintln!(
@@ -86,8 +90,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             obj["logprobs"] = steps.iter().map(|s| json!(s.top_logprobs)).collect();
         }
         println!("{obj}");
-    } else {
-        println!();
     }
     Ok(())
 }
