@@ -11,7 +11,8 @@ mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qilin::backend::cpu::CpuBackend;
 use qilin::backend::{Backend, Batch, KvCacheShape};
-use qilin::kv::BlockPool;
+use qilin::kv::block_manager::blocks_for;
+use qilin::kv::BlockManager;
 use qilin::model::forward::Model;
 use qilin::model::load_model;
 use qilin::model::weights::ModelWeights;
@@ -23,7 +24,7 @@ fn forward_steps(c: &mut Criterion) {
     let config = loaded.config.clone();
     let mut model = Model::new(loaded.config, backend, weights);
     let context = 512;
-    let mut pool = BlockPool::new(BlockPool::blocks_for(context + 1));
+    let mut pool = BlockManager::new(blocks_for(context + 1));
     let mut cache = model
         .backend
         .alloc_kv_cache(KvCacheShape {
@@ -34,7 +35,7 @@ fn forward_steps(c: &mut Criterion) {
         })
         .expect("KV cache");
     let mut table = Vec::new();
-    assert!(pool.grow(&mut table, context + 1));
+    assert!(pool.append_slot(&mut table, context + 1));
     // Arbitrary but fixed in-vocabulary tokens.
     let tokens: Vec<u32> = (0..context as u32).map(|i| (i * 7919) % 49152).collect();
     let mut prefill = Batch::default();

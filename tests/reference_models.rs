@@ -67,3 +67,35 @@ fn chunked_prefill_matches_transformers() {
         check_model(&dir, 7);
     }
 }
+
+/// A second run of the same prompt takes its full blocks from the prefix cache and
+/// computes only the rest; the answer must still be transformers' answer.
+#[test]
+fn prefix_cache_hits_match_transformers() {
+    for dir in fixture_models() {
+        let expected = read_expected(&dir.join("expected.json"));
+        let case = expected.cases.iter().max_by_key(|c| c.prompt_ids.len()).expect("cases");
+        let (mut generator, _) = load_cpu_generator(&dir, &EngineOptions::default()).unwrap();
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: case.output_ids.len(),
+            ignore_eos: true,
+            top_logprobs: Some(case.steps[0].top_logprobs.len()),
+            ..SamplingParams::default()
+        };
+        let first = generator.generate(&case.prompt_ids, &params, |_| {}).unwrap();
+        let second = generator.generate(&case.prompt_ids, &params, |_| {}).unwrap();
+        assert_eq!(first.cached_prompt_tokens, 0);
+        // Whole blocks only, and never the last prompt token (its logits are needed).
+        let cacheable = (case.prompt_ids.len() - 1) / 16 * 16;
+        assert_eq!(second.cached_prompt_tokens, cacheable, "{}", dir.display());
+        compare_greedy(
+            case,
+            &second.output_ids,
+            &our_top_logprobs(&second),
+            MIN_MARGIN,
+            LOGPROB_TOL,
+        );
+        assert_eq!(first.output_ids, second.output_ids);
+    }
+}

@@ -70,10 +70,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let t = output.timings;
     let decoded = output.output_ids.len().saturating_sub(1);
     eprintln!(
-        "prompt: {} tokens in {:.3}s ({:.1} tok/s); decode: {} tokens in {:.3}s ({:.1} tok/s); finish: {:?}",
+        "prompt: {} tokens ({} cached) in {:.3}s ({:.1} tok/s); decode: {} tokens in {:.3}s ({:.1} tok/s); finish: {:?}",
         prompt_ids.len(),
+        output.cached_prompt_tokens,
         t.prefill.as_secs_f64(),
-        prompt_ids.len() as f64 / t.prefill.as_secs_f64().max(1e-9),
+        (prompt_ids.len() - output.cached_prompt_tokens) as f64 / t.prefill.as_secs_f64().max(1e-9),
         decoded,
         t.decode.as_secs_f64(),
         decoded as f64 / t.decode.as_secs_f64().max(1e-9),

@@ -8,7 +8,7 @@ use super::sampler::{Sampler, TokenLogprob};
 use super::sampling_params::{InvalidParam, SamplingParams};
 use super::stop::StopMatcher;
 use crate::backend::{Backend, Batch, KvCacheShape};
-use crate::kv::BlockPool;
+use crate::kv::block_manager::{blocks_for, BlockManager};
 use crate::model::forward::Model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -55,6 +55,9 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<StepLogprobs>>,
+    /// Prompt tokens whose K/V came from the prefix cache instead of being computed.
+    #[serde(skip)]
+    pub cached_prompt_tokens: usize,
     #[serde(skip)]
     pub timings: Timings,
 }
@@ -72,7 +75,8 @@ pub struct Generator<B: Backend> {
     pub model: Model<B>,
     pub tokenizer: Tokenizer,
     cache: B::KvCache,
-    blocks: BlockPool,
+    /// Paged blocks with prefix caching: a repeated prompt prefix is not recomputed.
+    blocks: BlockManager,
     /// Token ids that end generation (model eos ids).
     eos_ids: Vec<u32>,
     max_model_len: usize,
@@ -90,7 +94,7 @@ impl<B: Backend> Generator<B> {
         prefill_chunk: usize,
     ) -> Result<Self, crate::backend::BackendError> {
         let c = &model.config;
-        let num_blocks = BlockPool::blocks_for(max_model_len);
+        let num_blocks = blocks_for(max_model_len);
         let cache = model.backend.alloc_kv_cache(KvCacheShape {
             num_layers: c.num_layers,
             num_blocks,
@@ -101,7 +105,7 @@ impl<B: Backend> Generator<B> {
             model,
             tokenizer,
             cache,
-            blocks: BlockPool::new(num_blocks),
+            blocks: BlockManager::new(num_blocks),
             eos_ids,
             max_model_len,
             prefill_chunk: prefill_chunk.max(1),
@@ -128,7 +132,7 @@ impl<B: Backend> Generator<B> {
         self.check_prompt(prompt_ids)?;
         let mut table = Vec::new();
         let result = self.run(prompt_ids, params, &mut table, &mut on_text);
-        self.blocks.release(&mut table);
+        self.blocks.free(&mut table);
         result
     }
 
@@ -158,21 +162,28 @@ impl<B: Backend> Generator<B> {
     ) -> Result<GenerationOutput, GenerateError> {
         let Generator { model, tokenizer, cache, blocks, eos_ids, max_model_len, prefill_chunk } =
             self;
-        // Runs `tokens` (positions `first_pos..`) through the model; logits of the last one.
-        let mut step = |tokens: &[u32], first_pos: usize, table: &mut Vec<u32>, want_logits| {
-            if !blocks.grow(table, first_pos + tokens.len()) {
+        let started = std::time::Instant::now();
+        let allocation = blocks.allocate(prompt_ids).ok_or(GenerateError::OutOfBlocks)?;
+        *table = allocation.block_table;
+        let cached_prompt_tokens = allocation.cached_tokens;
+        // Runs `all[first_pos..]` (the sequence so far is `all`) through the model and
+        // registers the blocks it filled in the prefix cache; logits of the last token.
+        let mut step = |all: &[u32], first_pos: usize, table: &mut Vec<u32>, want_logits| {
+            if !blocks.append_slot(table, all.len()) {
                 return Err(GenerateError::OutOfBlocks);
             }
             let mut batch = Batch::default();
-            batch.push_seq(tokens, first_pos, table, want_logits);
-            Ok(model.forward(&batch, cache))
+            batch.push_seq(&all[first_pos..], first_pos, table, want_logits);
+            let logits = model.forward(&batch, cache);
+            blocks.mark_computed(table, all, all.len());
+            Ok(logits)
         };
-        let started = std::time::Instant::now();
         let mut logits = Vec::new();
-        let chunks = prompt_ids.chunks(*prefill_chunk);
-        let n_chunks = chunks.len();
-        for (i, chunk) in chunks.enumerate() {
-            logits = step(chunk, i * *prefill_chunk, table, i + 1 == n_chunks)?;
+        let mut pos = cached_prompt_tokens;
+        while pos < prompt_ids.len() {
+            let end = (pos + *prefill_chunk).min(prompt_ids.len());
+            logits = step(&prompt_ids[..end], pos, table, end == prompt_ids.len())?;
+            pos = end;
         }
         let prefill = started.elapsed();
         let decode_started = std::time::Instant::now();
@@ -180,6 +191,7 @@ impl<B: Backend> Generator<B> {
         let mut decoder = tokenizer.stream_decoder(true);
         let mut stop = StopMatcher::new(&params.stop);
         let mut output_ids: Vec<u32> = Vec::new();
+        let mut all_tokens = prompt_ids.to_vec();
         let mut text = String::new();
         let mut logprobs = params.top_logprobs.map(|_| Vec::new());
         let mut emit = |s: &str, text: &mut String| {
@@ -212,7 +224,8 @@ impl<B: Backend> Generator<B> {
             if output_ids.len() >= params.max_tokens || context >= *max_model_len {
                 break FinishReason::Length;
             }
-            logits = step(&[id], context - 1, table, true)?;
+            all_tokens.push(id);
+            logits = step(&all_tokens, context - 1, table, true)?;
         };
         let stopped_by_string = finish_reason == FinishReason::Stop
             && !output_ids.last().is_some_and(|id| {
@@ -231,6 +244,7 @@ impl<B: Backend> Generator<B> {
             text,
             finish_reason,
             logprobs,
+            cached_prompt_tokens,
             timings: Timings { prefill, decode: decode_started.elapsed() },
         })
     }

@@ -1,5 +1,6 @@
 //! The paged KV cache's bookkeeping (the storage itself belongs to the backend).
 
-pub mod block_pool;
+pub mod block_manager;
+pub mod prefix_cache;
 
-pub use block_pool::BlockPool;
+pub use block_manager::{Allocation, BlockManager};
