@@ -4,9 +4,9 @@
 
 use serde::Serialize;
 
-use super::sampler::{Sampler, TokenLogprob};
+use super::output::SeqOutput;
+use super::sampler::TokenLogprob;
 use super::sampling_params::{InvalidParam, SamplingParams};
-use super::stop::StopMatcher;
 use crate::backend::{Backend, Batch, KvCacheShape};
 use crate::kv::block_manager::{blocks_for, BlockManager};
 use crate::model::forward::Model;
@@ -187,63 +187,26 @@ impl<B: Backend> Generator<B> {
         }
         let prefill = started.elapsed();
         let decode_started = std::time::Instant::now();
-        let mut sampler = Sampler::new(params.clone());
-        let mut decoder = tokenizer.stream_decoder(true);
-        let mut stop = StopMatcher::new(&params.stop);
-        let mut output_ids: Vec<u32> = Vec::new();
+        let mut out = SeqOutput::new(params);
         let mut all_tokens = prompt_ids.to_vec();
-        let mut text = String::new();
-        let mut logprobs = params.top_logprobs.map(|_| Vec::new());
-        let mut emit = |s: &str, text: &mut String| {
-            if !s.is_empty() {
-                text.push_str(s);
-                on_text(s);
-            }
-        };
         let finish_reason = loop {
-            let sampled = sampler.sample(&mut logits, prompt_ids, &output_ids);
-            let id = sampled.token_id;
-            output_ids.push(id);
-            if let Some(lp) = logprobs.as_mut() {
-                lp.push(StepLogprobs {
-                    token_id: id,
-                    logprob: sampled.logprob,
-                    top_logprobs: sampled.top_logprobs,
-                });
+            let step_result =
+                out.on_logits(tokenizer, eos_ids, &mut logits, prompt_ids, *max_model_len)?;
+            if !step_result.delta.is_empty() {
+                on_text(&step_result.delta);
             }
-            let is_eos = !params.ignore_eos && eos_ids.contains(&id);
-            if is_eos || params.stop_token_ids.contains(&id) {
-                break FinishReason::Stop;
+            if let Some(reason) = step_result.finished {
+                break reason;
             }
-            let outcome = stop.push(&decoder.push(id)?);
-            emit(&outcome.emit, &mut text);
-            if outcome.stopped {
-                break FinishReason::Stop;
-            }
-            let context = prompt_ids.len() + output_ids.len();
-            if output_ids.len() >= params.max_tokens || context >= *max_model_len {
-                break FinishReason::Length;
-            }
-            all_tokens.push(id);
-            logits = step(&all_tokens, context - 1, table, true)?;
+            all_tokens.push(step_result.token_id);
+            logits = step(&all_tokens, all_tokens.len() - 1, table, true)?;
         };
-        let stopped_by_string = finish_reason == FinishReason::Stop
-            && !output_ids.last().is_some_and(|id| {
-                (!params.ignore_eos && eos_ids.contains(id)) || params.stop_token_ids.contains(id)
-            });
-        if !stopped_by_string {
-            let outcome = stop.push(&decoder.finish()?);
-            emit(&outcome.emit, &mut text);
-            if !outcome.stopped {
-                emit(&stop.finish(), &mut text);
-            }
-        }
         Ok(GenerationOutput {
             prompt_ids: prompt_ids.to_vec(),
-            output_ids,
-            text,
+            output_ids: out.output_ids,
+            text: out.text,
             finish_reason,
-            logprobs,
+            logprobs: out.logprobs,
             cached_prompt_tokens,
             timings: Timings { prefill, decode: decode_started.elapsed() },
         })

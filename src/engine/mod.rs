@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod load;
+pub mod output;
 pub mod sampler;
 pub mod sampling_params;
 pub mod stop;

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use chat_template::{strftime, ChatTemplate, RenderOptions};
-pub use stream::IncrementalDecoder;
+pub use stream::{DecodeState, IncrementalDecoder};
 
 /// Why text could not be turned into tokens or back.
 #[derive(Debug, thiserror::Error)]

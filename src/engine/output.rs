@@ -1,0 +1,105 @@
+//! One sequence's output as it grows: sampling from its logits, incremental
+//! detokenization, stop tokens and stop strings, logprobs, and the finish decision.
+//! The same bookkeeping serves a lone request and a sequence in a batch.
+
+use super::generate::{FinishReason, StepLogprobs};
+use super::sampler::Sampler;
+use super::sampling_params::SamplingParams;
+use super::stop::StopMatcher;
+use crate::tokenizer::{DecodeState, Tokenizer, TokenizerError};
+
+/// What one sampled token did to the output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenStep {
+    pub token_id: u32,
+    /// Text that is now final (never part of a UTF-8 character or of a stop string).
+    pub delta: String,
+    /// Set when this token ended the sequence.
+    pub finished: Option<FinishReason>,
+}
+
+pub struct SeqOutput {
+    params: SamplingParams,
+    sampler: Sampler,
+    decoder: DecodeState,
+    stop: StopMatcher,
+    /// Every generated token, including a final eos / stop token.
+    pub output_ids: Vec<u32>,
+    /// The text of `output_ids` without special tokens, cut before a stop string.
+    pub text: String,
+    pub logprobs: Option<Vec<StepLogprobs>>,
+    pub finished: Option<FinishReason>,
+}
+
+impl SeqOutput {
+    pub fn new(params: &SamplingParams) -> Self {
+        SeqOutput {
+            sampler: Sampler::new(params.clone()),
+            decoder: DecodeState::new(true),
+            stop: StopMatcher::new(&params.stop),
+            output_ids: Vec::new(),
+            text: String::new(),
+            logprobs: params.top_logprobs.map(|_| Vec::new()),
+            finished: None,
+            params: params.clone(),
+        }
+    }
+
+    /// Samples the next token from `logits` (`[vocab]`, modified) and decides whether
+    /// the sequence is finished. `context_limit`: the most tokens (prompt + output) the
+    /// sequence may hold.
+    pub fn on_logits(
+        &mut self,
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+        logits: &mut [f32],
+        prompt: &[u32],
+        context_limit: usize,
+    ) -> Result<TokenStep, TokenizerError> {
+        let sampled = self.sampler.sample(logits, prompt, &self.output_ids);
+        let id = sampled.token_id;
+        self.output_ids.push(id);
+        if let Some(lp) = self.logprobs.as_mut() {
+            lp.push(StepLogprobs {
+                token_id: id,
+                logprob: sampled.logprob,
+                top_logprobs: sampled.top_logprobs,
+            });
+        }
+        let params = &self.params;
+        let mut delta = String::new();
+        let finished = if (!params.ignore_eos && eos_ids.contains(&id))
+            || params.stop_token_ids.contains(&id)
+        {
+            self.flush(tokenizer, &mut delta)?;
+            Some(FinishReason::Stop)
+        } else {
+            let outcome = self.stop.push(&self.decoder.push(tokenizer, id)?);
+            delta.push_str(&outcome.emit);
+            if outcome.stopped {
+                Some(FinishReason::Stop) // the held-back text is the stop string: dropped
+            } else if self.output_ids.len() >= params.max_tokens
+                || prompt.len() + self.output_ids.len() >= context_limit
+            {
+                self.flush(tokenizer, &mut delta)?;
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        self.text.push_str(&delta);
+        self.finished = finished;
+        Ok(TokenStep { token_id: id, delta, finished })
+    }
+
+    /// End of stream without a stop string: release what the decoder and the stop
+    /// matcher still hold.
+    fn flush(&mut self, tokenizer: &Tokenizer, delta: &mut String) -> Result<(), TokenizerError> {
+        let outcome = self.stop.push(&self.decoder.finish(tokenizer)?);
+        delta.push_str(&outcome.emit);
+        if !outcome.stopped {
+            delta.push_str(&self.stop.finish());
+        }
+        Ok(())
+    }
+}
