@@ -36,9 +36,17 @@ pub struct EngineArgs {
     /// Longest sequence (prompt + output) admitted; default: the model's limit, at most 8192.
     #[arg(long, value_name = "TOKENS")]
     pub max_model_len: Option<usize>,
-    /// Most prompt tokens processed in one forward step (chunked prefill).
-    #[arg(long, value_name = "TOKENS", default_value_t = 512)]
-    pub prefill_chunk: usize,
+    /// Token budget of one engine step: one per decoding sequence, the rest for prompt
+    /// chunks (chunked prefill).
+    #[arg(long, alias = "prefill-chunk", value_name = "TOKENS", default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// KV cache size in MiB (default: room for --max-num-seqs full-length sequences,
+    /// at most 2048; memory is committed only as blocks are used).
+    #[arg(long, value_name = "MIB")]
+    pub kv_cache_memory: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -47,8 +55,12 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Prompt text, used as given (special tokens written in it are recognised).
-    #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
+    #[arg(long, conflicts_with_all = ["messages", "prompts_file"], required_unless_present_any = ["messages", "prompts_file"])]
     pub prompt: Option<String>,
+    /// JSONL file: one request per line, `{"prompt": ...}` or `{"messages": [...]}` with
+    /// optional sampling fields; all run concurrently, results print in input order.
+    #[arg(long, value_name = "FILE", conflicts_with = "messages")]
+    pub prompts_file: Option<std::path::PathBuf>,
     /// OpenAI-style messages array as JSON; implies --chat.
     #[arg(long, value_name = "JSON")]
     pub messages: Option<String>,
@@ -92,6 +104,17 @@ pub struct GenerateArgs {
     /// Print one JSON object on the last stdout line instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+impl EngineArgs {
+    pub fn engine_options(&self) -> crate::engine::load::EngineOptions {
+        crate::engine::load::EngineOptions {
+            max_model_len: self.max_model_len,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            kv_cache_bytes: self.kv_cache_memory.map(|mib| mib << 20),
+        }
+    }
 }
 
 impl GenerateArgs {

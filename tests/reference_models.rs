@@ -12,17 +12,21 @@
 mod common;
 
 use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected};
-use qilin::engine::load::{load_cpu_generator, EngineOptions};
+use qilin::engine::load::{load_cpu_engine, EngineOptions};
 use qilin::engine::SamplingParams;
 
 const LOGPROB_TOL: f32 = 5e-4;
 const MIN_MARGIN: f32 = 5e-3;
 
-fn check_model(dir: &std::path::Path, prefill_chunk: usize) {
+fn check_model(dir: &std::path::Path, max_num_batched_tokens: usize) {
     let expected = read_expected(&dir.join("expected.json"));
-    let options = EngineOptions { max_model_len: None, prefill_chunk };
+    let options = EngineOptions {
+        max_num_batched_tokens,
+        max_num_seqs: max_num_batched_tokens.min(64),
+        ..EngineOptions::default()
+    };
     let (mut generator, _) =
-        load_cpu_generator(dir, &options).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        load_cpu_engine(dir, &options).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
     for case in &expected.cases {
         if let (Some(messages), Some(prompt)) = (&case.messages, &case.prompt) {
             let rendered = generator.tokenizer.apply_chat_template(messages, true).unwrap();
@@ -75,7 +79,7 @@ fn prefix_cache_hits_match_transformers() {
     for dir in fixture_models() {
         let expected = read_expected(&dir.join("expected.json"));
         let case = expected.cases.iter().max_by_key(|c| c.prompt_ids.len()).expect("cases");
-        let (mut generator, _) = load_cpu_generator(&dir, &EngineOptions::default()).unwrap();
+        let (mut generator, _) = load_cpu_engine(&dir, &EngineOptions::default()).unwrap();
         let params = SamplingParams {
             temperature: 0.0,
             max_tokens: case.output_ids.len(),

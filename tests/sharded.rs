@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use qilin::engine::load::{load_cpu_generator, EngineOptions};
+use qilin::engine::load::{load_cpu_engine, EngineOptions};
 use qilin::engine::SamplingParams;
 use safetensors::SafeTensors;
 
@@ -48,7 +48,7 @@ fn sharded_checkpoint_generates_like_the_single_file() {
     };
     let prompt = [5u32, 17, 42, 99, 7];
     let run = |dir: &std::path::Path| {
-        let (mut g, _) = load_cpu_generator(dir, &EngineOptions::default()).unwrap();
+        let (mut g, _) = load_cpu_engine(dir, &EngineOptions::default()).unwrap();
         g.generate(&prompt, &params, |_| {}).unwrap()
     };
     let (a, b) = (run(&source), run(tmp.path()));
@@ -57,7 +57,7 @@ fn sharded_checkpoint_generates_like_the_single_file() {
 
     // A shard the index names but the directory lacks is an error naming it.
     std::fs::remove_file(tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let err = match load_cpu_generator(tmp.path(), &EngineOptions::default()) {
+    let err = match load_cpu_engine(tmp.path(), &EngineOptions::default()) {
         Ok(_) => panic!("loaded without a shard"),
         Err(e) => format!("{e:#}"),
     };

@@ -12,7 +12,7 @@ mod common;
 use std::process::Command;
 
 use common::{compare_greedy, manifest_dir, our_top_logprobs, read_expected, smollm2_gguf};
-use qilin::engine::load::{load_cpu_generator, EngineOptions};
+use qilin::engine::load::{load_cpu_engine, EngineOptions};
 use qilin::engine::{FinishReason, SamplingParams};
 
 const LOGPROB_TOL: f32 = 1e-3;
@@ -22,7 +22,7 @@ const MIN_MARGIN: f32 = 1e-2;
 fn chat_prompts_match_transformers() {
     let expected = read_expected(&manifest_dir().join("tests/fixtures/smollm2/expected.json"));
     let (mut generator, _) =
-        load_cpu_generator(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
+        load_cpu_engine(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
     for case in &expected.cases {
         let prompt = case.prompt.as_ref().expect("SmolLM2 cases are text prompts");
         if let Some(messages) = &case.messages {
@@ -89,7 +89,7 @@ fn cli_answers_the_capital_of_france() {
 #[test]
 fn same_seed_gives_the_same_sample() {
     let (mut generator, _) =
-        load_cpu_generator(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
+        load_cpu_engine(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
     let ids = generator.tokenizer.encode("Once upon a time", true).unwrap();
     let params = SamplingParams {
         temperature: 1.0,
@@ -111,7 +111,7 @@ fn same_seed_gives_the_same_sample() {
 #[test]
 fn stop_string_cuts_the_text_and_streams_agree() {
     let (mut generator, _) =
-        load_cpu_generator(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
+        load_cpu_engine(&smollm2_gguf(), &EngineOptions::default()).expect("load SmolLM2");
     let messages = vec![qilin::tokenizer::ChatMessage {
         role: "user".into(),
         content: "What is the capital of France?".into(),

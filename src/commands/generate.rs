@@ -1,13 +1,16 @@
-//! `qilin generate`: one prompt through the engine, streamed to stdout or as JSON.
+//! `qilin generate`: one prompt (streamed to stdout, or as JSON) or a JSONL file of
+//! prompts run concurrently through the engine.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 
 use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::GenerateArgs;
-use crate::engine::load::{load_cpu_generator, EngineOptions};
-use crate::tokenizer::ChatMessage;
+use crate::engine::load::load_cpu_engine;
+use crate::engine::{GenerationOutput, SamplingParams};
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if let Some(n) = args.engine.threads {
@@ -19,23 +22,30 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             .build_global()
             .context("setting up the worker threads")?;
     }
-    let options = EngineOptions {
-        max_model_len: args.engine.max_model_len,
-        prefill_chunk: args.engine.prefill_chunk,
-    };
     // Load errors already name the file and the problem.
-    let (mut generator, defaults) = load_cpu_generator(&args.engine.model, &options)?;
+    let (mut engine, defaults) =
+        load_cpu_engine(&args.engine.model, &args.engine.engine_options())?;
     let params = args.sampling_params(&defaults);
     params.validate()?;
+    if let Some(file) = &args.prompts_file {
+        let requests = read_prompts_file(file, &engine.tokenizer, &params)?;
+        let outputs = engine.run_all(&requests, |_, _| {})?;
+        let mut stdout = std::io::stdout().lock();
+        for output in &outputs {
+            writeln!(stdout, "{}", output_json(output))?;
+        }
+        return Ok(());
+    }
 
-    let tokenizer = &generator.tokenizer;
+    let tokenizer = &engine.tokenizer;
     let prompt_ids = if let Some(messages) = &args.messages {
-        let mut messages = parse_messages(messages)?;
+        let mut messages = parse_messages(
+            &serde_json::from_str(messages).context("--messages is not valid JSON")?,
+        )?;
         if let Some(system) = &args.system {
             messages.insert(0, ChatMessage { role: "system".into(), content: system.clone() });
         }
-        let text = tokenizer.apply_chat_template(&messages, true)?;
-        tokenizer.encode(&text, false)?
+        chat_prompt(tokenizer, &messages)?
     } else {
         let prompt = args.prompt.as_deref().unwrap_or_default();
         if args.chat {
@@ -44,8 +54,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
                 messages.push(ChatMessage { role: "system".into(), content: system.clone() });
             }
             messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
-            let text = tokenizer.apply_chat_template(&messages, true)?;
-            tokenizer.encode(&text, false)?
+            chat_prompt(tokenizer, &messages)?
         } else {
             if args.system.is_some() {
                 bail!("--system needs --chat or --messages");
@@ -56,7 +65,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::stdout();
     let stream = !args.json;
-    let output = generator.generate(&prompt_ids, &params, |delta| {
+    let output = engine.generate(&prompt_ids, &params, |delta| {
         if stream {
             let mut out = stdout.lock();
             // A closed pipe (`| head`) is not worth a panic; the text is in the result.
@@ -69,40 +78,116 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let t = output.timings;
     let decoded = output.output_ids.len().saturating_sub(1);
+    let computed = prompt_ids.len() - output.cached_prompt_tokens;
     eprintln!(
         "prompt: {} tokens ({} cached) in {:.3}s ({:.1} tok/s); decode: {} tokens in {:.3}s ({:.1} tok/s); finish: {:?}",
         prompt_ids.len(),
         output.cached_prompt_tokens,
         t.prefill.as_secs_f64(),
-        (prompt_ids.len() - output.cached_prompt_tokens) as f64 / t.prefill.as_secs_f64().max(1e-9),
+        computed as f64 / t.prefill.as_secs_f64().max(1e-9),
         decoded,
         t.decode.as_secs_f64(),
         decoded as f64 / t.decode.as_secs_f64().max(1e-9),
         output.finish_reason,
     );
     if args.json {
-        let mut obj = json!({
-            "prompt_ids": output.prompt_ids,
-            "output_ids": output.output_ids,
-            "text": output.text,
-            "finish_reason": output.finish_reason,
-        });
-        if let Some(steps) = &output.logprobs {
-            obj["logprobs"] = steps.iter().map(|s| json!(s.top_logprobs)).collect();
-        }
-        println!("{obj}");
+        println!("{}", output_json(&output));
     }
     Ok(())
 }
 
+fn chat_prompt(tokenizer: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+    let text = tokenizer.apply_chat_template(messages, true)?;
+    Ok(tokenizer.encode(&text, false)?)
+}
+
+/// The `--json` object: prompt_ids, output_ids, text, finish_reason, and per generated
+/// token the top-K `{"token_id", "logprob"}` when logprobs were asked for.
+fn output_json(output: &GenerationOutput) -> Value {
+    let mut obj = json!({
+        "prompt_ids": output.prompt_ids,
+        "output_ids": output.output_ids,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+    });
+    if let Some(steps) = &output.logprobs {
+        obj["logprobs"] = steps.iter().map(|s| json!(s.top_logprobs)).collect();
+    }
+    obj
+}
+
+/// One line of a `--prompts-file`: a prompt or messages, and sampling overrides.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptLine {
+    prompt: Option<String>,
+    messages: Option<Value>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+    ignore_eos: Option<bool>,
+    top_logprobs: Option<usize>,
+}
+
+fn read_prompts_file(
+    path: &std::path::Path,
+    tokenizer: &Tokenizer,
+    base: &SamplingParams,
+) -> anyhow::Result<Vec<(Vec<u32>, SamplingParams)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut requests = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("{}: line {}", path.display(), n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}: line {}", path.display(), n + 1);
+        let req: PromptLine = serde_json::from_str(&line).with_context(at)?;
+        let ids = match (&req.prompt, &req.messages) {
+            (Some(p), None) => tokenizer.encode(p, true).with_context(at)?,
+            (None, Some(m)) => {
+                chat_prompt(tokenizer, &parse_messages(m).with_context(at)?).with_context(at)?
+            }
+            _ => bail!("{}: exactly one of `prompt` and `messages` is required", at()),
+        };
+        let p = SamplingParams {
+            max_tokens: req.max_tokens.unwrap_or(base.max_tokens),
+            temperature: req.temperature.unwrap_or(base.temperature),
+            top_p: req.top_p.unwrap_or(base.top_p),
+            top_k: req.top_k.unwrap_or(base.top_k),
+            min_p: req.min_p.unwrap_or(base.min_p),
+            repetition_penalty: req.repetition_penalty.unwrap_or(base.repetition_penalty),
+            presence_penalty: req.presence_penalty.unwrap_or(base.presence_penalty),
+            frequency_penalty: req.frequency_penalty.unwrap_or(base.frequency_penalty),
+            seed: req.seed.or(base.seed),
+            stop: req.stop.unwrap_or_else(|| base.stop.clone()),
+            ignore_eos: req.ignore_eos.unwrap_or(base.ignore_eos),
+            top_logprobs: req.top_logprobs.or(base.top_logprobs),
+            stop_token_ids: base.stop_token_ids.clone(),
+        };
+        p.validate().with_context(at)?;
+        requests.push((ids, p));
+    }
+    if requests.is_empty() {
+        bail!("{}: no requests in the file", path.display());
+    }
+    Ok(requests)
+}
+
 /// An OpenAI messages array: `content` is a string or an array of text parts.
-pub fn parse_messages(text: &str) -> anyhow::Result<Vec<ChatMessage>> {
-    let value: Value = serde_json::from_str(text).context("--messages is not valid JSON")?;
+pub fn parse_messages(value: &Value) -> anyhow::Result<Vec<ChatMessage>> {
     let Some(items) = value.as_array() else {
-        bail!("--messages must be a JSON array of {{\"role\", \"content\"}} objects");
+        bail!("messages must be a JSON array of {{\"role\", \"content\"}} objects");
     };
     if items.is_empty() {
-        bail!("--messages is empty");
+        bail!("messages is empty");
     }
     items
         .iter()

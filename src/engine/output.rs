@@ -2,11 +2,55 @@
 //! detokenization, stop tokens and stop strings, logprobs, and the finish decision.
 //! The same bookkeeping serves a lone request and a sequence in a batch.
 
-use super::generate::{FinishReason, StepLogprobs};
-use super::sampler::Sampler;
+use serde::Serialize;
+
+use super::sampler::{Sampler, TokenLogprob};
 use super::sampling_params::SamplingParams;
 use super::stop::StopMatcher;
 use crate::tokenizer::{DecodeState, Tokenizer, TokenizerError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An eos / stop token or a stop string.
+    Stop,
+    /// max_tokens or the context limit.
+    Length,
+}
+
+/// The sampled token of one step with its logprob and the top alternatives.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepLogprobs {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GenerationOutput {
+    pub prompt_ids: Vec<u32>,
+    /// Every generated token, including a final eos / stop token.
+    pub output_ids: Vec<u32>,
+    /// The text of `output_ids` without special tokens, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<StepLogprobs>>,
+    /// Prompt tokens whose K/V came from the prefix cache instead of being computed.
+    #[serde(skip)]
+    pub cached_prompt_tokens: usize,
+    #[serde(skip)]
+    pub timings: Timings,
+}
+
+/// Wall time of the two phases of a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Prompt processing up to the first sampled token.
+    pub prefill: std::time::Duration,
+    /// Every later forward step.
+    pub decode: std::time::Duration,
+}
 
 /// What one sampled token did to the output.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,260 @@
+//! The engine loop over many sequences: schedule -> build the batch -> one forward
+//! step -> sample each sequence that produced logits -> emit events. One owner (the
+//! engine thread, or a caller driving `step`) holds model, KV cache and scheduler.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::output::{FinishReason, GenerationOutput, SeqOutput, Timings, TokenStep};
+use super::runner::build_batch;
+use super::sampling_params::InvalidParam;
+use super::sampling_params::SamplingParams;
+use super::scheduler::{Scheduler, SchedulerConfig};
+use super::sequence::{SeqId, Sequence};
+use crate::backend::{Backend, BackendError, KvCacheShape};
+use crate::kv::BlockManager;
+use crate::model::forward::Model;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the prompt has {prompt} tokens; this server admits at most {max} (--max-model-len)")]
+    PromptTooLong { prompt: usize, max: usize },
+    #[error(transparent)]
+    InvalidParam(#[from] InvalidParam),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("the engine stopped making progress before every request finished")]
+    Stalled,
+    #[error("request rejected: {0}")]
+    Rejected(String),
+}
+
+/// What a step did for one sequence.
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// A token was sampled; `step.delta` is the text that became final with it.
+    Token { seq: SeqId, step: TokenStep },
+    /// The sequence ended (its last token was reported just before).
+    Finished { seq: SeqId, output: Box<GenerationOutput> },
+}
+
+struct SeqState {
+    output: SeqOutput,
+    prompt: Vec<u32>,
+    added: Instant,
+    first_token: Option<Instant>,
+    cached_prompt_tokens: Option<usize>,
+}
+
+pub struct Engine<B: Backend> {
+    pub model: Model<B>,
+    pub tokenizer: Tokenizer,
+    cache: B::KvCache,
+    scheduler: Scheduler,
+    states: HashMap<SeqId, SeqState>,
+    eos_ids: Vec<u32>,
+    max_model_len: usize,
+    next_id: SeqId,
+}
+
+impl<B: Backend> Engine<B> {
+    /// `num_blocks` KV blocks of `BLOCK_SIZE` tokens are allocated up front.
+    pub fn new(
+        model: Model<B>,
+        tokenizer: Tokenizer,
+        eos_ids: Vec<u32>,
+        config: SchedulerConfig,
+        num_blocks: usize,
+    ) -> Result<Self, BackendError> {
+        let c = &model.config;
+        let cache = model.backend.alloc_kv_cache(KvCacheShape {
+            num_layers: c.num_layers,
+            num_blocks,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        })?;
+        let max_model_len = config.max_model_len;
+        Ok(Engine {
+            model,
+            tokenizer,
+            cache,
+            scheduler: Scheduler::new(config, BlockManager::new(num_blocks)),
+            states: HashMap::new(),
+            eos_ids,
+            max_model_len,
+            next_id: 0,
+        })
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Queues a request; errors are the caller's (bad prompt, bad parameters, too long).
+    pub fn add_request(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+    ) -> Result<SeqId, GenerateError> {
+        params.validate()?;
+        if prompt_ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
+        if prompt_ids.len() >= self.max_model_len {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt_ids.len(),
+                max: self.max_model_len - 1,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.scheduler
+            .add(Sequence::new(id, prompt_ids.to_vec(), params.max_tokens))
+            .map_err(|e| GenerateError::Rejected(e.to_string()))?;
+        self.states.insert(
+            id,
+            SeqState {
+                output: SeqOutput::new(params),
+                prompt: prompt_ids.to_vec(),
+                added: Instant::now(),
+                first_token: None,
+                cached_prompt_tokens: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Drops a sequence (client gone); its blocks are free for the next step.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.states.remove(&id);
+        self.scheduler.abort(id)
+    }
+
+    /// One engine step. Returns the events of every sequence that advanced.
+    pub fn step(&mut self) -> Result<Vec<EngineEvent>, GenerateError> {
+        let plan = self.scheduler.schedule();
+        let mut events = Vec::new();
+        if plan.chunks.is_empty() {
+            return Ok(events);
+        }
+        for chunk in &plan.chunks {
+            if let Some(state) = self.states.get_mut(&chunk.seq) {
+                state.cached_prompt_tokens.get_or_insert(chunk.first_pos);
+            }
+        }
+        let batch = build_batch(&plan, &self.scheduler);
+        let mut logits = self.model.forward(&batch, &mut self.cache);
+        let vocab = self.model.config.vocab_size;
+        let mut sampled = Vec::new();
+        let mut finished = Vec::new();
+        let wanting = plan.chunks.iter().filter(|c| c.want_logits);
+        for (chunk, row) in wanting.zip(logits.chunks_mut(vocab)) {
+            let Some(state) = self.states.get_mut(&chunk.seq) else { continue };
+            let step = state.output.on_logits(
+                &self.tokenizer,
+                &self.eos_ids,
+                row,
+                &state.prompt,
+                self.max_model_len,
+            )?;
+            state.first_token.get_or_insert_with(Instant::now);
+            sampled.push((chunk.seq, step.token_id));
+            if step.finished.is_some() {
+                finished.push(chunk.seq);
+            }
+            events.push(EngineEvent::Token { seq: chunk.seq, step });
+        }
+        self.scheduler.complete_step(&plan, &sampled);
+        for seq in finished {
+            self.scheduler.finish(seq);
+            if let Some(state) = self.states.remove(&seq) {
+                events.push(EngineEvent::Finished { seq, output: Box::new(state.into_output()) });
+            }
+        }
+        Ok(events)
+    }
+
+    /// Runs one request alone to completion; `on_text` receives each text delta as
+    /// soon as it is final (never a partial UTF-8 character or a partial stop string).
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerationOutput, GenerateError> {
+        let request = [(prompt_ids.to_vec(), params.clone())];
+        let mut outputs = self.run_all(&request, |_, event| {
+            if let EngineEvent::Token { step, .. } = event {
+                if !step.delta.is_empty() {
+                    on_text(&step.delta);
+                }
+            }
+        })?;
+        outputs.pop().ok_or(GenerateError::Stalled)
+    }
+
+    /// Runs requests concurrently to completion; outputs in input order. `on_event`
+    /// sees every event as it happens (request index, event).
+    pub fn run_all(
+        &mut self,
+        requests: &[(Vec<u32>, SamplingParams)],
+        mut on_event: impl FnMut(usize, &EngineEvent),
+    ) -> Result<Vec<GenerationOutput>, GenerateError> {
+        let mut index = HashMap::new();
+        for (i, (prompt, params)) in requests.iter().enumerate() {
+            index.insert(self.add_request(prompt, params)?, i);
+        }
+        let mut outputs: Vec<Option<GenerationOutput>> = vec![None; requests.len()];
+        while outputs.iter().any(Option::is_none) {
+            let events = self.step()?;
+            if events.is_empty() && !self.has_work() {
+                break;
+            }
+            for event in events {
+                let (seq, done) = match &event {
+                    EngineEvent::Token { seq, .. } => (*seq, None),
+                    EngineEvent::Finished { seq, output } => (*seq, Some(output.as_ref().clone())),
+                };
+                let Some(&i) = index.get(&seq) else { continue };
+                on_event(i, &event);
+                if let Some(output) = done {
+                    outputs[i] = Some(output);
+                }
+            }
+        }
+        outputs.into_iter().map(|o| o.ok_or(GenerateError::Stalled)).collect()
+    }
+}
+
+impl SeqState {
+    fn into_output(self) -> GenerationOutput {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        GenerationOutput {
+            finish_reason: self.output.finished.unwrap_or(FinishReason::Length),
+            prompt_ids: self.prompt,
+            output_ids: self.output.output_ids,
+            text: self.output.text,
+            logprobs: self.output.logprobs,
+            cached_prompt_tokens: self.cached_prompt_tokens.unwrap_or(0),
+            timings: Timings { prefill: first - self.added, decode: now - first },
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Continuous batching against transformers: all of a fixture model's cases run
+//! concurrently through one engine (mixed prefill chunks and decodes in the same
+//! steps) and each must still give transformers' greedy answer. Same tolerances as
+//! tests/reference_models.rs, for the same reasons.
+
+mod common;
+
+use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected, Case};
+use qilin::engine::load::{load_cpu_engine, EngineOptions};
+use qilin::engine::SamplingParams;
+use qilin::model::ModelConfig;
+
+const LOGPROB_TOL: f32 = 5e-4;
+const MIN_MARGIN: f32 = 5e-3;
+
+fn greedy(case: &Case) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens: case.output_ids.len(),
+        ignore_eos: true,
+        top_logprobs: Some(case.steps[0].top_logprobs.len()),
+        ..SamplingParams::default()
+    }
+}
+
+fn run_concurrently(options_for: impl Fn(&ModelConfig) -> EngineOptions) -> u64 {
+    let mut preemptions = 0;
+    for dir in fixture_models() {
+        let expected = read_expected(&dir.join("expected.json"));
+        let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        let (mut engine, _) = load_cpu_engine(&dir, &options_for(&config)).unwrap();
+        let requests: Vec<_> =
+            expected.cases.iter().map(|c| (c.prompt_ids.clone(), greedy(c))).collect();
+        let outputs = engine.run_all(&requests, |_, _| {}).unwrap();
+        for (case, out) in expected.cases.iter().zip(&outputs) {
+            compare_greedy(case, &out.output_ids, &our_top_logprobs(out), MIN_MARGIN, LOGPROB_TOL);
+        }
+        preemptions += engine.scheduler().num_preemptions();
+        let blocks = engine.scheduler().blocks();
+        assert_eq!(blocks.num_free_blocks(), blocks.num_blocks(), "every block is back");
+    }
+    preemptions
+}
+
+#[test]
+fn concurrent_requests_match_transformers() {
+    run_concurrently(|_| EngineOptions::default());
+}
+
+/// A 9-token step budget: long prompts are split into many chunks that share steps
+/// with other sequences' decodes.
+#[test]
+fn small_step_budget_chunks_prefill_without_changing_outputs() {
+    run_concurrently(|_| EngineOptions {
+        max_num_batched_tokens: 9,
+        max_num_seqs: 4,
+        ..EngineOptions::default()
+    });
+}
+
+/// A KV pool that holds barely one long sequence: sequences are preempted and
+/// recomputed, and the outputs stay transformers'.
+#[test]
+fn preemption_by_recompute_keeps_outputs() {
+    let preemptions = run_concurrently(|c| {
+        // f32 K and V of every layer for one block of 16 tokens.
+        let block_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 16;
+        EngineOptions {
+            max_model_len: Some(192),
+            // 12 blocks = 192 tokens: one long case fits, all of them at once do not.
+            kv_cache_bytes: Some(12 * block_bytes),
+            ..EngineOptions::default()
+        }
+    });
+    assert!(preemptions > 0, "the tiny pool should have forced preemptions");
+}
