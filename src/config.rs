@@ -20,8 +20,42 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Generate a completion for one prompt.
+    /// Generate a completion for one prompt, or for every line of a prompts file.
     Generate(GenerateArgs),
+    /// Measure the engine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Offline throughput: random prompts, all submitted at once (vLLM's random dataset).
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub num_prompts: usize,
+    /// Prompt length in tokens.
+    #[arg(long, value_name = "L", default_value = "128", conflicts_with = "random_input_range")]
+    pub input_len: crate::bench::throughput::LenRange,
+    /// Prompt lengths drawn uniformly from A:B.
+    #[arg(long, value_name = "A:B")]
+    pub random_input_range: Option<crate::bench::throughput::LenRange>,
+    /// Output length in tokens (eos is ignored).
+    #[arg(long, value_name = "L", default_value = "128", conflicts_with = "random_output_range")]
+    pub output_len: crate::bench::throughput::LenRange,
+    /// Output lengths drawn uniformly from A:B.
+    #[arg(long, value_name = "A:B")]
+    pub random_output_range: Option<crate::bench::throughput::LenRange>,
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Engine settings shared by every command that loads a model.

@@ -1,6 +1,7 @@
 //! Qilin: a private LLM inference engine. See README.md for the map.
 
 pub mod backend;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod engine;

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use qilin::commands;
-use qilin::config::{Cli, Command};
+use qilin::config::{BenchCommand, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
+        Command::Bench(BenchCommand::Throughput(args)) => commands::bench::throughput(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -91,3 +91,92 @@ fn bad_input_is_a_clear_error() {
     let o = qilin(&["generate", "--model", "/no/such/model", "--prompt", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("/no/such/model"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_throughput_reports_what_it_ran() {
+    let model = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let o = qilin(&[
+        "bench",
+        "throughput",
+        "--model",
+        &model,
+        "--num-prompts",
+        "3",
+        "--input-len",
+        "8",
+        "--random-output-range",
+        "4:4",
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("output tokens/s"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["num_requests"], 3);
+    assert_eq!(json["prompt_tokens"], 24);
+    assert_eq!(json["output_tokens"], 12);
+    assert!(json["output_tokens_per_s"].as_f64().is_some_and(|v| v > 0.0));
+
+    let o = qilin(&["bench", "throughput", "--model", &model, "--input-len", "9:3"]);
+    assert!(!o.status.success() && stderr(&o).contains("A <= B"), "{}", stderr(&o));
+}
+
+#[test]
+fn prompts_file_results_come_back_in_input_order() {
+    let model = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"Hello there\", \"max_tokens\": 3}\n\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 5, \"ignore_eos\": true}\n\
+         {\"prompt\": \"x\", \"max_tokens\": 1, \"top_logprobs\": 2}\n",
+    )
+    .unwrap();
+    let o = qilin(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompts-file",
+        file.to_str().unwrap(),
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    // Each result answers its own line: compare with that prompt run alone.
+    let alone = qilin(&[
+        "generate",
+        "--model",
+        &model,
+        "--chat",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let alone: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&alone.stdout).lines().last().unwrap())
+            .unwrap();
+    assert_eq!(lines[1]["prompt_ids"], alone["prompt_ids"]);
+    assert_eq!(lines[1]["output_ids"], alone["output_ids"]);
+    assert_eq!(lines[2]["logprobs"].as_array().map(Vec::len), Some(1));
+
+    std::fs::write(&file, "{\"prompt\": \"x\", \"temprature\": 0}\n").unwrap();
+    let o = qilin(&["generate", "--model", &model, "--prompts-file", file.to_str().unwrap()]);
+    assert!(!o.status.success(), "a misspelt field must not be ignored");
+    let err = stderr(&o);
+    assert!(err.contains("line 1") && err.contains("temprature"), "{err}");
+}

@@ -13,15 +13,7 @@ use crate::engine::{GenerationOutput, SamplingParams};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.engine.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up the worker threads")?;
-    }
+    super::set_threads(args.engine.threads)?;
     // Load errors already name the file and the problem.
     let (mut engine, defaults) =
         load_cpu_engine(&args.engine.model, &args.engine.engine_options())?;

@@ -1,0 +1,3 @@
+//! `qilin bench`: end-to-end measurements of the engine.
+
+pub mod throughput;

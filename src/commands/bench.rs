@@ -1,0 +1,32 @@
+//! `qilin bench ...`: load the engine, run a measurement, print the report.
+
+use anyhow::Context;
+
+use crate::backend::Backend;
+use crate::bench::throughput;
+use crate::config::ThroughputArgs;
+use crate::engine::load::load_cpu_engine;
+
+pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
+    super::set_threads(args.engine.threads)?;
+    let (mut engine, _) = load_cpu_engine(&args.engine.model, &args.engine.engine_options())?;
+    let input = args.random_input_range.unwrap_or(args.input_len);
+    let output = args.random_output_range.unwrap_or(args.output_len);
+    let report = throughput::run(&mut engine, args.num_prompts, input, output, args.seed)?;
+    println!(
+        "Throughput: {:.2} requests/s, {:.1} output tokens/s, {:.1} total tokens/s ({} requests, {} prompt + {} output tokens in {:.2}s, backend {})",
+        report.requests_per_s,
+        report.output_tokens_per_s,
+        report.total_tokens_per_s,
+        report.num_requests,
+        report.prompt_tokens,
+        report.output_tokens,
+        report.elapsed_s,
+        engine.model.backend.name(),
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
