@@ -5,6 +5,7 @@
 //! logits into tokens, text and a finish reason.
 
 pub mod batch_engine;
+pub mod handle;
 pub mod load;
 pub mod output;
 pub mod runner;
@@ -15,5 +16,6 @@ pub mod sequence;
 pub mod stop;
 
 pub use batch_engine::{Engine, EngineEvent, GenerateError};
+pub use handle::{EngineHandle, EngineStats, RequestEvent};
 pub use output::{FinishReason, GenerationOutput, StepLogprobs, Timings};
 pub use sampling_params::SamplingParams;
