@@ -9,7 +9,13 @@ use qilin::engine::load::{load_cpu_engine, EngineOptions};
 use qilin::engine::{EngineHandle, RequestEvent, SamplingParams};
 
 fn params(max_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        top_logprobs: Some(2),
+        ..SamplingParams::default()
+    }
 }
 
 #[test]
@@ -33,11 +39,16 @@ fn concurrent_submitters_get_what_they_would_get_alone() {
                 s.spawn(move || {
                     let (_, events) = handle.submit(p.clone(), params(12)).unwrap().unwrap();
                     let mut streamed = Vec::new();
+                    let mut streamed_logprobs = Vec::new();
                     for event in events {
                         match event {
-                            RequestEvent::Token(step) => streamed.push(step.token_id),
+                            RequestEvent::Token(step) => {
+                                streamed.push(step.token_id);
+                                streamed_logprobs.extend(step.logprobs);
+                            }
                             RequestEvent::Finished(out) => {
                                 assert_eq!(out.output_ids, streamed, "events and result agree");
+                                assert_eq!(out.logprobs, Some(streamed_logprobs));
                                 return out.output_ids;
                             }
                             RequestEvent::Failed(e) => panic!("{e}"),

@@ -60,6 +60,8 @@ pub struct TokenStep {
     pub delta: String,
     /// Set when this token ended the sequence.
     pub finished: Option<FinishReason>,
+    /// The token's logprob and top alternatives, when the request asked for them.
+    pub logprobs: Option<StepLogprobs>,
 }
 
 pub struct SeqOutput {
@@ -133,7 +135,8 @@ impl SeqOutput {
         };
         self.text.push_str(&delta);
         self.finished = finished;
-        Ok(TokenStep { token_id: id, delta, finished })
+        let logprobs = self.logprobs.as_ref().and_then(|l| l.last().cloned());
+        Ok(TokenStep { token_id: id, delta, finished, logprobs })
     }
 
     /// End of stream without a stop string: release what the decoder and the stop
