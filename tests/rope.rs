@@ -48,6 +48,7 @@ fn qwen25_yarn_128k_has_the_documented_scaling() {
     let config = ModelConfig::from_hf_json(&json).unwrap();
     let (_, factor) = config.rope.inv_freq(config.head_dim);
     assert!((factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+    assert_eq!(config.max_context(), 131072, "YaRN stretches the 32K window to 128K");
     assert!(config.attention_bias, "Qwen2 always has Q/K/V bias");
 }
 

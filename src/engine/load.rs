@@ -50,7 +50,7 @@ pub fn load_cpu_engine(
     let loaded = load_model(path)?;
     let backend = CpuBackend::new();
     let weights = ModelWeights::load(&backend, &loaded)?;
-    let model_limit = loaded.config.max_position_embeddings;
+    let model_limit = loaded.config.max_context();
     let max_model_len = match options.max_model_len {
         Some(n) if n > model_limit => anyhow::bail!(
             "--max-model-len {n} exceeds the model's limit of {model_limit} tokens ({})",

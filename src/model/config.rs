@@ -148,6 +148,22 @@ pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
 }
 
 impl ModelConfig {
+    /// The longest context the model supports: `max_position_embeddings`, stretched by
+    /// YaRN (original window x factor: Qwen2.5's 32768 x 4 = 131072) or linear
+    /// scaling, as vLLM derives it.
+    pub fn max_context(&self) -> usize {
+        let scaled = match &self.rope.scaling {
+            RopeScaling::Yarn { factor, original_max_position_embeddings, .. } => {
+                (*original_max_position_embeddings as f64 * factor) as usize
+            }
+            RopeScaling::Linear { factor } => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            RopeScaling::None | RopeScaling::Llama3 { .. } => 0,
+        };
+        self.max_position_embeddings.max(scaled)
+    }
+
     /// Reads `config.json` of a Hugging Face model directory.
     pub fn from_hf_file(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
