@@ -5,23 +5,12 @@
 
 mod common;
 
-use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected, Case};
+use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected};
 use qilin::engine::load::{load_cpu_engine, EngineOptions};
-use qilin::engine::SamplingParams;
 use qilin::model::ModelConfig;
 
 const LOGPROB_TOL: f32 = 5e-4;
 const MIN_MARGIN: f32 = 5e-3;
-
-fn greedy(case: &Case) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        max_tokens: case.output_ids.len(),
-        ignore_eos: true,
-        top_logprobs: Some(case.steps[0].top_logprobs.len()),
-        ..SamplingParams::default()
-    }
-}
 
 fn run_concurrently(options_for: impl Fn(&ModelConfig) -> EngineOptions) -> u64 {
     let mut preemptions = 0;
@@ -30,7 +19,7 @@ fn run_concurrently(options_for: impl Fn(&ModelConfig) -> EngineOptions) -> u64 
         let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
         let (mut engine, _) = load_cpu_engine(&dir, &options_for(&config)).unwrap();
         let requests: Vec<_> =
-            expected.cases.iter().map(|c| (c.prompt_ids.clone(), greedy(c))).collect();
+            expected.cases.iter().map(|c| (c.prompt_ids.clone(), c.replay_params())).collect();
         let outputs = engine.run_all(&requests, |_, _| {}).unwrap();
         for (case, out) in expected.cases.iter().zip(&outputs) {
             compare_greedy(case, &out.output_ids, &our_top_logprobs(out), MIN_MARGIN, LOGPROB_TOL);

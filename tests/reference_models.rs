@@ -13,7 +13,6 @@ mod common;
 
 use common::{compare_greedy, fixture_models, our_top_logprobs, read_expected};
 use qilin::engine::load::{load_cpu_engine, EngineOptions};
-use qilin::engine::SamplingParams;
 
 const LOGPROB_TOL: f32 = 5e-4;
 const MIN_MARGIN: f32 = 5e-3;
@@ -36,13 +35,7 @@ fn check_model(dir: &std::path::Path, max_num_batched_tokens: usize) {
             let ids = generator.tokenizer.encode(prompt, case.add_special_tokens).expect("encode");
             assert_eq!(ids, case.prompt_ids, "{}: tokenization of the prompt", case.name);
         }
-        let params = SamplingParams {
-            temperature: 0.0,
-            max_tokens: case.output_ids.len(),
-            ignore_eos: true,
-            top_logprobs: Some(case.steps[0].top_logprobs.len()),
-            ..SamplingParams::default()
-        };
+        let params = case.replay_params();
         let out = generator.generate(&case.prompt_ids, &params, |_| {}).expect("generate");
         let top = our_top_logprobs(&out);
         let cmp = compare_greedy(case, &out.output_ids, &top, MIN_MARGIN, LOGPROB_TOL);
@@ -80,13 +73,7 @@ fn prefix_cache_hits_match_transformers() {
         let expected = read_expected(&dir.join("expected.json"));
         let case = expected.cases.iter().max_by_key(|c| c.prompt_ids.len()).expect("cases");
         let (mut generator, _) = load_cpu_engine(&dir, &EngineOptions::default()).unwrap();
-        let params = SamplingParams {
-            temperature: 0.0,
-            max_tokens: case.output_ids.len(),
-            ignore_eos: true,
-            top_logprobs: Some(case.steps[0].top_logprobs.len()),
-            ..SamplingParams::default()
-        };
+        let params = case.replay_params();
         let first = generator.generate(&case.prompt_ids, &params, |_| {}).unwrap();
         let second = generator.generate(&case.prompt_ids, &params, |_| {}).unwrap();
         assert_eq!(first.cached_prompt_tokens, 0);

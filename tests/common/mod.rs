@@ -95,6 +95,20 @@ pub struct RefLogprob {
     pub logprob: f32,
 }
 
+impl Case {
+    /// Greedy settings that replay the reference run: as many tokens as it recorded,
+    /// eos ignored, as many top logprobs as it kept.
+    pub fn replay_params(&self) -> qilin::engine::SamplingParams {
+        qilin::engine::SamplingParams {
+            temperature: 0.0,
+            max_tokens: self.output_ids.len(),
+            ignore_eos: true,
+            top_logprobs: Some(self.steps[0].top_logprobs.len()),
+            ..qilin::engine::SamplingParams::default()
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
