@@ -9,7 +9,7 @@ use super::output::{FinishReason, GenerationOutput, SeqOutput, Timings, TokenSte
 use super::runner::build_batch;
 use super::sampling_params::InvalidParam;
 use super::sampling_params::SamplingParams;
-use super::scheduler::{Scheduler, SchedulerConfig};
+use super::scheduler::{AddError, Scheduler, SchedulerConfig};
 use super::sequence::{SeqId, Sequence};
 use crate::backend::{Backend, BackendError, KvCacheShape};
 use crate::kv::BlockManager;
@@ -45,7 +45,6 @@ pub enum EngineEvent {
 
 struct SeqState {
     output: SeqOutput,
-    prompt: Vec<u32>,
     added: Instant,
     first_token: Option<Instant>,
     cached_prompt_tokens: Option<usize>,
@@ -110,29 +109,25 @@ impl<B: Backend> Engine<B> {
         params: &SamplingParams,
     ) -> Result<SeqId, GenerateError> {
         params.validate()?;
-        if prompt_ids.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
         let vocab = self.model.config.vocab_size;
         if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(GenerateError::TokenOutOfRange { id, vocab });
         }
-        if prompt_ids.len() >= self.max_model_len {
-            return Err(GenerateError::PromptTooLong {
-                prompt: prompt_ids.len(),
-                max: self.max_model_len - 1,
-            });
-        }
         let id = self.next_id;
         self.next_id += 1;
-        self.scheduler
-            .add(Sequence::new(id, prompt_ids.to_vec(), params.max_tokens))
-            .map_err(|e| GenerateError::Rejected(e.to_string()))?;
+        self.scheduler.add(Sequence::new(id, prompt_ids.to_vec(), params.max_tokens)).map_err(
+            |e| match e {
+                AddError::EmptyPrompt => GenerateError::EmptyPrompt,
+                AddError::TooLong { prompt, max } => {
+                    GenerateError::PromptTooLong { prompt, max: max - 1 }
+                }
+                other => GenerateError::Rejected(other.to_string()),
+            },
+        )?;
         self.states.insert(
             id,
             SeqState {
                 output: SeqOutput::new(params),
-                prompt: prompt_ids.to_vec(),
                 added: Instant::now(),
                 first_token: None,
                 cached_prompt_tokens: None,
@@ -166,12 +161,17 @@ impl<B: Backend> Engine<B> {
         let mut finished = Vec::new();
         let wanting = plan.chunks.iter().filter(|c| c.want_logits);
         for (chunk, row) in wanting.zip(logits.chunks_mut(vocab)) {
-            let Some(state) = self.states.get_mut(&chunk.seq) else { continue };
+            let (Some(state), Some(seq)) =
+                (self.states.get_mut(&chunk.seq), self.scheduler.sequence(chunk.seq))
+            else {
+                continue;
+            };
+            let prompt = &seq.tokens[..seq.prompt_len];
             let step = state.output.on_logits(
                 &self.tokenizer,
                 &self.eos_ids,
                 row,
-                &state.prompt,
+                prompt,
                 self.max_model_len,
             )?;
             state.first_token.get_or_insert_with(Instant::now);
@@ -183,10 +183,14 @@ impl<B: Backend> Engine<B> {
         }
         self.scheduler.complete_step(&plan, &sampled);
         for seq in finished {
-            self.scheduler.finish(seq);
-            if let Some(state) = self.states.remove(&seq) {
-                events.push(EngineEvent::Finished { seq, output: Box::new(state.into_output()) });
-            }
+            let (Some(mut sequence), Some(state)) =
+                (self.scheduler.finish(seq), self.states.remove(&seq))
+            else {
+                continue;
+            };
+            sequence.tokens.truncate(sequence.prompt_len);
+            let output = state.into_output(sequence.tokens);
+            events.push(EngineEvent::Finished { seq, output: Box::new(output) });
         }
         Ok(events)
     }
@@ -222,20 +226,21 @@ impl<B: Backend> Engine<B> {
             index.insert(self.add_request(prompt, params)?, i);
         }
         let mut outputs: Vec<Option<GenerationOutput>> = vec![None; requests.len()];
-        while outputs.iter().any(Option::is_none) {
+        let mut remaining = requests.len();
+        while remaining > 0 {
             let events = self.step()?;
             if events.is_empty() && !self.has_work() {
                 break;
             }
             for event in events {
-                let (seq, done) = match &event {
-                    EngineEvent::Token { seq, .. } => (*seq, None),
-                    EngineEvent::Finished { seq, output } => (*seq, Some(output.as_ref().clone())),
+                let seq = match &event {
+                    EngineEvent::Token { seq, .. } | EngineEvent::Finished { seq, .. } => *seq,
                 };
                 let Some(&i) = index.get(&seq) else { continue };
                 on_event(i, &event);
-                if let Some(output) = done {
-                    outputs[i] = Some(output);
+                if let EngineEvent::Finished { output, .. } = event {
+                    outputs[i] = Some(*output);
+                    remaining -= 1;
                 }
             }
         }
@@ -244,12 +249,12 @@ impl<B: Backend> Engine<B> {
 }
 
 impl SeqState {
-    fn into_output(self) -> GenerationOutput {
+    fn into_output(self, prompt_ids: Vec<u32>) -> GenerationOutput {
         let now = Instant::now();
         let first = self.first_token.unwrap_or(now);
         GenerationOutput {
             finish_reason: self.output.finished.unwrap_or(FinishReason::Length),
-            prompt_ids: self.prompt,
+            prompt_ids,
             output_ids: self.output.output_ids,
             text: self.output.text,
             logprobs: self.output.logprobs,

@@ -3,7 +3,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{LoadError, LoadedModel, ModelConfig, WeightTensor};
+use super::{LoadError, LoadedModel, WeightTensor};
 use crate::backend::{Backend, LinearPart};
 
 pub struct LayerWeights<B: Backend> {
@@ -119,18 +119,4 @@ impl<B: Backend> ModelWeights<B> {
 /// Bytes of weights a model holds in its file format (for the start-up plan).
 pub fn weight_bytes(model: &LoadedModel) -> usize {
     model.tensors.values().map(|t| t.bytes().len()).sum()
-}
-
-pub fn describe(config: &ModelConfig) -> String {
-    format!(
-        "{:?}: {} layers, hidden {}, {} heads / {} KV heads x {}, ffn {}, vocab {}",
-        config.architecture,
-        config.num_layers,
-        config.hidden_size,
-        config.num_heads,
-        config.num_kv_heads,
-        config.head_dim,
-        config.intermediate_size,
-        config.vocab_size
-    )
 }
