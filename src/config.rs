@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion for one prompt, or for every line of a prompts file.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API on a loopback address or a unix socket.
+    Serve(Box<ServeArgs>),
     /// Measure the engine.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -31,6 +33,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// Offline throughput: random prompts, all submitted at once (vLLM's random dataset).
     Throughput(ThroughputArgs),
+    /// Online serving latency: concurrent streaming clients against a running server.
+    Serve(BenchServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -61,9 +65,10 @@ pub struct ThroughputArgs {
 /// Engine settings shared by every command that loads a model.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Model directory (Hugging Face layout) or .gguf file.
+    /// Model directory (Hugging Face layout) or .gguf file (default: the demo model
+    /// that tools/setup fetches).
     #[arg(long, value_name = "PATH")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Worker threads of the CPU backend (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -141,6 +146,14 @@ pub struct GenerateArgs {
 }
 
 impl EngineArgs {
+    /// `--model`, or the demo model when none was given.
+    pub fn model_path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => crate::model::demo::demo_model_path(),
+        }
+    }
+
     pub fn engine_options(&self) -> crate::engine::load::EngineOptions {
         crate::engine::load::EngineOptions {
             max_model_len: self.max_model_len,
@@ -174,4 +187,93 @@ impl GenerateArgs {
             top_logprobs: self.top_logprobs,
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Loopback address to bind (127.0.0.0/8 or ::1); anything else is refused: put
+    /// the reverse proxy (README, "Deployment") in front instead.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, value_name = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Listen on this unix socket instead of TCP (created with mode 0660).
+    #[arg(long, value_name = "PATH")]
+    pub uds: Option<PathBuf>,
+    /// The model name clients must send (repeatable; the first is reported by
+    /// /v1/models). Default: the model file or directory name.
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Vec<String>,
+    /// Bearer tokens, one `label:token` or `token` per line (# comments allowed). Also
+    /// read: QILIN_API_KEYS and API_TOKENS (comma-separated). With none configured, a
+    /// token is generated at start and printed once on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve /metrics without a token (it never contains request content).
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// Append one JSON line per request (never its content) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    /// Peers whose X-Real-IP / X-Forwarded-For headers are believed (IP or CIDR,
+    /// repeatable), e.g. the local nginx: 127.0.0.1.
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<String>,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Requests allowed to wait for a free sequence slot beyond --max-num-seqs; more
+    /// get 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_queued_requests: usize,
+    /// Most open client connections; more are answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// A generation running longer is aborted: 504, or finish_reason "timeout" when
+    /// streaming.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Accepted for vLLM compatibility; request content is never logged anyway.
+    #[arg(long)]
+    pub disable_log_requests: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchServeArgs {
+    /// Base URL of a running `qilin serve` (or any OpenAI-compatible server).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Bearer token.
+    #[arg(long, value_name = "TOKEN", env = "QILIN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Model name to send (default: the first one /v1/models lists).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// `completions` or `chat`.
+    #[arg(long, value_name = "ROUTE", default_value = "completions")]
+    pub endpoint: String,
+    /// Clients streaming at once.
+    #[arg(long, value_name = "C", default_value_t = 1)]
+    pub concurrency: usize,
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub num_prompts: usize,
+    /// Poisson arrivals at R requests/s (default: all at once, bounded by --concurrency).
+    #[arg(long, value_name = "R")]
+    pub request_rate: Option<f64>,
+    /// Approximate prompt length in tokens.
+    #[arg(long, value_name = "L", default_value_t = 128)]
+    pub input_len: usize,
+    /// Tokens to generate per request (sent with ignore_eos).
+    #[arg(long, value_name = "L", default_value_t = 128)]
+    pub output_len: usize,
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }

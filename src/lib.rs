@@ -7,4 +7,5 @@ pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod server;
 pub mod tokenizer;

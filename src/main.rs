@@ -14,7 +14,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
+        Command::Serve(args) => commands::serve::run(&args),
         Command::Bench(BenchCommand::Throughput(args)) => commands::bench::throughput(&args),
+        Command::Bench(BenchCommand::Serve(args)) => commands::bench::serve(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,7 +9,8 @@ use crate::engine::load::load_cpu_engine;
 
 pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     super::set_threads(args.engine.threads)?;
-    let (mut engine, _) = load_cpu_engine(&args.engine.model, &args.engine.engine_options())?;
+    let (mut engine, _) =
+        load_cpu_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
     let input = args.random_input_range.unwrap_or(args.input_len);
     let output = args.random_output_range.unwrap_or(args.output_len);
     let report = throughput::run(&mut engine, args.num_prompts, input, output, args.seed)?;
@@ -29,4 +30,9 @@ pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `qilin bench serve`: see `bench/serve.rs`.
+pub fn serve(args: &crate::config::BenchServeArgs) -> anyhow::Result<()> {
+    crate::bench::serve::run(args)
 }

@@ -16,7 +16,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     super::set_threads(args.engine.threads)?;
     // Load errors already name the file and the problem.
     let (mut engine, defaults) =
-        load_cpu_engine(&args.engine.model, &args.engine.engine_options())?;
+        load_cpu_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
     let params = args.sampling_params(&defaults);
     params.validate()?;
     if let Some(file) = &args.prompts_file {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod serve;
 
 /// Sizes the global worker pool (`--threads`); default: one thread per core.
 pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {

@@ -46,6 +46,7 @@ pub enum EngineEvent {
 struct SeqState {
     output: SeqOutput,
     added: Instant,
+    scheduled: Option<Instant>,
     first_token: Option<Instant>,
     cached_prompt_tokens: Option<usize>,
 }
@@ -129,6 +130,7 @@ impl<B: Backend> Engine<B> {
             SeqState {
                 output: SeqOutput::new(params),
                 added: Instant::now(),
+                scheduled: None,
                 first_token: None,
                 cached_prompt_tokens: None,
             },
@@ -152,6 +154,7 @@ impl<B: Backend> Engine<B> {
         for chunk in &plan.chunks {
             if let Some(state) = self.states.get_mut(&chunk.seq) {
                 state.cached_prompt_tokens.get_or_insert(chunk.first_pos);
+                state.scheduled.get_or_insert_with(Instant::now);
             }
         }
         let batch = build_batch(&plan, &self.scheduler);
@@ -259,7 +262,11 @@ impl SeqState {
             text: self.output.text,
             logprobs: self.output.logprobs,
             cached_prompt_tokens: self.cached_prompt_tokens.unwrap_or(0),
-            timings: Timings { prefill: first - self.added, decode: now - first },
+            timings: Timings {
+                queued: self.scheduled.unwrap_or(first) - self.added,
+                prefill: first - self.added,
+                decode: now - first,
+            },
         }
     }
 }

@@ -3,8 +3,11 @@
 //! receiver is dropped (client gone) is aborted at the next step and its blocks freed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::batch_engine::{Engine, EngineEvent, GenerateError};
 use super::output::{GenerationOutput, TokenStep};
@@ -47,6 +50,40 @@ enum Command {
 pub struct EngineHandle {
     commands: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What the engine thread publishes for readers that must never wait on a step
+/// (health checks, metrics scrapes).
+struct Shared {
+    alive: AtomicBool,
+    state: Mutex<Published>,
+}
+
+struct Published {
+    stats: EngineStats,
+    /// When the thread last finished a step or went idle.
+    progress: Instant,
+    /// Whether it has work in hand (so a stale `progress` means a stuck step).
+    busy: bool,
+}
+
+impl Shared {
+    fn publish<B: Backend>(&self, engine: &Engine<B>) {
+        let stats = stats_of(engine);
+        if let Ok(mut state) = self.state.lock() {
+            *state = Published { stats, progress: Instant::now(), busy: engine.has_work() };
+        }
+    }
+}
+
+/// Clears `alive` when the engine thread ends, panics included.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +97,34 @@ impl EngineHandle {
         Engine<B>: Send,
     {
         let (tx, rx) = channel();
-        let thread = std::thread::Builder::new()
-            .name("qilin-engine".into())
-            .spawn(move || run(engine, rx))?;
-        Ok(EngineHandle { commands: Some(tx), thread: Some(thread) })
+        let shared = Arc::new(Shared {
+            alive: AtomicBool::new(true),
+            state: Mutex::new(Published {
+                stats: stats_of(&engine),
+                progress: Instant::now(),
+                busy: false,
+            }),
+        });
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new().name("qilin-engine".into()).spawn(move || {
+            let _guard = AliveGuard(for_thread.clone());
+            run(engine, rx, &for_thread)
+        })?;
+        Ok(EngineHandle { commands: Some(tx), thread: Some(thread), shared })
+    }
+
+    /// The stats as of the end of the last step, without waiting for the current one.
+    pub fn snapshot(&self) -> EngineStats {
+        self.shared.state.lock().map(|s| s.stats.clone()).unwrap_or_default()
+    }
+
+    /// True while the engine thread runs and, when it has work, finished a step within
+    /// `max_step`.
+    pub fn is_healthy(&self, max_step: Duration) -> bool {
+        if !self.shared.alive.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.state.lock().is_ok_and(|s| !s.busy || s.progress.elapsed() <= max_step)
     }
 
     fn send(&self, command: Command) -> Result<(), EngineGone> {
@@ -104,12 +165,13 @@ impl Drop for EngineHandle {
     }
 }
 
-fn run<B: Backend>(mut engine: Engine<B>, commands: Receiver<Command>) {
+fn run<B: Backend>(mut engine: Engine<B>, commands: Receiver<Command>, shared: &Shared) {
     let mut listeners: HashMap<SeqId, Sender<RequestEvent>> = HashMap::new();
     let mut open = true;
     while open || engine.has_work() {
         // Idle: sleep until a command comes. Busy: take what is queued and step.
         if !engine.has_work() {
+            shared.publish(&engine);
             match commands.recv() {
                 Ok(command) => handle(&mut engine, &mut listeners, command),
                 Err(_) => break,
@@ -128,6 +190,7 @@ fn run<B: Backend>(mut engine: Engine<B>, commands: Receiver<Command>) {
         if !engine.has_work() {
             continue;
         }
+        shared.publish(&engine);
         match engine.step() {
             Ok(events) => route(&mut engine, &mut listeners, events),
             Err(e) => {
@@ -159,18 +222,22 @@ fn handle<B: Backend>(
             engine.abort(id);
         }
         Command::Stats(reply) => {
-            let s = engine.scheduler();
-            let blocks = s.blocks();
-            let _ = reply.send(EngineStats {
-                running: s.num_running(),
-                waiting: s.num_waiting(),
-                num_blocks: blocks.num_blocks(),
-                free_blocks: blocks.num_free_blocks(),
-                prefix_cache_queries: blocks.prefix_cache_queries(),
-                prefix_cache_hits: blocks.prefix_cache_hits(),
-                preemptions: s.num_preemptions(),
-            });
+            let _ = reply.send(stats_of(engine));
         }
+    }
+}
+
+fn stats_of<B: Backend>(engine: &Engine<B>) -> EngineStats {
+    let s = engine.scheduler();
+    let blocks = s.blocks();
+    EngineStats {
+        running: s.num_running(),
+        waiting: s.num_waiting(),
+        num_blocks: blocks.num_blocks(),
+        free_blocks: blocks.num_free_blocks(),
+        prefix_cache_queries: blocks.prefix_cache_queries(),
+        prefix_cache_hits: blocks.prefix_cache_hits(),
+        preemptions: s.num_preemptions(),
     }
 }
 

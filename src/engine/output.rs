@@ -43,10 +43,12 @@ pub struct GenerationOutput {
     pub timings: Timings,
 }
 
-/// Wall time of the two phases of a request.
+/// Wall time of the phases of a request.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Timings {
-    /// Prompt processing up to the first sampled token.
+    /// From admission to the first step that worked on it (vLLM's queue time).
+    pub queued: std::time::Duration,
+    /// From admission to the first sampled token (includes `queued`).
     pub prefill: std::time::Duration,
     /// Every later forward step.
     pub decode: std::time::Duration,

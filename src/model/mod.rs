@@ -1,6 +1,7 @@
 //! Models: configuration, file loaders, weights, and the one transformer definition.
 
 pub mod config;
+pub mod demo;
 pub mod forward;
 pub mod loader;
 pub mod quant;

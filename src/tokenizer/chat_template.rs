@@ -27,6 +27,7 @@ pub struct RenderOptions {
 }
 
 /// A compiled chat template: parsed once, rendered per request.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
 }

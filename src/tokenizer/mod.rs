@@ -51,13 +51,16 @@ pub struct SpecialTokens {
 
 /// The chat template as compiled at load; `from_parts` cannot fail, so a broken template
 /// is kept as its error and reported when a chat is rendered.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum TemplateSlot {
     Missing,
     Ready(Box<ChatTemplate>),
     Invalid(String),
 }
 
+/// Cloning is cheap enough to do once per server start (the HTTP threads share a copy
+/// with the engine thread's).
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special: SpecialTokens,
