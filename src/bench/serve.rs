@@ -57,8 +57,8 @@ pub fn run(args: &BenchServeArgs) -> anyhow::Result<()> {
         "chat" => Endpoint::Chat,
         other => bail!("--endpoint must be `completions` or `chat`, not `{other}`"),
     };
-    if args.concurrency == 0 || args.num_prompts == 0 || args.output_len == 0 {
-        bail!("--concurrency, --num-prompts and --output-len must be at least 1");
+    if [args.concurrency, args.num_prompts, args.input_len, args.output_len].contains(&0) {
+        bail!("--concurrency, --num-prompts, --input-len and --output-len must be at least 1");
     }
     let rate = match args.request_rate {
         Some(r) if r.is_infinite() && r > 0.0 => None,
