@@ -98,7 +98,7 @@ impl Conn {
 
     /// The next request; Ok(None) when the client closed (or idled out) between requests.
     pub fn read_request(&mut self) -> Result<Option<Request>, HttpError> {
-        if self.buf.is_empty() && !self.fill(Some(self.limits.idle_timeout)) {
+        if self.buf.is_empty() && self.fill(Some(self.limits.idle_timeout)) != Fill::Data {
             return Ok(None);
         }
         let deadline = Instant::now() + self.limits.head_timeout;
@@ -109,10 +109,7 @@ impl Conn {
             if self.buf.len() > self.limits.max_head_bytes {
                 return Err(HttpError::new(431, "request head too large"));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !self.fill(Some(left)) {
-                return Err(HttpError::new(408, "request head not received in time"));
-            }
+            self.fill_before(deadline, "request head")?;
         };
         if head_len > self.limits.max_head_bytes {
             return Err(HttpError::new(431, "request head too large"));
@@ -188,10 +185,7 @@ impl Conn {
         if let Some(n) = length {
             let n = n as usize;
             while self.buf.len() < n {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() || !self.fill(Some(left)) {
-                    return Err(HttpError::new(408, "request body not received in time"));
-                }
+                self.fill_before(deadline, "request body")?;
             }
             request.body = self.buf.drain(..n).collect();
             return Ok(());
@@ -220,20 +214,31 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into the buffer; false when the peer closed, the connection
-    /// broke or `timeout` ran out.
-    fn fill(&mut self, timeout: Option<Duration>) -> bool {
+    /// Reads more of `what` before `deadline`: 408 when time runs out, 400 when the
+    /// client stops sending mid-request.
+    fn fill_before(&mut self, deadline: Instant, what: &str) -> Result<(), HttpError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match if left.is_zero() { Fill::TimedOut } else { self.fill(Some(left)) } {
+            Fill::Data => Ok(()),
+            Fill::TimedOut => Err(HttpError::new(408, format!("{what} not received in time"))),
+            Fill::Closed => Err(HttpError::new(400, format!("{what} ended early"))),
+        }
+    }
+
+    /// Reads more bytes into the buffer.
+    fn fill(&mut self, timeout: Option<Duration>) -> Fill {
         let _ = self.stream.set_read_timeout(timeout);
         let mut chunk = [0u8; 16 << 10];
         loop {
             match self.stream.read(&mut chunk) {
-                Ok(0) => return false,
+                Ok(0) => return Fill::Closed,
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
-                    return true;
+                    return Fill::Data;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
+                Err(e) if is_timeout(&e) => return Fill::TimedOut,
+                Err(_) => return Fill::Closed,
             }
         }
     }
@@ -278,6 +283,13 @@ impl Conn {
         self.write_all(out.as_bytes())?;
         Ok(StreamWriter { conn: self, chunked })
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    Data,
+    Closed,
+    TimedOut,
 }
 
 /// The body of a streamed response; every `send` reaches the socket at once.
