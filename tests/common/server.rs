@@ -44,37 +44,7 @@ impl Server {
 
     /// Starts `qilin` with exactly `args` (no key file, no port added).
     pub fn spawn(args: Vec<String>, dir: tempfile::TempDir, api_key: String) -> Server {
-        let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qilin"))
-            .args(&args)
-            .env_remove("QILIN_API_KEYS")
-            .env_remove("API_TOKENS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawning qilin serve");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            if let Some(rest) = log.split("listening on http://").nth(1) {
-                let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return Server {
-                    child,
-                    addr,
-                    base_url: format!("http://{addr}"),
-                    api_key,
-                    dir,
-                    stderr_path,
-                };
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("qilin serve exited ({status}) before listening:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "qilin serve did not start in time:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Self::spawn_env(args, dir, api_key, &[])
     }
 
     pub fn stderr(&self) -> String {
