@@ -50,4 +50,145 @@ typedef struct QilinRmsNormParams {
     float eps;
 } QilinRmsNormParams;
 
+/* Dense bf16 linear layers (kernels/gemv.cu). Up to QILIN_GEMV_MAX_TOKENS rows of x
+ * go through qilin_gemv_bf16, which streams W once for all of them; larger batches
+ * (prefill) go through cuBLAS. One block of QILIN_GEMV_THREADS threads computes
+ * QILIN_GEMV_ROWS_PER_BLOCK output channels: each warp owns QILIN_GEMV_ROWS_PER_WARP
+ * of them, and each lane loads QILIN_GEMV_VECS_PER_LANE 16-byte vectors of each of its
+ * rows per tile of x. QILIN_GEMV_ROWS_PER_BLOCK is
+ * QILIN_GEMV_THREADS / QILIN_WARP_SIZE * QILIN_GEMV_ROWS_PER_WARP (checked on both
+ * sides). */
+#define QILIN_GEMV_MAX_TOKENS 8
+#define QILIN_GEMV_THREADS 256
+#define QILIN_GEMV_ROWS_PER_WARP 2
+#define QILIN_GEMV_VECS_PER_LANE 4
+#define QILIN_GEMV_ROWS_PER_BLOCK 16
+
+/* Threads per block of qilin_broadcast_bias_bf16 (grid-stride loop). */
+#define QILIN_BIAS_THREADS 256
+
+/** Launch parameters of qilin_gemv_bf16: out[n_tokens, out_features] =
+ *  x[n_tokens, in_features] W[out_features, in_features]^T (+ bias). */
+typedef struct QilinGemvParams {
+    /** Rows of x and out, 1..=QILIN_GEMV_MAX_TOKENS. */
+    uint32_t n_tokens;
+    /** Row length of x and W; a multiple of QILIN_VEC_ELEMS. */
+    uint32_t in_features;
+    /** Rows of W (output channels); the grid has ceil(out_features /
+     *  QILIN_GEMV_ROWS_PER_BLOCK) blocks. */
+    uint32_t out_features;
+} QilinGemvParams;
+
+/** Launch parameters of qilin_broadcast_bias_bf16: out[t][o] = bias[o]. */
+typedef struct QilinBiasParams {
+    /** Rows of out. */
+    uint32_t n_tokens;
+    /** Row length of out and length of bias. */
+    uint32_t out_features;
+} QilinBiasParams;
+
+/* Row-wise copies and SiLU-and-multiply (kernels/elementwise.cu): threads per block.
+ * grid.x is the row; grid.y blocks of this many threads cover one row, one 16-byte
+ * vector (QILIN_VEC_ELEMS bf16) per thread when the row allows it, else one element. */
+#define QILIN_ELEMENTWISE_THREADS 256
+
+/** Launch parameters of qilin_embedding_bf16 and qilin_gather_rows_bf16:
+ *  out[r] = src[index[r]] for r < n_rows. */
+typedef struct QilinGatherRowsParams {
+    /** Rows of out (entries of the index array); the grid has this many in x. */
+    uint32_t n_rows;
+    /** Values per row of src and out. */
+    uint32_t cols;
+    /** Rows of src; an index >= src_rows traps. */
+    uint32_t src_rows;
+} QilinGatherRowsParams;
+
+/** Launch parameters of qilin_copy_cols_bf16: out[r] = x[r][col0 .. col0 + width]. */
+typedef struct QilinCopyColsParams {
+    /** Rows of x and out; the grid has this many in x. */
+    uint32_t n_rows;
+    /** Values per row of x. */
+    uint32_t src_cols;
+    /** First column copied; col0 + width <= src_cols. */
+    uint32_t col0;
+    /** Values per row of out. */
+    uint32_t width;
+} QilinCopyColsParams;
+
+/** Launch parameters of qilin_silu_mul_bf16: out[r] = silu(gate[r]) * up[r]. */
+typedef struct QilinSiluMulParams {
+    /** Rows; the grid has this many in x. */
+    uint32_t n_rows;
+    /** Values per row of out; rows of gate_up hold 2 * ffn (gate first). */
+    uint32_t ffn;
+} QilinSiluMulParams;
+
+/* RoPE + KV-cache write (kernels/rope.cu): one block per token, at most this many
+ * threads; head_dim must be a multiple of 2 * QILIN_VEC_ELEMS. */
+#define QILIN_ROPE_MAX_THREADS 256
+
+/** Launch parameters of qilin_rope_store_kv_bf16. */
+typedef struct QilinRopeParams {
+    /** Tokens (rows of q, k, v); the grid has exactly this many blocks. */
+    uint32_t n_tokens;
+    /** Query heads per token. */
+    uint32_t num_heads;
+    /** Key/value heads per token. */
+    uint32_t num_kv_heads;
+    /** Values per head; a multiple of 2 * QILIN_VEC_ELEMS. */
+    uint32_t head_dim;
+    /** Rows (positions) of the cos/sin tables; a position >= table_len traps. */
+    uint32_t table_len;
+    /** Rows of one layer's key/value cache (num_blocks * QILIN_BLOCK_SIZE); a slot >=
+     *  num_slots traps. */
+    uint32_t num_slots;
+} QilinRopeParams;
+
+/* Paged attention (kernels/attention_decode.cu, kernels/attention_prefill.cu). */
+
+/* Largest head_dim any attention kernel takes (head_dim % QILIN_VEC_ELEMS == 0 too). */
+#define QILIN_ATTN_MAX_HEAD_DIM 256
+
+/* Decode kernel: threads per block; query heads of one KV head handled by one block
+ * (their q rows and accumulators live in registers). A group with more heads than this
+ * is split into ceil(group / QILIN_ATTN_DECODE_MAX_GROUP) chunks over grid.y. */
+#define QILIN_ATTN_DECODE_THREADS 128
+#define QILIN_ATTN_DECODE_MAX_GROUP 8
+
+/* Prefill (tensor-core) kernel: query rows x keys per tile, threads per block
+ * (4 warps x 16 query rows). BLOCK_N is a multiple of QILIN_BLOCK_SIZE. */
+#define QILIN_ATTN_PREFILL_BLOCK_M 64
+#define QILIN_ATTN_PREFILL_BLOCK_N 64
+#define QILIN_ATTN_PREFILL_THREADS 128
+
+/* Plain-FMA fallback kernel: one warp per (query row, head). */
+#define QILIN_ATTN_SIMPLE_THREADS 32
+
+/** Launch parameters of every qilin_attention_* kernel. */
+typedef struct QilinAttentionParams {
+    /** Rows of q and out. */
+    uint32_t n_tokens;
+    /** Sequences in the batch: seq_starts has n_seqs + 1 entries. */
+    uint32_t n_seqs;
+    /** Query heads; a multiple of num_kv_heads. */
+    uint32_t num_heads;
+    uint32_t num_kv_heads;
+    /** A multiple of QILIN_VEC_ELEMS, at most QILIN_ATTN_MAX_HEAD_DIM. */
+    uint32_t head_dim;
+    /** Columns of block_tables. */
+    uint32_t max_blocks_per_seq;
+    /** Rows of one layer's K (and V) cache: num_blocks * QILIN_BLOCK_SIZE. */
+    uint32_t cache_slots;
+    /** Softmax scale applied to q.k. */
+    float scale;
+    /** Decode: keys per split (a multiple of QILIN_BLOCK_SIZE). */
+    uint32_t split_tokens;
+    /** Decode: splits per sequence (grid.z); 1 = no reduction pass, out written directly. */
+    uint32_t n_splits;
+    /** Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP. */
+    uint32_t group_chunk;
+    /** Prefill kernels: 1 = leave sequences with exactly one new token to the decode kernel. */
+    uint32_t skip_decode_rows;
+} QilinAttentionParams;
+
 #endif /* QILIN_ABI_H */

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::load::Device;
 use crate::engine::SamplingParams;
 use crate::model::loader::GenerationDefaults;
 
@@ -35,6 +36,79 @@ pub enum BenchCommand {
     Throughput(ThroughputArgs),
     /// Online serving latency: concurrent streaming clients against a running server.
     Serve(BenchServeArgs),
+    /// Every CUDA op at Qwen2.5-7B's shapes: time, achieved GB/s or TFLOP/s, and its
+    /// roofline from the device's measured copy bandwidth and bf16 matrix rate (GPU only).
+    Kernels(BenchKernelsArgs),
+    /// Decode tok/s of a random-weight model generated on the GPU (GPU only).
+    Decode(BenchDecodeArgs),
+    /// Prefill tok/s of a random-weight model generated on the GPU (GPU only).
+    Prefill(BenchPrefillArgs),
+}
+
+/// The random-weight model the GPU benchmarks run (no file: weights are made on the
+/// device).
+#[derive(Args, Debug, Clone)]
+pub struct GpuModelArgs {
+    /// Model shape: `qwen2.5-7b` (28 layers, hidden 3584, 28/4 heads, ffn 18944, vocab
+    /// 152064, q/k/v bias) or `smollm2-135m` (30 layers, hidden 576, 9/3 heads).
+    #[arg(long, value_name = "NAME", default_value = "qwen2.5-7b")]
+    pub shape: String,
+    /// Keep only the first N layers (quick runs; tok/s then is not the full model's).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Untimed runs before the timed ones.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub iters: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// Context of each sequence in the decode-attention measurements.
+    #[arg(long, value_name = "TOKENS", default_value_t = 8192)]
+    pub context: usize,
+    /// Tokens of the causal prefill-attention measurement.
+    #[arg(long, value_name = "TOKENS", default_value_t = 16384)]
+    pub prefill_len: usize,
+    /// Timed launches per op; the median is reported.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDecodeArgs {
+    #[command(flatten)]
+    pub model: GpuModelArgs,
+    /// Batch sizes (sequences decoding one token per step each).
+    #[arg(long, value_name = "N,N,..", value_delimiter = ',', default_value = "1,8,64,256")]
+    pub batch: Vec<usize>,
+    /// Tokens already in each sequence's KV cache (random values) when a step runs.
+    #[arg(long, value_name = "TOKENS", default_value_t = 1024)]
+    pub context: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchPrefillArgs {
+    #[command(flatten)]
+    pub model: GpuModelArgs,
+    /// Prompt lengths, one sequence each.
+    #[arg(long, value_name = "TOKENS,..", value_delimiter = ',', default_value = "2048,32768")]
+    pub len: Vec<usize>,
+    /// Tokens per forward step (chunked prefill, as --max-num-batched-tokens).
+    #[arg(long, value_name = "TOKENS", default_value_t = 8192)]
+    pub chunk: usize,
 }
 
 #[derive(Args, Debug)]
@@ -72,7 +146,8 @@ pub struct EngineArgs {
     /// Worker threads of the CPU backend (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Longest sequence (prompt + output) admitted; default: the model's limit, at most 8192.
+    /// Longest sequence (prompt + output) admitted; default: the model's limit (on the
+    /// CPU backend at most 8192).
     #[arg(long, value_name = "TOKENS")]
     pub max_model_len: Option<usize>,
     /// Token budget of one engine step: one per decoding sequence, the rest for prompt
@@ -82,10 +157,19 @@ pub struct EngineArgs {
     /// Most sequences running at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_num_seqs: usize,
-    /// KV cache size in MiB (default: room for --max-num-seqs full-length sequences,
-    /// at most 2048; memory is committed only as blocks are used).
+    /// KV cache size in MiB (default on the CPU: room for --max-num-seqs full-length
+    /// sequences, at most 2048, committed only as blocks are used; on CUDA: what
+    /// --gpu-memory-utilization leaves).
     #[arg(long, value_name = "MIB")]
     pub kv_cache_memory: Option<usize>,
+    /// Backend: `auto` (CUDA device 0 when a driver and a GPU exist, else the CPU),
+    /// `cuda` (an error when unavailable) or `cpu`.
+    #[arg(long, value_enum, value_name = "DEVICE", default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Share of the GPU's memory that weights, activations and the KV cache may fill
+    /// together, in (0, 1]; the KV cache gets what is left (CUDA only).
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::engine::load::DEFAULT_GPU_MEMORY_UTILIZATION)]
+    pub gpu_memory_utilization: f64,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +244,8 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_num_seqs: self.max_num_seqs,
             kv_cache_bytes: self.kv_cache_memory.map(|mib| mib << 20),
+            device: self.device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
         }
     }
 }

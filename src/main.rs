@@ -17,6 +17,9 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => commands::serve::run(&args),
         Command::Bench(BenchCommand::Throughput(args)) => commands::bench::throughput(&args),
         Command::Bench(BenchCommand::Serve(args)) => commands::bench::serve(&args),
+        Command::Bench(BenchCommand::Kernels(args)) => commands::bench::kernels(&args),
+        Command::Bench(BenchCommand::Decode(args)) => commands::bench::decode(&args),
+        Command::Bench(BenchCommand::Prefill(args)) => commands::bench::prefill(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,6 +36,85 @@ pub fn rms_norm_block_threads(hidden: usize) -> Option<u32> {
     u32::try_from(threads).ok()
 }
 
+// SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against
+// kernels/abi.h at compile time, passed by value.
+unsafe impl cudarc::driver::DeviceRepr for QilinGatherRowsParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for QilinCopyColsParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for QilinSiluMulParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for QilinRopeParams {}
+
+/// grid.y of the row-wise kernels of kernels/elementwise.cu for rows of `units` work
+/// units (16-byte vectors, or elements on the scalar path): enough blocks of
+/// `QILIN_ELEMENTWISE_THREADS` that each thread has one unit, at least 1 and at most
+/// 65535 (the hardware limit; the kernels' stride loops cover any rest).
+pub fn elementwise_blocks_per_row(units: usize) -> u32 {
+    let blocks = units.div_ceil(QILIN_ELEMENTWISE_THREADS as usize).clamp(1, 65535);
+    blocks as u32
+}
+
+/// Threads per block of qilin_rope_store_kv_bf16 (kernels/rope.cu): one per work unit of
+/// a token (a 16-byte vector of the first half of a q or k head, or of v), rounded up to
+/// a warp, at most `QILIN_ROPE_MAX_THREADS` (threads then loop). `None` when the kernel
+/// cannot take the geometry: no heads, or `head_dim` zero or not a multiple of
+/// `2 * VEC_ELEMS`.
+pub fn rope_block_threads(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Option<u32> {
+    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || head_dim % (2 * VEC_ELEMS) != 0 {
+        return None;
+    }
+    let units = (num_heads + num_kv_heads) * (head_dim / 2 / VEC_ELEMS)
+        + num_kv_heads * head_dim / VEC_ELEMS;
+    let warp = QILIN_WARP_SIZE as usize;
+    let threads = units.div_ceil(warp) * warp;
+    u32::try_from(threads.min(QILIN_ROPE_MAX_THREADS as usize)).ok()
+}
+
+// SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against
+// kernels/abi.h at compile time, passed by value.
+unsafe impl cudarc::driver::DeviceRepr for QilinGemvParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for QilinBiasParams {}
+
+/// Linear layers on up to this many tokens run qilin_gemv_bf16 (kernels/gemv.cu); larger
+/// batches run cuBLAS.
+pub const GEMV_MAX_TOKENS: usize = QILIN_GEMV_MAX_TOKENS as usize;
+
+// abi.h defines QILIN_GEMV_ROWS_PER_BLOCK as a literal (bindgen cannot evaluate the
+// product); kernels/gemv.cu checks the same identity with a static_assert.
+const _: () = assert!(
+    QILIN_GEMV_ROWS_PER_BLOCK == QILIN_GEMV_THREADS / QILIN_WARP_SIZE * QILIN_GEMV_ROWS_PER_WARP
+);
+
+/// Launch geometry `(grid.x, block.x)` of qilin_gemv_bf16 for `x [n, in]` times
+/// `W [out, in]^T`: one block per `QILIN_GEMV_ROWS_PER_BLOCK` output channels. `None`
+/// when the kernel cannot take the shape: `n` outside `1..=GEMV_MAX_TOKENS`, `in` zero
+/// or not a multiple of `VEC_ELEMS`, `out` zero, or a dimension beyond `u32`.
+pub fn gemv_geometry(n: usize, in_features: usize, out_features: usize) -> Option<(u32, u32)> {
+    if !(1..=GEMV_MAX_TOKENS).contains(&n)
+        || in_features == 0
+        || in_features % VEC_ELEMS != 0
+        || out_features == 0
+    {
+        return None;
+    }
+    u32::try_from(in_features).ok()?;
+    let out = u32::try_from(out_features).ok()?;
+    Some((out.div_ceil(QILIN_GEMV_ROWS_PER_BLOCK), QILIN_GEMV_THREADS))
+}
+
+/// grid.x of qilin_broadcast_bias_bf16 for `elements` outputs: one element per thread
+/// of `QILIN_BIAS_THREADS`-thread blocks, at least 1 and at most 65535 blocks (the
+/// kernel's grid-stride loop covers any rest).
+pub fn bias_blocks(elements: usize) -> u32 {
+    elements.div_ceil(QILIN_BIAS_THREADS as usize).clamp(1, 65535) as u32
+}
+
+// SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against
+// kernels/abi.h at compile time, passed by value (kernels/attention_*.cu).
+unsafe impl cudarc::driver::DeviceRepr for QilinAttentionParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

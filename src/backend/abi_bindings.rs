@@ -11,6 +11,21 @@ pub const QILIN_WARP_SIZE: u32 = 32;
 pub const QILIN_MAX_THREADS_PER_BLOCK: u32 = 1024;
 pub const QILIN_NORM_MAX_VECS_PER_THREAD: u32 = 4;
 pub const QILIN_NORM_MAX_HIDDEN: u32 = 32768;
+pub const QILIN_GEMV_MAX_TOKENS: u32 = 8;
+pub const QILIN_GEMV_THREADS: u32 = 256;
+pub const QILIN_GEMV_ROWS_PER_WARP: u32 = 2;
+pub const QILIN_GEMV_VECS_PER_LANE: u32 = 4;
+pub const QILIN_GEMV_ROWS_PER_BLOCK: u32 = 16;
+pub const QILIN_BIAS_THREADS: u32 = 256;
+pub const QILIN_ELEMENTWISE_THREADS: u32 = 256;
+pub const QILIN_ROPE_MAX_THREADS: u32 = 256;
+pub const QILIN_ATTN_MAX_HEAD_DIM: u32 = 256;
+pub const QILIN_ATTN_DECODE_THREADS: u32 = 128;
+pub const QILIN_ATTN_DECODE_MAX_GROUP: u32 = 8;
+pub const QILIN_ATTN_PREFILL_BLOCK_M: u32 = 64;
+pub const QILIN_ATTN_PREFILL_BLOCK_N: u32 = 64;
+pub const QILIN_ATTN_PREFILL_THREADS: u32 = 128;
+pub const QILIN_ATTN_SIMPLE_THREADS: u32 = 32;
 #[doc = " Launch parameters of qilin_fused_add_rms_norm_bf16 and qilin_rms_norm_bf16."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -32,4 +47,202 @@ const _: () = {
         [::core::mem::offset_of!(QilinRmsNormParams, hidden) - 4usize];
     ["Offset of field: QilinRmsNormParams::eps"]
         [::core::mem::offset_of!(QilinRmsNormParams, eps) - 8usize];
+};
+#[doc = " Launch parameters of qilin_gemv_bf16: out[n_tokens, out_features] =\n  x[n_tokens, in_features] W[out_features, in_features]^T (+ bias)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinGemvParams {
+    #[doc = " Rows of x and out, 1..=QILIN_GEMV_MAX_TOKENS."]
+    pub n_tokens: u32,
+    #[doc = " Row length of x and W; a multiple of QILIN_VEC_ELEMS."]
+    pub in_features: u32,
+    #[doc = " Rows of W (output channels); the grid has ceil(out_features /\n  QILIN_GEMV_ROWS_PER_BLOCK) blocks."]
+    pub out_features: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinGemvParams"][::core::mem::size_of::<QilinGemvParams>() - 12usize];
+    ["Alignment of QilinGemvParams"][::core::mem::align_of::<QilinGemvParams>() - 4usize];
+    ["Offset of field: QilinGemvParams::n_tokens"]
+        [::core::mem::offset_of!(QilinGemvParams, n_tokens) - 0usize];
+    ["Offset of field: QilinGemvParams::in_features"]
+        [::core::mem::offset_of!(QilinGemvParams, in_features) - 4usize];
+    ["Offset of field: QilinGemvParams::out_features"]
+        [::core::mem::offset_of!(QilinGemvParams, out_features) - 8usize];
+};
+#[doc = " Launch parameters of qilin_broadcast_bias_bf16: out[t][o] = bias[o]."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinBiasParams {
+    #[doc = " Rows of out."]
+    pub n_tokens: u32,
+    #[doc = " Row length of out and length of bias."]
+    pub out_features: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinBiasParams"][::core::mem::size_of::<QilinBiasParams>() - 8usize];
+    ["Alignment of QilinBiasParams"][::core::mem::align_of::<QilinBiasParams>() - 4usize];
+    ["Offset of field: QilinBiasParams::n_tokens"]
+        [::core::mem::offset_of!(QilinBiasParams, n_tokens) - 0usize];
+    ["Offset of field: QilinBiasParams::out_features"]
+        [::core::mem::offset_of!(QilinBiasParams, out_features) - 4usize];
+};
+#[doc = " Launch parameters of qilin_embedding_bf16 and qilin_gather_rows_bf16:\n  out[r] = src[index[r]] for r < n_rows."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinGatherRowsParams {
+    #[doc = " Rows of out (entries of the index array); the grid has this many in x."]
+    pub n_rows: u32,
+    #[doc = " Values per row of src and out."]
+    pub cols: u32,
+    #[doc = " Rows of src; an index >= src_rows traps."]
+    pub src_rows: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinGatherRowsParams"][::core::mem::size_of::<QilinGatherRowsParams>() - 12usize];
+    ["Alignment of QilinGatherRowsParams"]
+        [::core::mem::align_of::<QilinGatherRowsParams>() - 4usize];
+    ["Offset of field: QilinGatherRowsParams::n_rows"]
+        [::core::mem::offset_of!(QilinGatherRowsParams, n_rows) - 0usize];
+    ["Offset of field: QilinGatherRowsParams::cols"]
+        [::core::mem::offset_of!(QilinGatherRowsParams, cols) - 4usize];
+    ["Offset of field: QilinGatherRowsParams::src_rows"]
+        [::core::mem::offset_of!(QilinGatherRowsParams, src_rows) - 8usize];
+};
+#[doc = " Launch parameters of qilin_copy_cols_bf16: out[r] = x[r][col0 .. col0 + width]."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinCopyColsParams {
+    #[doc = " Rows of x and out; the grid has this many in x."]
+    pub n_rows: u32,
+    #[doc = " Values per row of x."]
+    pub src_cols: u32,
+    #[doc = " First column copied; col0 + width <= src_cols."]
+    pub col0: u32,
+    #[doc = " Values per row of out."]
+    pub width: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinCopyColsParams"][::core::mem::size_of::<QilinCopyColsParams>() - 16usize];
+    ["Alignment of QilinCopyColsParams"][::core::mem::align_of::<QilinCopyColsParams>() - 4usize];
+    ["Offset of field: QilinCopyColsParams::n_rows"]
+        [::core::mem::offset_of!(QilinCopyColsParams, n_rows) - 0usize];
+    ["Offset of field: QilinCopyColsParams::src_cols"]
+        [::core::mem::offset_of!(QilinCopyColsParams, src_cols) - 4usize];
+    ["Offset of field: QilinCopyColsParams::col0"]
+        [::core::mem::offset_of!(QilinCopyColsParams, col0) - 8usize];
+    ["Offset of field: QilinCopyColsParams::width"]
+        [::core::mem::offset_of!(QilinCopyColsParams, width) - 12usize];
+};
+#[doc = " Launch parameters of qilin_silu_mul_bf16: out[r] = silu(gate[r]) * up[r]."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinSiluMulParams {
+    #[doc = " Rows; the grid has this many in x."]
+    pub n_rows: u32,
+    #[doc = " Values per row of out; rows of gate_up hold 2 * ffn (gate first)."]
+    pub ffn: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinSiluMulParams"][::core::mem::size_of::<QilinSiluMulParams>() - 8usize];
+    ["Alignment of QilinSiluMulParams"][::core::mem::align_of::<QilinSiluMulParams>() - 4usize];
+    ["Offset of field: QilinSiluMulParams::n_rows"]
+        [::core::mem::offset_of!(QilinSiluMulParams, n_rows) - 0usize];
+    ["Offset of field: QilinSiluMulParams::ffn"]
+        [::core::mem::offset_of!(QilinSiluMulParams, ffn) - 4usize];
+};
+#[doc = " Launch parameters of qilin_rope_store_kv_bf16."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinRopeParams {
+    #[doc = " Tokens (rows of q, k, v); the grid has exactly this many blocks."]
+    pub n_tokens: u32,
+    #[doc = " Query heads per token."]
+    pub num_heads: u32,
+    #[doc = " Key/value heads per token."]
+    pub num_kv_heads: u32,
+    #[doc = " Values per head; a multiple of 2 * QILIN_VEC_ELEMS."]
+    pub head_dim: u32,
+    #[doc = " Rows (positions) of the cos/sin tables; a position >= table_len traps."]
+    pub table_len: u32,
+    #[doc = " Rows of one layer's key/value cache (num_blocks * QILIN_BLOCK_SIZE); a slot >=\n  num_slots traps."]
+    pub num_slots: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinRopeParams"][::core::mem::size_of::<QilinRopeParams>() - 24usize];
+    ["Alignment of QilinRopeParams"][::core::mem::align_of::<QilinRopeParams>() - 4usize];
+    ["Offset of field: QilinRopeParams::n_tokens"]
+        [::core::mem::offset_of!(QilinRopeParams, n_tokens) - 0usize];
+    ["Offset of field: QilinRopeParams::num_heads"]
+        [::core::mem::offset_of!(QilinRopeParams, num_heads) - 4usize];
+    ["Offset of field: QilinRopeParams::num_kv_heads"]
+        [::core::mem::offset_of!(QilinRopeParams, num_kv_heads) - 8usize];
+    ["Offset of field: QilinRopeParams::head_dim"]
+        [::core::mem::offset_of!(QilinRopeParams, head_dim) - 12usize];
+    ["Offset of field: QilinRopeParams::table_len"]
+        [::core::mem::offset_of!(QilinRopeParams, table_len) - 16usize];
+    ["Offset of field: QilinRopeParams::num_slots"]
+        [::core::mem::offset_of!(QilinRopeParams, num_slots) - 20usize];
+};
+#[doc = " Launch parameters of every qilin_attention_* kernel."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinAttentionParams {
+    #[doc = " Rows of q and out."]
+    pub n_tokens: u32,
+    #[doc = " Sequences in the batch: seq_starts has n_seqs + 1 entries."]
+    pub n_seqs: u32,
+    #[doc = " Query heads; a multiple of num_kv_heads."]
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    #[doc = " A multiple of QILIN_VEC_ELEMS, at most QILIN_ATTN_MAX_HEAD_DIM."]
+    pub head_dim: u32,
+    #[doc = " Columns of block_tables."]
+    pub max_blocks_per_seq: u32,
+    #[doc = " Rows of one layer's K (and V) cache: num_blocks * QILIN_BLOCK_SIZE."]
+    pub cache_slots: u32,
+    #[doc = " Softmax scale applied to q.k."]
+    pub scale: f32,
+    #[doc = " Decode: keys per split (a multiple of QILIN_BLOCK_SIZE)."]
+    pub split_tokens: u32,
+    #[doc = " Decode: splits per sequence (grid.z); 1 = no reduction pass, out written directly."]
+    pub n_splits: u32,
+    #[doc = " Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP."]
+    pub group_chunk: u32,
+    #[doc = " Prefill kernels: 1 = leave sequences with exactly one new token to the decode kernel."]
+    pub skip_decode_rows: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinAttentionParams"][::core::mem::size_of::<QilinAttentionParams>() - 48usize];
+    ["Alignment of QilinAttentionParams"][::core::mem::align_of::<QilinAttentionParams>() - 4usize];
+    ["Offset of field: QilinAttentionParams::n_tokens"]
+        [::core::mem::offset_of!(QilinAttentionParams, n_tokens) - 0usize];
+    ["Offset of field: QilinAttentionParams::n_seqs"]
+        [::core::mem::offset_of!(QilinAttentionParams, n_seqs) - 4usize];
+    ["Offset of field: QilinAttentionParams::num_heads"]
+        [::core::mem::offset_of!(QilinAttentionParams, num_heads) - 8usize];
+    ["Offset of field: QilinAttentionParams::num_kv_heads"]
+        [::core::mem::offset_of!(QilinAttentionParams, num_kv_heads) - 12usize];
+    ["Offset of field: QilinAttentionParams::head_dim"]
+        [::core::mem::offset_of!(QilinAttentionParams, head_dim) - 16usize];
+    ["Offset of field: QilinAttentionParams::max_blocks_per_seq"]
+        [::core::mem::offset_of!(QilinAttentionParams, max_blocks_per_seq) - 20usize];
+    ["Offset of field: QilinAttentionParams::cache_slots"]
+        [::core::mem::offset_of!(QilinAttentionParams, cache_slots) - 24usize];
+    ["Offset of field: QilinAttentionParams::scale"]
+        [::core::mem::offset_of!(QilinAttentionParams, scale) - 28usize];
+    ["Offset of field: QilinAttentionParams::split_tokens"]
+        [::core::mem::offset_of!(QilinAttentionParams, split_tokens) - 32usize];
+    ["Offset of field: QilinAttentionParams::n_splits"]
+        [::core::mem::offset_of!(QilinAttentionParams, n_splits) - 36usize];
+    ["Offset of field: QilinAttentionParams::group_chunk"]
+        [::core::mem::offset_of!(QilinAttentionParams, group_chunk) - 40usize];
+    ["Offset of field: QilinAttentionParams::skip_decode_rows"]
+        [::core::mem::offset_of!(QilinAttentionParams, skip_decode_rows) - 44usize];
 };

@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod batch;
 pub mod cpu;
+pub mod cuda;
 pub mod ptx;
 
 pub use batch::{Batch, SeqSlice, BLOCK_SIZE};

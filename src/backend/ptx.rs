@@ -17,8 +17,63 @@ pub const FUSED_ADD_RMS_NORM_BF16: Kernel =
 /// RMSNorm of a read-only input, bf16; see kernels/norm.cu.
 pub const RMS_NORM_BF16: Kernel = Kernel { module: "norm", entry: "qilin_rms_norm_bf16" };
 
+/// Embedding gather `table[ids]`, bf16; see kernels/elementwise.cu.
+pub const EMBEDDING_BF16: Kernel = Kernel { module: "elementwise", entry: "qilin_embedding_bf16" };
+/// Gather of activation rows, bf16; see kernels/elementwise.cu.
+pub const GATHER_ROWS_BF16: Kernel =
+    Kernel { module: "elementwise", entry: "qilin_gather_rows_bf16" };
+/// One column block of a matrix (split_cols), bf16; see kernels/elementwise.cu.
+pub const COPY_COLS_BF16: Kernel = Kernel { module: "elementwise", entry: "qilin_copy_cols_bf16" };
+/// SiLU(gate) * up, bf16; see kernels/elementwise.cu.
+pub const SILU_MUL_BF16: Kernel = Kernel { module: "elementwise", entry: "qilin_silu_mul_bf16" };
+/// RoPE on q and k fused with the K/V cache write, bf16; see kernels/rope.cu.
+pub const ROPE_STORE_KV_BF16: Kernel = Kernel { module: "rope", entry: "qilin_rope_store_kv_bf16" };
+
+/// Dense bf16 linear layer for up to 8 tokens (decode), bias fused; see kernels/gemv.cu.
+pub const GEMV_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_gemv_bf16" };
+/// Every row of a matrix set to the bias (before the cuBLAS GEMM); see kernels/gemv.cu.
+pub const BROADCAST_BIAS_BF16: Kernel =
+    Kernel { module: "gemv", entry: "qilin_broadcast_bias_bf16" };
+
+/// Split-K paged attention of decode rows, up to 4 query heads per KV-head block, bf16;
+/// see kernels/attention_decode.cu.
+pub const ATTENTION_DECODE_G4_BF16: Kernel =
+    Kernel { module: "attention_decode", entry: "qilin_attention_decode_g4_bf16" };
+/// As ATTENTION_DECODE_G4_BF16 for up to 8 query heads per block.
+pub const ATTENTION_DECODE_G8_BF16: Kernel =
+    Kernel { module: "attention_decode", entry: "qilin_attention_decode_g8_bf16" };
+/// Merge of the decode splits; see kernels/attention_decode.cu.
+pub const ATTENTION_DECODE_REDUCE_BF16: Kernel =
+    Kernel { module: "attention_decode", entry: "qilin_attention_decode_reduce_bf16" };
+/// Flash-attention prefill on tensor cores, head_dim 64; see kernels/attention_prefill.cu.
+pub const ATTENTION_PREFILL_HD64_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_hd64_bf16" };
+/// Flash-attention prefill on tensor cores, head_dim 128; see kernels/attention_prefill.cu.
+pub const ATTENTION_PREFILL_HD128_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_hd128_bf16" };
+/// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
+/// kernels/attention_prefill.cu.
+pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_simple_bf16" };
+
 /// Every kernel the Rust side launches; tests/ptx_kernels.rs checks each against the PTX.
-pub const KERNELS: &[Kernel] = &[FUSED_ADD_RMS_NORM_BF16, RMS_NORM_BF16];
+pub const KERNELS: &[Kernel] = &[
+    FUSED_ADD_RMS_NORM_BF16,
+    RMS_NORM_BF16,
+    EMBEDDING_BF16,
+    GATHER_ROWS_BF16,
+    COPY_COLS_BF16,
+    SILU_MUL_BF16,
+    ROPE_STORE_KV_BF16,
+    GEMV_BF16,
+    BROADCAST_BIAS_BF16,
+    ATTENTION_DECODE_G4_BF16,
+    ATTENTION_DECODE_G8_BF16,
+    ATTENTION_DECODE_REDUCE_BF16,
+    ATTENTION_PREFILL_HD64_BF16,
+    ATTENTION_PREFILL_HD128_BF16,
+    ATTENTION_PREFILL_SIMPLE_BF16,
+];
 
 /// The PTX of one kernels/ file by stem (`"norm"`); `None` in a CPU-only build.
 pub fn module_ptx(module: &str) -> Option<&'static str> {

@@ -1,4 +1,7 @@
-//! `qilin bench`: end-to-end measurements of the engine.
+//! `qilin bench`: end-to-end measurements of the engine, and of the CUDA backend's
+//! kernels and model on a GPU.
 
+pub mod gpu_model;
+pub mod kernels;
 pub mod serve;
 pub mod throughput;

@@ -5,15 +5,22 @@ use anyhow::Context;
 use crate::backend::Backend;
 use crate::bench::throughput;
 use crate::config::ThroughputArgs;
-use crate::engine::load::load_cpu_engine;
+use crate::engine::load::{load_engine, AnyEngine};
+use crate::engine::Engine;
 
 pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     super::set_threads(args.engine.threads)?;
-    let (mut engine, _) =
-        load_cpu_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
+    let (engine, _) = load_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
+    match engine {
+        AnyEngine::Cpu(mut engine) => throughput_on(&mut engine, args),
+        AnyEngine::Cuda(mut engine) => throughput_on(&mut engine, args),
+    }
+}
+
+fn throughput_on<B: Backend>(engine: &mut Engine<B>, args: &ThroughputArgs) -> anyhow::Result<()> {
     let input = args.random_input_range.unwrap_or(args.input_len);
     let output = args.random_output_range.unwrap_or(args.output_len);
-    let report = throughput::run(&mut engine, args.num_prompts, input, output, args.seed)?;
+    let report = throughput::run(engine, args.num_prompts, input, output, args.seed)?;
     println!(
         "Throughput: {:.2} requests/s, {:.1} output tokens/s, {:.1} total tokens/s ({} requests, {} prompt + {} output tokens in {:.2}s, backend {})",
         report.requests_per_s,
@@ -35,4 +42,19 @@ pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
 /// `qilin bench serve`: see `bench/serve.rs`.
 pub fn serve(args: &crate::config::BenchServeArgs) -> anyhow::Result<()> {
     crate::bench::serve::run(args)
+}
+
+/// `qilin bench kernels`: see `bench/kernels.rs`.
+pub fn kernels(args: &crate::config::BenchKernelsArgs) -> anyhow::Result<()> {
+    crate::bench::kernels::run(args)
+}
+
+/// `qilin bench decode`: see `bench/gpu_model.rs`.
+pub fn decode(args: &crate::config::BenchDecodeArgs) -> anyhow::Result<()> {
+    crate::bench::gpu_model::decode(args)
+}
+
+/// `qilin bench prefill`: see `bench/gpu_model.rs`.
+pub fn prefill(args: &crate::config::BenchPrefillArgs) -> anyhow::Result<()> {
+    crate::bench::gpu_model::prefill(args)
 }

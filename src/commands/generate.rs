@@ -7,17 +7,30 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::backend::Backend;
 use crate::config::GenerateArgs;
-use crate::engine::load::load_cpu_engine;
-use crate::engine::{GenerationOutput, SamplingParams};
+use crate::engine::load::{load_engine, AnyEngine};
+use crate::engine::{Engine, GenerationOutput, SamplingParams};
+use crate::model::loader::GenerationDefaults;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     super::set_threads(args.engine.threads)?;
     // Load errors already name the file and the problem.
-    let (mut engine, defaults) =
-        load_cpu_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
-    let params = args.sampling_params(&defaults);
+    let (engine, defaults) =
+        load_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
+    match engine {
+        AnyEngine::Cpu(mut engine) => run_on(&mut engine, args, &defaults),
+        AnyEngine::Cuda(mut engine) => run_on(&mut engine, args, &defaults),
+    }
+}
+
+fn run_on<B: Backend>(
+    engine: &mut Engine<B>,
+    args: &GenerateArgs,
+    defaults: &GenerationDefaults,
+) -> anyhow::Result<()> {
+    let params = args.sampling_params(defaults);
     params.validate()?;
     if let Some(file) = &args.prompts_file {
         let requests = read_prompts_file(file, &engine.tokenizer, &params)?;

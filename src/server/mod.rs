@@ -32,8 +32,7 @@ use anyhow::{bail, Context};
 pub use error::ApiError;
 
 use crate::config::ServeArgs;
-use crate::engine::load::load_cpu_engine;
-use crate::engine::EngineHandle;
+use crate::engine::load::load_engine;
 use audit::AuditLog;
 use auth::ApiKeys;
 use http::{Conn, Limits};
@@ -61,10 +60,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     });
 
     let model_path = args.engine.model_path()?;
-    let (engine, defaults) = load_cpu_engine(&model_path, &args.engine.engine_options())?;
-    let tokenizer = engine.tokenizer.clone();
+    let (engine, defaults) = load_engine(&model_path, &args.engine.engine_options())?;
+    let tokenizer = engine.tokenizer().clone();
     let max_model_len = engine.max_model_len();
-    let engine = EngineHandle::spawn(engine).context("starting the engine thread")?;
+    let engine = engine.spawn().context("starting the engine thread")?;
     if keys.is_empty() {
         let (generated, token) = ApiKeys::generate();
         keys = generated;

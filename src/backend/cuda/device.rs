@@ -1,0 +1,102 @@
+//! One CUDA device as the backend uses it: context, the stream every op is queued on,
+//! cuBLAS, and every kernel of the embedded PTX loaded once at start-up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::CudaError;
+use crate::backend::ptx::{self, Kernel};
+
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    /// Every launch and copy goes on this stream, so ops are ordered without events.
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    functions: HashMap<(&'static str, &'static str), CudaFunction>,
+}
+
+impl Device {
+    /// Opens device `ordinal` and loads every kernel in `ptx::KERNELS`; fails with the
+    /// reason when there is no driver, no device, no PTX, or the driver rejects it.
+    pub fn open(ordinal: usize) -> Result<Device, CudaError> {
+        if !ptx::PTX_AVAILABLE {
+            return Err(CudaError::NoPtx);
+        }
+        // SAFETY: only probes whether libcuda can be dlopened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError::Driver(format!("opening CUDA device {ordinal}: {e}")))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| CudaError::Driver(format!("starting cuBLAS: {e}")))?;
+        let mut modules = HashMap::new();
+        let mut functions = HashMap::new();
+        for kernel in ptx::KERNELS {
+            if !modules.contains_key(kernel.module) {
+                let source = ptx::module_ptx(kernel.module).ok_or(CudaError::NoPtx)?;
+                let module = ctx.load_module(Ptx::from_src(source)).map_err(|e| {
+                    CudaError::Driver(format!("the driver rejected {}.ptx: {e}", kernel.module))
+                })?;
+                modules.insert(kernel.module, module);
+            }
+            let function = modules[kernel.module].load_function(kernel.entry).map_err(|e| {
+                CudaError::Driver(format!("kernel {} missing from the PTX: {e}", kernel.entry))
+            })?;
+            functions.insert((kernel.module, kernel.entry), function);
+        }
+        Ok(Device { ctx, stream, blas, functions })
+    }
+
+    pub fn function(&self, kernel: Kernel) -> &CudaFunction {
+        // Every entry of ptx::KERNELS was loaded in `open`; a launcher naming another is
+        // a programming error caught by tests/ptx_kernels.rs.
+        self.functions
+            .get(&(kernel.module, kernel.entry))
+            .unwrap_or_else(|| panic!("kernel {} is not listed in ptx::KERNELS", kernel.entry))
+    }
+
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
+    }
+
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
+        check(self.stream.alloc_zeros::<T>(n.max(1)), "allocating device memory")
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaSlice<T> {
+        if host.is_empty() {
+            // cudarc refuses zero-length copies; a one-element buffer is never read.
+            // SAFETY: the value is overwritten before any read (it never is read).
+            return check(unsafe { self.stream.alloc::<T>(1) }, "allocating device memory");
+        }
+        check(self.stream.clone_htod(host), "copying to the device")
+    }
+
+    pub fn download<T: DeviceRepr + Clone + Default>(
+        &self,
+        dev: &CudaSlice<T>,
+        n: usize,
+    ) -> Vec<T> {
+        let mut host = check(self.stream.clone_dtoh(dev), "copying to the host");
+        host.truncate(n);
+        host
+    }
+
+    pub fn synchronize(&self) {
+        check(self.stream.synchronize(), "synchronizing the stream");
+    }
+}
+
+/// The Backend trait's ops cannot return errors (the CPU twin never fails); a CUDA error
+/// there means a lost device or a launcher bug, so it ends the process with the reason.
+pub fn check<T>(result: Result<T, DriverError>, what: &str) -> T {
+    result.unwrap_or_else(|e| panic!("CUDA error while {what}: {e}"))
+}

@@ -1,0 +1,170 @@
+//! The CUDA backend: bf16 activations and KV cache, our own kernels (kernels/*.cu,
+//! embedded as PTX) launched through cudarc, cuBLAS for prefill-sized matmuls. Every op
+//! has the semantics of its CPU twin in `backend/cpu`, which its parity test in
+//! `tests/gpu_*.rs` checks on a real GPU.
+//!
+//! Status: compiles; verified only where a GPU run of tools/gpu-check says so.
+
+mod attention;
+mod batch_meta;
+mod device;
+mod elementwise;
+mod linear;
+mod norm;
+mod rope;
+mod tensor;
+mod weights;
+
+use std::sync::{Arc, Mutex};
+
+pub use batch_meta::DeviceBatch;
+pub use device::Device;
+pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector};
+
+use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart};
+use crate::model::rope::RopeTable;
+use crate::model::WeightTensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no NVIDIA driver (libcuda) could be loaded")]
+    NoDriver,
+    #[error(
+        "this build has no PTX (nvcc was not found at build time; run tools/setup and rebuild)"
+    )]
+    NoPtx,
+    #[error("{0}")]
+    Driver(String),
+}
+
+pub struct CudaBackend {
+    pub dev: Device,
+    /// The last batch's metadata on the device, reused by every layer of a step.
+    batch_cache: Mutex<Option<(Batch, Arc<DeviceBatch>)>>,
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
+        Ok(CudaBackend { dev: Device::open(ordinal)?, batch_cache: Mutex::new(None) })
+    }
+
+    /// A device tensor holding `data` (`[rows, cols]`, f32 on the host) rounded to bf16;
+    /// for tests and benchmarks.
+    pub fn tensor_from_host(&self, data: &[f32], rows: usize, cols: usize) -> CudaTensor {
+        assert_eq!(data.len(), rows * cols, "tensor data does not match its shape");
+        let bf: Vec<half::bf16> = data.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        CudaTensor { data: self.dev.upload(&bf), rows, cols }
+    }
+
+    /// The batch metadata on the device, uploaded once per distinct batch.
+    pub fn device_batch(&self, batch: &Batch) -> Arc<DeviceBatch> {
+        let mut cache = self.batch_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((host, dev)) = cache.as_ref() {
+            if host == batch {
+                return dev.clone();
+            }
+        }
+        let uploaded = Arc::new(DeviceBatch::upload(&self.dev, batch));
+        *cache = Some((batch.clone(), uploaded.clone()));
+        uploaded
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+    type Vector = CudaVector;
+    type KvCache = CudaKvCache;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload_linear(
+        &self,
+        name: &str,
+        parts: &[LinearPart<'_>],
+    ) -> Result<CudaLinear, BackendError> {
+        weights::upload_linear(&self.dev, name, parts)
+    }
+
+    fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<CudaVector, BackendError> {
+        weights::upload_vector(&self.dev, name, weight)
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache, BackendError> {
+        let per_layer = shape
+            .num_blocks
+            .checked_mul(super::BLOCK_SIZE * shape.num_kv_heads * shape.head_dim)
+            .ok_or_else(|| BackendError::OutOfMemory(format!("KV cache of {shape:?}")))?;
+        let alloc = || {
+            self.dev.stream.alloc_zeros::<half::bf16>(per_layer.max(1)).map_err(|e| {
+                BackendError::OutOfMemory(format!("KV cache of {shape:?} on the device: {e}"))
+            })
+        };
+        let keys = (0..shape.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
+        let values = (0..shape.num_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
+        Ok(CudaKvCache { shape, keys, values })
+    }
+
+    fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
+        elementwise::embedding(&self.dev, table, ids)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: Option<&CudaTensor>,
+        weight: &CudaVector,
+        eps: f32,
+    ) -> CudaTensor {
+        norm::add_rms_norm(&self.dev, residual, x, weight, eps)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaLinear) -> CudaTensor {
+        linear::linear(&self.dev, x, w)
+    }
+
+    fn rope_and_store_kv(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        v: &CudaTensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) {
+        let meta = self.device_batch(batch);
+        rope::rope_and_store_kv(&self.dev, q, k, v, &meta, rope, cache, layer, shape)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        batch: &Batch,
+        cache: &CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CudaTensor {
+        let meta = self.device_batch(batch);
+        attention::attention(&self.dev, q, &meta, cache, layer, shape)
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> CudaTensor {
+        elementwise::silu_mul(&self.dev, gate_up)
+    }
+
+    fn split_cols(&self, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTensor> {
+        elementwise::split_cols(&self.dev, x, widths)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> CudaTensor {
+        elementwise::gather_rows(&self.dev, x, rows)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+        self.dev.download(&x.data, x.rows * x.cols).iter().map(|v| v.to_f32()).collect()
+    }
+}

@@ -1,0 +1,449 @@
+//! `qilin bench kernels`: every op of the CUDA backend at Qwen2.5-7B's shapes, timed
+//! with CUDA events, next to the two ceilings measured on the same device: copy
+//! bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the bf16 matrix
+//! rate (cuBLAS, 8192^3, random data).
+//!
+//! Each op is called through the `Backend` trait, exactly as `model::forward` calls it,
+//! so its time includes what the launcher does around the kernel (allocating and
+//! zeroing the output, uploading batch metadata on the first call of a batch). The
+//! L2 cache is flushed (a 256 MiB memset) before every timed call so weights and KV
+//! blocks come from device memory as they do in a real step. Per op, the roofline: the
+//! fewest bytes it must move (each input read once, each output written once) over the
+//! copy bandwidth, and its FLOPs over the matrix rate; the larger is the floor, and
+//! "of floor" is floor / measured time. An op that panics (not implemented yet, a
+//! launcher assertion) is reported with its message and the rest still run.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use anyhow::{bail, Context};
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{sys, CudaSlice};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::gpu_model::{shape_config, DeviceRandom};
+use crate::backend::cuda::{CudaBackend, Device};
+use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape};
+use crate::config::BenchKernelsArgs;
+use crate::engine::load::open_cuda;
+use crate::kv::block_manager::blocks_for;
+use crate::model::rope::RopeTable;
+
+/// Bytes written before each timed call to push everything else out of L2 (50 MB on an
+/// H100, 60 MB on an H200).
+const FLUSH_BYTES: usize = 256 << 20;
+
+#[derive(Debug, Serialize)]
+pub struct OpResult {
+    pub op: String,
+    pub shape: String,
+    /// Fewest bytes the op must move through device memory.
+    pub bytes: f64,
+    pub flops: f64,
+    /// Median over the timed calls, microseconds; None when the op failed.
+    pub time_us: Option<f64>,
+    pub gb_per_s: Option<f64>,
+    pub tflops: Option<f64>,
+    /// max(bytes / copy bandwidth, flops / matrix rate), microseconds.
+    pub floor_us: f64,
+    /// "memory" or "compute": which term sets the floor.
+    pub bound: &'static str,
+    /// floor / time: 1.0 is the roofline.
+    pub of_floor: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KernelReport {
+    pub device: String,
+    pub multiprocessors: i32,
+    pub l2_bytes: i32,
+    /// Device-to-device copy, bytes read + written per second, GB/s (1e9).
+    pub copy_gb_per_s: f64,
+    /// cuBLAS bf16 GEMM 8192^3 on random data, TFLOP/s (1e12).
+    pub bf16_mm_tflops: f64,
+    pub iters: usize,
+    pub ops: Vec<OpResult>,
+}
+
+/// Times a closure of stream work with CUDA events.
+struct Timer<'a> {
+    dev: &'a Device,
+    flush: CudaSlice<u8>,
+    iters: usize,
+}
+
+impl<'a> Timer<'a> {
+    /// Median time of one call in microseconds, after one untimed call; the panic
+    /// message if any call panics.
+    fn time(&mut self, flush: bool, op: &mut dyn FnMut()) -> Result<f64, String> {
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<f64, String> {
+            let cuda = |what: &str, r: Result<(), cudarc::driver::DriverError>| {
+                r.map_err(|e| format!("CUDA error while {what}: {e}"))
+            };
+            op();
+            cuda("synchronizing after the warm-up call", self.dev.stream.synchronize())?;
+            let ctx = &self.dev.ctx;
+            let mut events = Vec::with_capacity(self.iters);
+            for _ in 0..self.iters {
+                let new = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+                let start = new().map_err(|e| format!("creating an event: {e}"))?;
+                let end = new().map_err(|e| format!("creating an event: {e}"))?;
+                if flush {
+                    cuda("flushing L2", self.dev.stream.memset_zeros(&mut self.flush))?;
+                }
+                cuda("recording an event", start.record(&self.dev.stream))?;
+                op();
+                cuda("recording an event", end.record(&self.dev.stream))?;
+                events.push((start, end));
+            }
+            cuda("synchronizing", self.dev.stream.synchronize())?;
+            let mut times = Vec::with_capacity(events.len());
+            for (start, end) in &events {
+                let ms = start.elapsed_ms(end).map_err(|e| format!("reading an event: {e}"))?;
+                times.push(ms as f64 * 1e3);
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            Ok(times[times.len() / 2])
+        }));
+        match result {
+            Ok(r) => r,
+            Err(payload) => Err(panic_message(payload.as_ref())),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked".into()
+    }
+}
+
+struct Bench<'a> {
+    timer: Timer<'a>,
+    copy_bytes_per_s: f64,
+    mm_flops_per_s: f64,
+    report: KernelReport,
+    json: Option<&'a std::path::Path>,
+}
+
+impl Bench<'_> {
+    fn measure(&mut self, op: &str, shape: String, bytes: f64, flops: f64, f: &mut dyn FnMut()) {
+        let t_mem = bytes / self.copy_bytes_per_s;
+        let t_math = flops / self.mm_flops_per_s;
+        let floor_us = t_mem.max(t_math) * 1e6;
+        let bound = if t_mem >= t_math { "memory" } else { "compute" };
+        let (time_us, error) = match self.timer.time(true, f) {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(e)),
+        };
+        let per_s = |amount: f64, unit: f64| time_us.map(|t| amount / (t * 1e-6) / unit);
+        let result = OpResult {
+            op: op.to_string(),
+            shape,
+            bytes,
+            flops,
+            time_us,
+            gb_per_s: per_s(bytes, 1e9),
+            tflops: (flops > 0.0).then(|| per_s(flops, 1e12)).flatten(),
+            floor_us,
+            bound,
+            of_floor: time_us.map(|t| floor_us / t),
+            error,
+        };
+        print_row(&result);
+        self.report.ops.push(result);
+        // After every op, so a run stopped by its timeout still leaves its figures.
+        if let Some(path) = self.json {
+            let text = serde_json::to_string_pretty(&self.report).unwrap_or_default() + "\n";
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("writing {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<22} {:<34} {:>10} {:>9} {:>9} {:>10} {:>8} {:>8}",
+        "op", "shape", "time us", "GB/s", "TFLOP/s", "floor us", "bound", "of floor"
+    );
+}
+
+fn print_row(r: &OpResult) {
+    let opt = |v: Option<f64>, prec: usize| match v {
+        Some(v) => format!("{v:.prec$}"),
+        None => "-".into(),
+    };
+    match &r.error {
+        Some(e) => println!("{:<22} {:<34} FAILED: {e}", r.op, r.shape),
+        None => println!(
+            "{:<22} {:<34} {:>10} {:>9} {:>9} {:>10.2} {:>8} {:>7}%",
+            r.op,
+            r.shape,
+            opt(r.time_us, 2),
+            opt(r.gb_per_s, 0),
+            opt(r.tflops, 1),
+            r.floor_us,
+            r.bound,
+            opt(r.of_floor.map(|f| f * 100.0), 0),
+        ),
+    }
+}
+
+/// (copy bytes/s counting read + write, bf16 GEMM FLOP/s).
+fn ceilings(
+    dev: &Device,
+    timer: &mut Timer,
+    rand: &mut DeviceRandom,
+) -> anyhow::Result<(f64, f64)> {
+    let bytes = 1usize << 30;
+    let src = dev.alloc::<u8>(bytes);
+    let mut dst = dev.alloc::<u8>(bytes);
+    let copy_us = timer
+        .time(false, &mut || {
+            if let Err(e) = dev.stream.memcpy_dtod(&src, &mut dst) {
+                panic!("device-to-device copy: {e}");
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("copy bandwidth: {e}"))?;
+    drop((src, dst));
+    let n = 8192usize;
+    let a = rand.tensor(n, n, 1.0);
+    let b = rand.tensor(n, n, 1.0);
+    let mut c = dev.alloc::<bf16>(n * n);
+    let cfg = GemmConfig {
+        transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: n as i32,
+        k: n as i32,
+        alpha: bf16::ONE,
+        lda: n as i32,
+        ldb: n as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    let gemm_us = timer
+        .time(false, &mut || {
+            // SAFETY: a, b and c each hold n * n bf16 values, column-major n x n with
+            // leading dimension n, as cfg says.
+            if let Err(e) = unsafe { dev.blas.gemm(cfg, &a.data, &b.data, &mut c) } {
+                panic!("cuBLAS bf16 GEMM: {e}");
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("matrix rate: {e}"))?;
+    let copy = 2.0 * bytes as f64 / (copy_us * 1e-6);
+    let mm = 2.0 * (n as f64).powi(3) / (gemm_us * 1e-6);
+    Ok((copy, mm))
+}
+
+pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    if args.context == 0 || args.prefill_len == 0 {
+        bail!("--context and --prefill-len must be at least 1");
+    }
+    let c = shape_config("qwen2.5-7b")?;
+    if args.context > c.max_position_embeddings || args.prefill_len > c.max_position_embeddings {
+        bail!("--context and --prefill-len must be at most {}", c.max_position_embeddings);
+    }
+    let backend: CudaBackend =
+        open_cuda().map_err(|why| anyhow::anyhow!("this benchmark needs a GPU: {why}"))?;
+    let dev = &backend.dev;
+    let attr = |a| dev.ctx.attribute(a).unwrap_or(0);
+    let multiprocessors = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+    let l2_bytes = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
+    let mut rand = DeviceRandom::new(dev, args.seed);
+    let mut timer = Timer { dev, flush: dev.alloc::<u8>(FLUSH_BYTES), iters: args.iters };
+    let (copy, mm) = ceilings(dev, &mut timer, &mut rand)?;
+    println!(
+        "{}: {multiprocessors} SMs, {} MiB L2; copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s",
+        dev.name(),
+        l2_bytes >> 20,
+        copy / 1e9,
+        mm / 1e12
+    );
+    print_header();
+    let report = KernelReport {
+        device: dev.name(),
+        multiprocessors,
+        l2_bytes,
+        copy_gb_per_s: copy / 1e9,
+        bf16_mm_tflops: mm / 1e12,
+        iters: args.iters,
+        ops: Vec::new(),
+    };
+    let mut bench = Bench {
+        timer,
+        copy_bytes_per_s: copy,
+        mm_flops_per_s: mm,
+        report,
+        json: args.json.as_deref(),
+    };
+    let b = &backend;
+    let (h, hd, ffn, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let bf = 2.0; // bytes per bf16 value
+
+    // Embedding gather.
+    {
+        let table = rand.linear(vocab, h, false);
+        for n in [1usize, 2048] {
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+            let bytes = (2 * n * h) as f64 * bf + 4.0 * n as f64;
+            bench.measure("embedding", format!("{n} ids, [{vocab}, {h}]"), bytes, 0.0, &mut || {
+                drop(b.embedding(&table, &ids));
+            });
+        }
+    }
+
+    // Fused residual add + RMSNorm.
+    for n in [1usize, 64, 2048] {
+        let mut residual = rand.tensor(n, h, 4.0);
+        let x = rand.tensor(n, h, 1.0);
+        let weight = rand.vector(h);
+        let bytes = (4 * n * h + h) as f64 * bf;
+        bench.measure("add_rms_norm", format!("[{n}, {h}]"), bytes, 0.0, &mut || {
+            drop(b.add_rms_norm(&mut residual, Some(&x), &weight, c.rms_norm_eps));
+        });
+    }
+
+    // Linear layers: GEMV at decode batch sizes, GEMM at a prefill chunk.
+    let linears = [
+        ("linear qkv_proj", q + 2 * kv, h, true),
+        ("linear o_proj", h, q, false),
+        ("linear gate_up_proj", 2 * ffn, h, false),
+        ("linear down_proj", h, ffn, false),
+        ("linear lm_head", vocab, h, false),
+    ];
+    for (name, out, inp, bias) in linears {
+        let w = rand.linear(out, inp, bias);
+        let sizes: &[usize] =
+            if name.ends_with("lm_head") { &[1, 8, 64, 256] } else { &[1, 8, 64, 256, 2048] };
+        for &n in sizes {
+            let x = rand.tensor(n, inp, 1.0);
+            let values = out * inp + n * inp + n * out + if bias { out } else { 0 };
+            let flops = 2.0 * (n * out * inp) as f64;
+            let shape = format!("[{n}, {inp}] x [{out}, {inp}]^T");
+            bench.measure(name, shape, values as f64 * bf, flops, &mut || {
+                drop(b.linear(&x, &w));
+            });
+        }
+    }
+
+    // SiLU-and-multiply.
+    for n in [1usize, 64, 2048] {
+        let gate_up = rand.tensor(n, 2 * ffn, 2.0);
+        let bytes = (3 * n * ffn) as f64 * bf;
+        bench.measure("silu_mul", format!("[{n}, {}]", 2 * ffn), bytes, 0.0, &mut || {
+            drop(b.silu_mul(&gate_up));
+        });
+    }
+
+    // Column split of the fused qkv output, and the gather of the logits rows.
+    {
+        let n = 2048;
+        let qkv = rand.tensor(n, q + 2 * kv, 1.0);
+        let bytes = (2 * n * (q + 2 * kv)) as f64 * bf;
+        bench.measure("split_cols", format!("[{n}, {}]", q + 2 * kv), bytes, 0.0, &mut || {
+            drop(b.split_cols(&qkv, &[q, kv, kv]));
+        });
+        let residual = rand.tensor(n, h, 1.0);
+        let rows: Vec<u32> = (0..64).map(|i| i * 32 + 31).collect();
+        let bytes = (2 * rows.len() * h) as f64 * bf;
+        bench.measure("gather_rows", format!("64 of [{n}, {h}]"), bytes, 0.0, &mut || {
+            drop(b.gather_rows(&residual, &rows));
+        });
+    }
+
+    // RoPE + K/V cache write, and attention, over one layer's paged cache.
+    let shape = AttentionShape {
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let decode_batches = [1usize, 8, 64];
+    let per_seq = blocks_for(args.context);
+    let max_batch = decode_batches.iter().copied().max().unwrap_or(1);
+    let num_blocks = (max_batch * per_seq).max(blocks_for(args.prefill_len)).max(blocks_for(2048));
+    let mut cache = b
+        .alloc_kv_cache(KvCacheShape {
+            num_layers: 1,
+            num_blocks,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        })
+        .context("allocating the KV cache")?;
+    rand.fill_kv(&mut cache);
+    let mut rope = RopeTable::new(&c.rope, hd);
+    rope.ensure(args.context.max(args.prefill_len).max(2048) + 1);
+    // Decode: every sequence at `context`, one new token each.
+    let decode_batch = |n_seqs: usize| {
+        let mut batch = Batch::default();
+        for s in 0..n_seqs {
+            let first = (s * per_seq) as u32;
+            let table: Vec<u32> = (first..first + per_seq as u32).collect();
+            batch.push_seq(&[0], args.context - 1, &table, true);
+        }
+        batch
+    };
+    // Prefill: one sequence of `len` tokens from position 0.
+    let prefill_batch = |len: usize| {
+        let mut batch = Batch::default();
+        let table: Vec<u32> = (0..blocks_for(len) as u32).collect();
+        batch.push_seq(&vec![0; len], 0, &table, true);
+        batch
+    };
+    for (label, batch) in [("decode", decode_batch(64)), ("prefill", prefill_batch(2048))] {
+        let n = batch.n_tokens();
+        let mut qt = rand.tensor(n, q, 1.0);
+        let mut kt = rand.tensor(n, kv, 1.0);
+        let v = rand.tensor(n, kv, 1.0);
+        // q and k read and written, v read, K and V written to the cache, cos/sin (f32) read.
+        let bytes =
+            (2 * n * q + 2 * n * kv + n * kv + 2 * n * kv) as f64 * bf + (n * hd) as f64 * 4.0;
+        let what = format!("{label}: {n} tokens, q [{n}, {q}], kv [{n}, {kv}]");
+        bench.measure("rope_and_store_kv", what, bytes, 0.0, &mut || {
+            b.rope_and_store_kv(&mut qt, &mut kt, &v, &batch, &rope, &mut cache, 0, shape);
+        });
+    }
+    for &n_seqs in &decode_batches {
+        let batch = decode_batch(n_seqs);
+        let qt = rand.tensor(n_seqs, q, 1.0);
+        let ctx = args.context;
+        let bytes = (n_seqs * ctx * 2 * kv + 2 * n_seqs * q) as f64 * bf;
+        let flops = 4.0 * (n_seqs * ctx * q) as f64;
+        let what = format!("decode: {n_seqs} seqs x {ctx} ctx");
+        bench.measure("attention", what, bytes, flops, &mut || {
+            drop(b.attention(&qt, &batch, &cache, 0, shape));
+        });
+    }
+    {
+        let len = args.prefill_len;
+        let batch = prefill_batch(len);
+        let qt = rand.tensor(len, q, 1.0);
+        let bytes = (2 * len * q + 2 * len * kv) as f64 * bf;
+        let flops = 4.0 * q as f64 * (len as f64 * (len as f64 + 1.0) / 2.0);
+        let what = format!("prefill: {len} tokens, causal");
+        bench.measure("attention", what, bytes, flops, &mut || {
+            drop(b.attention(&qt, &batch, &cache, 0, shape));
+        });
+    }
+
+    let report = &bench.report;
+    let failed = report.ops.iter().filter(|o| o.error.is_some()).count();
+    if failed > 0 {
+        bail!("{failed} of {} ops failed (see FAILED above)", report.ops.len());
+    }
+    Ok(())
+}
