@@ -38,6 +38,16 @@ fn matrix(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
         }
         DType::F16 | DType::BF16 => bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f),
         DType::F32 => bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f),
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            let at: &[usize] = if dtype == DType::Q6_K { &[208] } else { &[0, 2] };
+            for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
+                at.iter().for_each(|&a| fix(&mut blk[a..a + 2]));
+            }
+        }
+        DType::I8 => {
+            bytes.chunks_exact_mut(132).for_each(|b| b[..4].copy_from_slice(&0.01f32.to_le_bytes()))
+        }
+        DType::I4 => bytes.chunks_exact_mut(68).for_each(|b| fix(&mut b[0..2])),
     }
     bytes
 }
@@ -77,5 +87,59 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// GGUF k-quants on a 4096-wide row (7B hidden size) next to Q4_1, in GB/s of weight
+/// bytes: 64 rows (L2-resident, the kernel's own speed) and ~48 MB (streamed from DRAM).
+fn bench_kquants(c: &mut Criterion) {
+    const COLS: usize = 4096;
+    for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
+        let mut group = c.benchmark_group(format!("dot_row_kquant_{label}"));
+        group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+        for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q4_1] {
+            let row_bytes = dtype.row_bytes(COLS).expect("whole blocks");
+            let rows = if target_bytes == 0 { 64 } else { target_bytes / row_bytes };
+            let w = matrix(dtype, rows, COLS);
+            let x: Vec<f32> = (0..COLS).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+            let mut out = vec![0f32; rows];
+            group.throughput(Throughput::Bytes(w.len() as u64));
+            group.bench_function(format!("{dtype}/{COLS}"), |b| {
+                b.iter(|| {
+                    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                        *o = dot_row(dtype, row, black_box(&x));
+                    }
+                    black_box(&out);
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Qilin I8 / I4 (`--quantize`, AWQ/GPTQ) on a 3584-wide row (Qwen2.5-7B hidden size)
+/// next to the GGUF formats of the same widths and bf16, in GB/s of weight bytes.
+fn bench_intq(c: &mut Criterion) {
+    const COLS: usize = 3584;
+    for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
+        let mut group = c.benchmark_group(format!("dot_row_intq_{label}"));
+        group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+        for dtype in [DType::I8, DType::I4, DType::Q8_0, DType::Q4_1, DType::BF16] {
+            let row_bytes = dtype.row_bytes(COLS).expect("whole blocks");
+            let rows = if target_bytes == 0 { 64 } else { target_bytes / row_bytes };
+            let w = matrix(dtype, rows, COLS);
+            let x: Vec<f32> = (0..COLS).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+            let mut out = vec![0f32; rows];
+            group.throughput(Throughput::Bytes(w.len() as u64));
+            group.bench_function(format!("{dtype}/{COLS}"), |b| {
+                b.iter(|| {
+                    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                        *o = dot_row(dtype, row, black_box(&x));
+                    }
+                    black_box(&out);
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_kquants, bench_intq);
 criterion_main!(benches);

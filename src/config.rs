@@ -25,9 +25,15 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API on a loopback address or a unix socket.
     Serve(Box<ServeArgs>),
+    /// Quantize a Hugging Face model directory to int8 or int4 once and save it as a
+    /// directory qilin loads (what --quantize does at every start).
+    Quantize(QuantizeArgs),
     /// Measure the engine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Perplexity of a model on a text file, computed as llama.cpp's llama-perplexity
+    /// does (windows of --ctx tokens, second half of each scored).
+    Perplexity(PerplexityArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,6 +176,12 @@ pub struct EngineArgs {
     /// together, in (0, 1]; the KV cache gets what is left (CUDA only).
     #[arg(long, value_name = "FRACTION", default_value_t = crate::engine::load::DEFAULT_GPU_MEMORY_UTILIZATION)]
     pub gpu_memory_utilization: f64,
+    /// Quantize the linear layers' bf16/f16/f32 weights at load: `int8` (per output
+    /// channel, symmetric) or `int4` (groups of 128, asymmetric). Embeddings, lm_head,
+    /// already-quantized tensors and layers whose width is not a multiple of 128 stay
+    /// as they are.
+    #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
+    pub quantize: crate::model::quantize::QuantizeMethod,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +258,7 @@ impl EngineArgs {
             kv_cache_bytes: self.kv_cache_memory.map(|mib| mib << 20),
             device: self.device,
             gpu_memory_utilization: self.gpu_memory_utilization,
+            quantize: self.quantize,
         }
     }
 }
@@ -327,6 +340,67 @@ pub struct ServeArgs {
     /// Accepted for vLLM compatibility; request content is never logged anyway.
     #[arg(long)]
     pub disable_log_requests: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// Model directory (Hugging Face layout) or .gguf file (default: the demo model).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// The text to score (UTF-8; one trailing newline is dropped, as llama.cpp does).
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: PathBuf,
+    /// Tokens per window; the second half of each window is scored.
+    #[arg(long, short = 'c', value_name = "TOKENS", default_value_t = 512)]
+    pub ctx: usize,
+    /// Tokens per forward step: below --ctx a window is fed in pieces; a multiple of
+    /// --ctx runs that many windows side by side.
+    #[arg(long, short = 'b', value_name = "TOKENS", default_value_t = 512)]
+    pub batch: usize,
+    /// Evaluate only the first N windows (default: all).
+    #[arg(long, value_name = "N")]
+    pub chunks: Option<usize>,
+    /// Worker threads of the CPU backend (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Backend: `auto`, `cuda` or `cpu` (as for `generate`).
+    #[arg(long, value_enum, value_name = "DEVICE", default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Share of the GPU's memory qilin may fill (CUDA only).
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::engine::load::DEFAULT_GPU_MEMORY_UTILIZATION)]
+    pub gpu_memory_utilization: f64,
+    /// Quantize the linear layers at load, as for `generate` (`none`, `int8`, `int4`).
+    #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
+    pub quantize: crate::model::quantize::QuantizeMethod,
+    /// Also write the report (PPL, error, per-window NLL) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+impl PerplexityArgs {
+    /// `--model`, or the demo model when none was given.
+    pub fn model_path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => crate::model::demo::demo_model_path(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Hugging Face model directory with bf16/f16/f32 safetensors weights.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Output directory (new or empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// `int8` (per output channel, symmetric) or `int4` (groups of 128, asymmetric).
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub method: crate::model::quantize::QuantizeMethod,
+    /// Quantize the embeddings and lm_head too (they stay as they are by default).
+    #[arg(long)]
+    pub include_embeddings: bool,
 }
 
 #[derive(Args, Debug)]

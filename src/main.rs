@@ -15,11 +15,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::Serve(args) => commands::serve::run(&args),
+        Command::Quantize(args) => commands::quantize::run(&args),
         Command::Bench(BenchCommand::Throughput(args)) => commands::bench::throughput(&args),
         Command::Bench(BenchCommand::Serve(args)) => commands::bench::serve(&args),
         Command::Bench(BenchCommand::Kernels(args)) => commands::bench::kernels(&args),
         Command::Bench(BenchCommand::Decode(args)) => commands::bench::decode(&args),
         Command::Bench(BenchCommand::Prefill(args)) => commands::bench::prefill(&args),
+        Command::Perplexity(args) => commands::perplexity::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

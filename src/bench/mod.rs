@@ -3,5 +3,6 @@
 
 pub mod gpu_model;
 pub mod kernels;
+pub mod perplexity;
 pub mod serve;
 pub mod throughput;

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod generate;
+pub mod perplexity;
+pub mod quantize;
 pub mod serve;
 
 /// Sizes the global worker pool (`--threads`); default: one thread per core.

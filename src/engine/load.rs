@@ -20,8 +20,8 @@ use crate::backend::{Backend, KvCacheShape, BLOCK_SIZE};
 use crate::kv::block_manager::blocks_for;
 use crate::model::config::ModelConfig;
 use crate::model::forward::Model;
-use crate::model::load_model;
 use crate::model::loader::{GenerationDefaults, LoadedModel};
+use crate::model::quantize::load_quantized;
 use crate::model::weights::{weight_bytes, ModelWeights};
 use crate::tokenizer::Tokenizer;
 
@@ -67,6 +67,8 @@ pub struct EngineOptions {
     /// Share of the GPU's total memory that weights, activations and the KV cache may
     /// fill together (CUDA only), in (0, 1].
     pub gpu_memory_utilization: f64,
+    /// `--quantize`: linear weights quantized at load (none by default).
+    pub quantize: crate::model::quantize::QuantizeMethod,
 }
 
 impl Default for EngineOptions {
@@ -78,6 +80,7 @@ impl Default for EngineOptions {
             kv_cache_bytes: None,
             device: Device::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            quantize: crate::model::quantize::QuantizeMethod::None,
         }
     }
 }
@@ -225,7 +228,7 @@ pub fn load_cpu_engine(
     path: &Path,
     options: &EngineOptions,
 ) -> anyhow::Result<(Engine<CpuBackend>, GenerationDefaults)> {
-    let loaded = load_model(path)?;
+    let loaded = load_quantized(path, options.quantize)?;
     let backend = CpuBackend::new();
     let weights = ModelWeights::load(&backend, &loaded)?;
     let max_model_len = check_limits(path, &loaded, options, DEFAULT_MAX_MODEL_LEN)?;
@@ -260,7 +263,7 @@ pub fn load_cuda_engine(
     backend: CudaBackend,
 ) -> anyhow::Result<(Engine<CudaBackend>, GenerationDefaults)> {
     check_gpu_memory_utilization(options.gpu_memory_utilization)?;
-    let loaded = load_model(path)?;
+    let loaded = load_quantized(path, options.quantize)?;
     // The model's own limit: the KV cache lives in device memory sized below, and a
     // context that does not fit fails with a clear message instead of a silent cap.
     let max_model_len = check_limits(path, &loaded, options, usize::MAX)?;

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod forward;
 pub mod loader;
 pub mod quant;
+pub mod quantize;
 pub mod rope;
 pub mod tensor;
 pub mod weights;

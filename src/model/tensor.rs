@@ -8,6 +8,8 @@ use memmap2::Mmap;
 
 /// Element formats a weight may be stored in. Quantized formats are GGUF's block
 /// formats: a row of `k` values is `k / block_elems()` blocks of `block_bytes()` bytes.
+// GGUF's own names (Q4_K, ...) read better than camel case next to its docs.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -19,6 +21,19 @@ pub enum DType {
     Q4_0,
     /// 32 values: f16 scale d, f16 min m, 16 bytes of nibbles. x = d * q + m.
     Q4_1,
+    /// GGUF k-quant, 256 values in 8 sub-blocks of 32 with 6-bit scales and mins (144 B).
+    Q4_K,
+    /// GGUF k-quant, 256 values, 5-bit (176 B).
+    Q5_K,
+    /// GGUF k-quant, 256 values in 16 sub-blocks of 16 with i8 scales, 6-bit (210 B).
+    Q6_K,
+    /// Qilin int8: 128 values, f32 scale s, 128 x i8. x = s * q. Per-output-channel
+    /// symmetric when every block of a row carries the same scale (`--quantize int8`).
+    I8,
+    /// Qilin int4 (AWQ/GPTQ-compatible group 128, asymmetric): f16 scale s, u8 zero z
+    /// (0..=15), one reserved byte, 64 bytes of nibbles (value 2i in the low nibble of
+    /// byte i). x = s * (q - z).
+    I4,
 }
 
 impl DType {
@@ -27,6 +42,8 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::I8 | DType::I4 => 128,
         }
     }
 
@@ -38,6 +55,11 @@ impl DType {
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
+            DType::I8 => 132,
+            DType::I4 => 68,
         }
     }
 
@@ -64,6 +86,11 @@ impl std::fmt::Display for DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::I8 => "I8",
+            DType::I4 => "I4",
         };
         f.write_str(name)
     }

@@ -2,7 +2,9 @@
 //! mapped, both turned into the same thing: a config, tensors under Hugging Face names
 //! in Hugging Face layout, a tokenizer and generation defaults.
 
+pub mod awq_gptq;
 pub mod gguf;
+pub mod qilin_format;
 pub mod safetensors;
 
 use std::collections::HashMap;

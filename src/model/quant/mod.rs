@@ -11,6 +11,8 @@
 //! `dot_row` runs AVX2/FMA intrinsics (x86.rs) when the CPU has them, chosen at run
 //! time, and portable Rust otherwise.
 
+mod intq;
+mod kquants;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -105,6 +107,8 @@ pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => kquants::dequantize_row(dtype, row, out),
+        DType::I8 | DType::I4 => intq::dequantize_row(dtype, row, out),
     }
 }
 
@@ -130,6 +134,8 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::Q8_0 => dot_q8_0(row, x),
         DType::Q4_0 => dot_q4(row, x, 18, 2, -8.0, false),
         DType::Q4_1 => dot_q4(row, x, 20, 4, 0.0, true),
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => kquants::dot_row_portable(dtype, row, x),
+        DType::I8 | DType::I4 => intq::dot_row_portable(dtype, row, x),
     }
 }
 

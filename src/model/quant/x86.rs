@@ -28,6 +28,9 @@ pub unsafe fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::F16 => dot_f16(row, x),
         DType::BF16 => dot_bf16(row, x),
         DType::F32 => dot_f32(row, x),
+        // Their owners' files pick their own SIMD paths.
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => super::kquants::dot_row(dtype, row, x),
+        DType::I8 | DType::I4 => super::intq::dot_row(dtype, row, x),
     }
 }
 

@@ -182,7 +182,7 @@ impl GgufFile {
                 return Err(format!("tensor `{name}` appears twice"));
             }
             let dtype = dtype_of(ty).map_err(|t| {
-                format!("tensor `{name}` has type {t}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+                format!("tensor `{name}` has type {t}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")
             })?;
             if offset % alignment != 0 {
                 return Err(format!("tensor `{name}`: offset {offset} is not {alignment}-aligned"));
@@ -275,7 +275,12 @@ fn dtype_of(ty: u32) -> Result<DType, String> {
         2 => Ok(DType::Q4_0),
         3 => Ok(DType::Q4_1),
         8 => Ok(DType::Q8_0),
+        12 => Ok(DType::Q4_K),
+        13 => Ok(DType::Q5_K),
+        14 => Ok(DType::Q6_K),
         30 => Ok(DType::BF16),
+        // GGML's own I8 (24) is a plain int8 tensor, not Qilin's block format DType::I8:
+        // it stays unsupported like the rest.
         t => Err(match NAMES.get(t as usize) {
             Some(n) if *n != "?" => format!("{n} ({t})"),
             _ => format!("unknown ({t})"),
