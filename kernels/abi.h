@@ -64,7 +64,7 @@ typedef struct QilinRmsNormParams {
 #define QILIN_GEMV_VECS_PER_LANE 4
 #define QILIN_GEMV_ROWS_PER_BLOCK 16
 
-/* Threads per block of qilin_broadcast_bias_bf16 (grid-stride loop). */
+/* Threads per block of qilin_bias_round_bf16 (grid-stride loop). */
 #define QILIN_BIAS_THREADS 256
 
 /** Launch parameters of qilin_gemv_bf16: out[n_tokens, out_features] =
@@ -79,7 +79,7 @@ typedef struct QilinGemvParams {
     uint32_t out_features;
 } QilinGemvParams;
 
-/** Launch parameters of qilin_broadcast_bias_bf16: out[t][o] = bias[o]. */
+/** Launch parameters of qilin_bias_round_bf16: out[t][o] = bf16(acc[t][o] + bias[o]). */
 typedef struct QilinBiasParams {
     /** Rows of out. */
     uint32_t n_tokens;
@@ -155,6 +155,12 @@ typedef struct QilinRopeParams {
 #define QILIN_ATTN_DECODE_THREADS 128
 #define QILIN_ATTN_DECODE_MAX_GROUP 8
 
+/* Tensor-core decode kernel (head_dim 64 or 128): threads per block (each warp takes one
+ * 16-key cache block at a time) and query heads per block (the 16 rows of an mma tile;
+ * larger groups run in chunks over grid.y). */
+#define QILIN_ATTN_DECODE_MMA_THREADS 128
+#define QILIN_ATTN_DECODE_MMA_MAX_GROUP 16
+
 /* Prefill (tensor-core) kernel: query rows x keys per tile, threads per block
  * (4 warps x 16 query rows). BLOCK_N is a multiple of QILIN_BLOCK_SIZE. */
 #define QILIN_ATTN_PREFILL_BLOCK_M 64
@@ -185,7 +191,8 @@ typedef struct QilinAttentionParams {
     uint32_t split_tokens;
     /** Decode: splits per sequence (grid.z); 1 = no reduction pass, out written directly. */
     uint32_t n_splits;
-    /** Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP. */
+    /** Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP
+     *  (QILIN_ATTN_DECODE_MMA_MAX_GROUP for the tensor-core kernel). */
     uint32_t group_chunk;
     /** Prefill kernels: 1 = leave sequences with exactly one new token to the decode kernel. */
     uint32_t skip_decode_rows;

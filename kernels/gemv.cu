@@ -50,10 +50,13 @@
 //   Bytes in flight: 2 x 4 x 16 B per lane = 4 KiB per warp; at 16+ resident warps
 //   per SM that is 64+ KiB per SM against ~18-40 KiB needed to cover HBM latency.
 //
-// qilin_broadcast_bias_bf16: out[t][o] = bias[o] for every t; the cuBLAS path then runs
-//   with beta = 1, so the bias is added in f32 inside the GEMM and rounded once, like the
-//   GEMV. Grid-stride loop: any grid >= 1 block of QILIN_BIAS_THREADS threads is
-//   correct. Napkin: 2 bytes written per output, ~1% of a prefill GEMM's time.
+// qilin_bias_round_bf16: out[t][o] = bf16(acc[t][o] + bias[o]), the epilogue of the
+//   cuBLAS path for layers with a bias: cuBLAS writes x W^T as f32 into acc, and the bias
+//   is added before the one rounding, like the GEMV. (cuBLAS with the bias broadcast into
+//   a bf16 C and beta = 1, and cuBLASLt's BIAS epilogue, both rounded x W^T to bf16
+//   before adding on an H200 for some shapes: bench/results/2026-11-26-h200.md.)
+//   Grid-stride loop: any grid >= 1 block of QILIN_BIAS_THREADS threads is correct.
+//   Napkin: 4 bytes read + 2 written per output, ~3% of a prefill qkv GEMM's time.
 
 #include "common.cuh"
 
@@ -223,12 +226,13 @@ qilin_gemv_bf16(const QilinGemvParams p,
 // out:  bf16 [n_tokens, out_features]  every row set to bias
 // bias: bf16 [out_features]
 extern "C" __global__ void __launch_bounds__(QILIN_BIAS_THREADS)
-qilin_broadcast_bias_bf16(const QilinBiasParams p,
-                          bf16* __restrict__ out,
-                          const bf16* __restrict__ bias) {
+qilin_bias_round_bf16(const QilinBiasParams p,
+                      bf16* __restrict__ out,         // [n_tokens, out_features]
+                      const float* __restrict__ acc,  // [n_tokens, out_features]
+                      const bf16* __restrict__ bias) {  // [out_features]
     const size_t total = (size_t)p.n_tokens * p.out_features;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-        out[i] = bias[i % p.out_features];
+        out[i] = __float2bfloat16_rn(acc[i] + __bfloat162float(bias[i % p.out_features]));
     }
 }

@@ -259,6 +259,7 @@ impl EngineArgs {
             device: self.device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             quantize: self.quantize,
+            cpu_emulates_bf16: false,
         }
     }
 }

@@ -16,10 +16,11 @@
 //! dropped, or a split merged wrongly moves the output far beyond the tolerance).
 //!
 //! Every case runs under each launcher path (the bisecting switches of
-//! src/backend/cuda/attention.rs): default (decode kernel for one-token sequences,
-//! tensor-core prefill for the rest), the decode kernel forced to 16-key splits (many
-//! splits and the reduction pass on every context), the prefill kernel on every row, and
-//! the plain-FMA kernel on every row. A failure names the path, so it tells which kernel
+//! src/backend/cuda/attention.rs): default (the tensor-core decode kernel for one-token
+//! sequences where head_dim is 64 or 128, tensor-core prefill for the rest), the decode
+//! kernel forced to 16-key splits (many splits and the reduction pass on every context),
+//! both again with the FMA decode kernels, the prefill kernel on every row, and the
+//! plain-FMA kernel on every row. A failure names the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>.
 //!
 //! Inputs and poison. Block tables are scattered over a shuffled pool of physical blocks.
@@ -70,14 +71,53 @@ struct Path {
     name: &'static str,
     simple: bool,
     no_decode: bool,
+    decode_fma: bool,
     split_tokens: Option<&'static str>,
 }
 
 const PATHS: &[Path] = &[
-    Path { name: "default", simple: false, no_decode: false, split_tokens: None },
-    Path { name: "decode-split-16", simple: false, no_decode: false, split_tokens: Some("16") },
-    Path { name: "prefill-kernel-only", simple: false, no_decode: true, split_tokens: None },
-    Path { name: "simple-fma", simple: true, no_decode: false, split_tokens: None },
+    Path {
+        name: "default",
+        simple: false,
+        no_decode: false,
+        decode_fma: false,
+        split_tokens: None,
+    },
+    Path {
+        name: "decode-split-16",
+        simple: false,
+        no_decode: false,
+        decode_fma: false,
+        split_tokens: Some("16"),
+    },
+    Path {
+        name: "decode-fma",
+        simple: false,
+        no_decode: false,
+        decode_fma: true,
+        split_tokens: None,
+    },
+    Path {
+        name: "decode-fma-split-16",
+        simple: false,
+        no_decode: false,
+        decode_fma: true,
+        split_tokens: Some("16"),
+    },
+    Path {
+        name: "prefill-kernel-only",
+        simple: false,
+        no_decode: true,
+        decode_fma: false,
+        split_tokens: None,
+    },
+    Path {
+        name: "simple-fma",
+        simple: true,
+        no_decode: false,
+        decode_fma: false,
+        split_tokens: None,
+    },
 ];
 
 #[derive(Clone, Copy)]
@@ -126,6 +166,7 @@ fn set_path(path: &Path) {
     };
     set("QILIN_ATTN_SIMPLE", path.simple.then_some("1"));
     set("QILIN_ATTN_NO_DECODE", path.no_decode.then_some("1"));
+    set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
     set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
 }
 

@@ -1,5 +1,5 @@
 //! Parity of the dense linear layer (kernels/gemv.cu's qilin_gemv_bf16 for n <= 8, cuBLAS
-//! with qilin_broadcast_bias_bf16 above; launchers in src/backend/cuda/linear.rs) with its
+//! with qilin_bias_round_bf16 above; launchers in src/backend/cuda/linear.rs) with its
 //! CPU twin `CpuBackend::linear` (`CpuLinear::forward`), on identical inputs: weights
 //! built as bf16 `WeightTensor`s, inputs rounded to bf16 first, fresh random values each
 //! run (the seed is printed). Shapes: every linear layer of Qwen2.5-7B (qkv 3584 -> 4608

@@ -199,7 +199,7 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_linear.rs",
     },
     Coverage {
-        entry: "qilin_broadcast_bias_bf16",
+        entry: "qilin_bias_round_bf16",
         launcher: "src/backend/cuda/linear.rs",
         twin: "linear",
         parity: "tests/gpu_linear.rs",
@@ -212,6 +212,18 @@ const COVERAGE: &[Coverage] = &[
     },
     Coverage {
         entry: "qilin_attention_decode_g8_bf16",
+        launcher: "src/backend/cuda/attention.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
+        entry: "qilin_attention_decode_mma_hd128_bf16",
+        launcher: "src/backend/cuda/attention.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
+        entry: "qilin_attention_decode_mma_hd64_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
@@ -445,11 +457,11 @@ fn gemv_module_entries_and_params_match_the_rust_side() {
     }
     let gemv: BTreeSet<&str> = entry_names(ptx::GEMV_PTX).into_iter().collect();
     let expected: BTreeSet<&str> =
-        [ptx::GEMV_BF16.entry, ptx::BROADCAST_BIAS_BF16.entry].into_iter().collect();
+        [ptx::GEMV_BF16.entry, ptx::BIAS_ROUND_BF16.entry].into_iter().collect();
     assert_eq!(gemv, expected);
     let layouts = [
         (ptx::GEMV_BF16, (align_of::<QilinGemvParams>(), size_of::<QilinGemvParams>())),
-        (ptx::BROADCAST_BIAS_BF16, (align_of::<QilinBiasParams>(), size_of::<QilinBiasParams>())),
+        (ptx::BIAS_ROUND_BF16, (align_of::<QilinBiasParams>(), size_of::<QilinBiasParams>())),
     ];
     for (kernel, layout) in layouts {
         let text = module_ptx(kernel.module).expect("module embedded");
@@ -472,6 +484,8 @@ fn attention_module_entries_and_params_match_the_rust_side() {
     let expected: BTreeSet<&str> = [
         ptx::ATTENTION_DECODE_G4_BF16.entry,
         ptx::ATTENTION_DECODE_G8_BF16.entry,
+        ptx::ATTENTION_DECODE_MMA_HD128_BF16.entry,
+        ptx::ATTENTION_DECODE_MMA_HD64_BF16.entry,
         ptx::ATTENTION_DECODE_REDUCE_BF16.entry,
     ]
     .into_iter()
@@ -490,6 +504,8 @@ fn attention_module_entries_and_params_match_the_rust_side() {
     for kernel in [
         ptx::ATTENTION_DECODE_G4_BF16,
         ptx::ATTENTION_DECODE_G8_BF16,
+        ptx::ATTENTION_DECODE_MMA_HD128_BF16,
+        ptx::ATTENTION_DECODE_MMA_HD64_BF16,
         ptx::ATTENTION_DECODE_REDUCE_BF16,
         ptx::ATTENTION_PREFILL_HD64_BF16,
         ptx::ATTENTION_PREFILL_HD128_BF16,

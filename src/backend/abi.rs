@@ -104,7 +104,7 @@ pub fn gemv_geometry(n: usize, in_features: usize, out_features: usize) -> Optio
     Some((out.div_ceil(QILIN_GEMV_ROWS_PER_BLOCK), QILIN_GEMV_THREADS))
 }
 
-/// grid.x of qilin_broadcast_bias_bf16 for `elements` outputs: one element per thread
+/// grid.x of qilin_bias_round_bf16 for `elements` outputs: one element per thread
 /// of `QILIN_BIAS_THREADS`-thread blocks, at least 1 and at most 65535 blocks (the
 /// kernel's grid-stride loop covers any rest).
 pub fn bias_blocks(elements: usize) -> u32 {

@@ -22,6 +22,8 @@ pub const QILIN_ROPE_MAX_THREADS: u32 = 256;
 pub const QILIN_ATTN_MAX_HEAD_DIM: u32 = 256;
 pub const QILIN_ATTN_DECODE_THREADS: u32 = 128;
 pub const QILIN_ATTN_DECODE_MAX_GROUP: u32 = 8;
+pub const QILIN_ATTN_DECODE_MMA_THREADS: u32 = 128;
+pub const QILIN_ATTN_DECODE_MMA_MAX_GROUP: u32 = 16;
 pub const QILIN_ATTN_PREFILL_BLOCK_M: u32 = 64;
 pub const QILIN_ATTN_PREFILL_BLOCK_N: u32 = 64;
 pub const QILIN_ATTN_PREFILL_THREADS: u32 = 128;
@@ -70,7 +72,7 @@ const _: () = {
     ["Offset of field: QilinGemvParams::out_features"]
         [::core::mem::offset_of!(QilinGemvParams, out_features) - 8usize];
 };
-#[doc = " Launch parameters of qilin_broadcast_bias_bf16: out[t][o] = bias[o]."]
+#[doc = " Launch parameters of qilin_bias_round_bf16: out[t][o] = bf16(acc[t][o] + bias[o])."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
 pub struct QilinBiasParams {
@@ -212,7 +214,7 @@ pub struct QilinAttentionParams {
     pub split_tokens: u32,
     #[doc = " Decode: splits per sequence (grid.z); 1 = no reduction pass, out written directly."]
     pub n_splits: u32,
-    #[doc = " Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP."]
+    #[doc = " Decode: query heads per block, at most QILIN_ATTN_DECODE_MAX_GROUP\n  (QILIN_ATTN_DECODE_MMA_MAX_GROUP for the tensor-core kernel)."]
     pub group_chunk: u32,
     #[doc = " Prefill kernels: 1 = leave sequences with exactly one new token to the decode kernel."]
     pub skip_decode_rows: u32,

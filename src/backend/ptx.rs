@@ -32,8 +32,7 @@ pub const ROPE_STORE_KV_BF16: Kernel = Kernel { module: "rope", entry: "qilin_ro
 /// Dense bf16 linear layer for up to 8 tokens (decode), bias fused; see kernels/gemv.cu.
 pub const GEMV_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_gemv_bf16" };
 /// Every row of a matrix set to the bias (before the cuBLAS GEMM); see kernels/gemv.cu.
-pub const BROADCAST_BIAS_BF16: Kernel =
-    Kernel { module: "gemv", entry: "qilin_broadcast_bias_bf16" };
+pub const BIAS_ROUND_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_bias_round_bf16" };
 
 /// Split-K paged attention of decode rows, up to 4 query heads per KV-head block, bf16;
 /// see kernels/attention_decode.cu.
@@ -42,6 +41,13 @@ pub const ATTENTION_DECODE_G4_BF16: Kernel =
 /// As ATTENTION_DECODE_G4_BF16 for up to 8 query heads per block.
 pub const ATTENTION_DECODE_G8_BF16: Kernel =
     Kernel { module: "attention_decode", entry: "qilin_attention_decode_g8_bf16" };
+/// Tensor-core split-K decode, head_dim 128, up to 16 query heads per block (the rows of
+/// one mma tile); see kernels/attention_decode.cu.
+pub const ATTENTION_DECODE_MMA_HD128_BF16: Kernel =
+    Kernel { module: "attention_decode", entry: "qilin_attention_decode_mma_hd128_bf16" };
+/// As ATTENTION_DECODE_MMA_HD128_BF16 for head_dim 64.
+pub const ATTENTION_DECODE_MMA_HD64_BF16: Kernel =
+    Kernel { module: "attention_decode", entry: "qilin_attention_decode_mma_hd64_bf16" };
 /// Merge of the decode splits; see kernels/attention_decode.cu.
 pub const ATTENTION_DECODE_REDUCE_BF16: Kernel =
     Kernel { module: "attention_decode", entry: "qilin_attention_decode_reduce_bf16" };
@@ -66,9 +72,11 @@ pub const KERNELS: &[Kernel] = &[
     SILU_MUL_BF16,
     ROPE_STORE_KV_BF16,
     GEMV_BF16,
-    BROADCAST_BIAS_BF16,
+    BIAS_ROUND_BF16,
     ATTENTION_DECODE_G4_BF16,
     ATTENTION_DECODE_G8_BF16,
+    ATTENTION_DECODE_MMA_HD128_BF16,
+    ATTENTION_DECODE_MMA_HD64_BF16,
     ATTENTION_DECODE_REDUCE_BF16,
     ATTENTION_PREFILL_HD64_BF16,
     ATTENTION_PREFILL_HD128_BF16,

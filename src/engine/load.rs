@@ -69,6 +69,9 @@ pub struct EngineOptions {
     pub gpu_memory_utilization: f64,
     /// `--quantize`: linear weights quantized at load (none by default).
     pub quantize: crate::model::quantize::QuantizeMethod,
+    /// CPU only: round activations and the KV cache to bf16 as the CUDA backend stores
+    /// them (`CpuBackend::emulating_bf16`), the reference of tests/gpu_e2e.rs.
+    pub cpu_emulates_bf16: bool,
 }
 
 impl Default for EngineOptions {
@@ -81,6 +84,7 @@ impl Default for EngineOptions {
             device: Device::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             quantize: crate::model::quantize::QuantizeMethod::None,
+            cpu_emulates_bf16: false,
         }
     }
 }
@@ -229,7 +233,8 @@ pub fn load_cpu_engine(
     options: &EngineOptions,
 ) -> anyhow::Result<(Engine<CpuBackend>, GenerationDefaults)> {
     let loaded = load_quantized(path, options.quantize)?;
-    let backend = CpuBackend::new();
+    let backend =
+        if options.cpu_emulates_bf16 { CpuBackend::emulating_bf16() } else { CpuBackend::new() };
     let weights = ModelWeights::load(&backend, &loaded)?;
     let max_model_len = check_limits(path, &loaded, options, DEFAULT_MAX_MODEL_LEN)?;
     let shape = kv_shape(&loaded.config);

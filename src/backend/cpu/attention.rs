@@ -96,6 +96,11 @@ pub fn paged_attention(
     let group = shape.num_heads / shape.num_kv_heads;
     let mut tasks = Vec::new();
     for (s, seq) in batch.seqs.iter().enumerate() {
+        // A sequence with no new tokens this step has no rows to write (and a task of
+        // zero rows would split its result into zero-length chunks).
+        if seq.len == 0 {
+            continue;
+        }
         for kv_head in 0..shape.num_kv_heads {
             if seq.len <= DIRECT_MAX_ROWS {
                 // Decode: one task per query head, so few KV heads still fill the threads.
@@ -283,4 +288,39 @@ fn attend(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence with no new tokens this step (the CUDA parity suite builds such
+    /// batches) writes no rows and leaves the other sequences' rows as they would be
+    /// without it.
+    #[test]
+    fn an_empty_sequence_changes_nothing() {
+        let shape = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 8, scale: 0.35 };
+        let kv = KvCacheShape { num_layers: 1, num_blocks: 8, num_kv_heads: 2, head_dim: 8 };
+        let mut cache = CpuKvCache::new(kv).expect("tiny cache");
+        let value = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
+        let kv_rows =
+            CpuTensor::from_vec((0..8 * BLOCK_SIZE * 16).map(value).collect(), 8 * BLOCK_SIZE, 16);
+        let slots: Vec<u32> = (0..(8 * BLOCK_SIZE) as u32).collect();
+        cache.store(0, &slots, &kv_rows, &kv_rows);
+
+        let build = |with_empty: bool| {
+            let mut batch = Batch::default();
+            batch.push_seq(&[1, 2, 3], 5, &[0], true);
+            if with_empty {
+                batch.push_seq(&[], 20, &[1, 2], true);
+            }
+            batch.push_seq(&[4], 30, &[3, 4], true);
+            batch
+        };
+        let (plain, with_empty) = (build(false), build(true));
+        let q = CpuTensor::from_vec((0..4 * 32).map(|i| value(i + 3)).collect(), 4, 32);
+        let expected = paged_attention(&q, &plain, &cache, 0, shape);
+        let got = paged_attention(&q, &with_empty, &cache, 0, shape);
+        assert_eq!(got.data, expected.data);
+    }
 }

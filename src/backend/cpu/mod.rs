@@ -39,11 +39,35 @@ impl CpuTensor {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// Round every op's output (activations, the residual stream, K and V, logits) to
+    /// bf16, where the CUDA backend stores them, while still computing each op in f32.
+    /// The same model then differs from the CUDA backend by accumulation order only,
+    /// which tells bf16 rounding apart from a kernel error (tests/gpu_e2e.rs).
+    round_bf16: bool,
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { round_bf16: false }
+    }
+
+    /// The backend that rounds like the CUDA backend (see `round_bf16`).
+    pub fn emulating_bf16() -> Self {
+        CpuBackend { round_bf16: true }
+    }
+
+    fn rounded(&self, mut t: CpuTensor) -> CpuTensor {
+        self.round(&mut t.data);
+        t
+    }
+
+    fn round(&self, values: &mut [f32]) {
+        if self.round_bf16 {
+            for v in values {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+        }
     }
 }
 
@@ -90,7 +114,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> CpuTensor {
-        table.gather(ids)
+        self.rounded(table.gather(ids))
     }
 
     fn add_rms_norm(
@@ -101,6 +125,15 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> CpuTensor {
         let mut out = CpuTensor::zeros(residual.rows, residual.cols);
+        if self.round_bf16 {
+            // qilin_add_rms_norm_bf16 rounds residual + x before normalising it.
+            if let Some(x) = x {
+                residual.data.iter_mut().zip(&x.data).for_each(|(r, &x)| *r += x);
+                self.round(&mut residual.data);
+            }
+            add_rms_norm_rows(&mut residual.data, None, weight, eps, &mut out.data);
+            return self.rounded(out);
+        }
         add_rms_norm_rows(
             &mut residual.data,
             x.map(|x| x.data.as_slice()),
@@ -112,7 +145,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> CpuTensor {
-        w.forward(x)
+        self.rounded(w.forward(x))
     }
 
     fn rope_and_store_kv(
@@ -128,6 +161,8 @@ impl Backend for CpuBackend {
     ) {
         attention::apply_rope(q, &batch.positions, rope, shape.head_dim);
         attention::apply_rope(k, &batch.positions, rope, shape.head_dim);
+        self.round(&mut q.data);
+        self.round(&mut k.data);
         cache.store(layer, &batch.slot_mapping, k, v);
     }
 
@@ -139,7 +174,7 @@ impl Backend for CpuBackend {
         layer: usize,
         shape: AttentionShape,
     ) -> CpuTensor {
-        attention::paged_attention(q, batch, cache, layer, shape)
+        self.rounded(attention::paged_attention(q, batch, cache, layer, shape))
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> CpuTensor {
@@ -149,7 +184,7 @@ impl Backend for CpuBackend {
             let (gate, up) = row.split_at(ffn);
             data.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
         }
-        CpuTensor::from_vec(data, gate_up.rows, ffn)
+        self.rounded(CpuTensor::from_vec(data, gate_up.rows, ffn))
     }
 
     fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Vec<CpuTensor> {

@@ -18,6 +18,7 @@
 //! them once; they are not for production):
 //! - `QILIN_ATTN_SIMPLE=1`: the plain-FMA kernel writes every row;
 //! - `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row, decode rows included;
+//! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
 //!   keys per split, instead of the occupancy-based choice.
 
@@ -31,9 +32,10 @@ use super::batch_meta::DeviceBatch;
 use super::device::{check, Device};
 use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{
-    QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_DECODE_MAX_GROUP, QILIN_ATTN_DECODE_THREADS,
-    QILIN_ATTN_MAX_HEAD_DIM, QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_THREADS,
-    QILIN_ATTN_SIMPLE_THREADS, QILIN_WARP_SIZE, VEC_ELEMS,
+    QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_DECODE_MAX_GROUP, QILIN_ATTN_DECODE_MMA_MAX_GROUP,
+    QILIN_ATTN_DECODE_MMA_THREADS, QILIN_ATTN_DECODE_THREADS, QILIN_ATTN_MAX_HEAD_DIM,
+    QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_SIMPLE_THREADS,
+    QILIN_WARP_SIZE, VEC_ELEMS,
 };
 use crate::backend::ptx::{self, Kernel};
 use crate::backend::AttentionShape;
@@ -44,6 +46,9 @@ const DECODE_WAVES: usize = 4;
 /// Fewest keys per decode split (unless forced): below this the per-split merge and the
 /// reduction pass cost more than the extra parallelism gains.
 const MIN_SPLIT_TOKENS: usize = 256;
+/// As MIN_SPLIT_TOKENS for the tensor-core decode kernel, whose 4 warps take 16 keys
+/// each: two rounds per split.
+const MMA_MIN_SPLIT_TOKENS: usize = 128;
 /// SM count assumed when the driver cannot be asked (an H100 SXM's).
 const FALLBACK_SM_COUNT: usize = 132;
 /// Largest grid.y / grid.z the hardware accepts.
@@ -132,6 +137,7 @@ pub fn attention(
             batch.max_context_len,
             sm_count(dev),
             switches.split_tokens,
+            switches.decode_fma,
         );
         launch_decode(dev, &plan, &mut out, q, batch, kv, params);
     }
@@ -243,6 +249,8 @@ struct DecodePlan {
     n_splits: usize,
     /// Dynamic shared memory of one block: the cross-warp merge buffers.
     smem_bytes: usize,
+    /// Threads per block of `kernel`.
+    threads: u32,
 }
 
 impl DecodePlan {
@@ -254,24 +262,35 @@ impl DecodePlan {
         max_context: usize,
         sm_count: usize,
         forced_split: Option<usize>,
+        force_fma: bool,
     ) -> DecodePlan {
         let group = shape.num_heads / shape.num_kv_heads;
-        let max_group = QILIN_ATTN_DECODE_MAX_GROUP as usize;
+        let mma_kernel = match shape.head_dim {
+            64 => Some(ptx::ATTENTION_DECODE_MMA_HD64_BF16),
+            128 => Some(ptx::ATTENTION_DECODE_MMA_HD128_BF16),
+            _ => None,
+        }
+        .filter(|_| !force_fma);
+        let max_group = match mma_kernel {
+            Some(_) => QILIN_ATTN_DECODE_MMA_MAX_GROUP,
+            None => QILIN_ATTN_DECODE_MAX_GROUP,
+        } as usize;
         // Balanced chunks: a group of 12 runs as 6 + 6, not 8 + 4.
         let chunks = group.div_ceil(max_group);
         let group_chunk = group.div_ceil(chunks);
-        let kernel = if group_chunk <= 4 {
-            ptx::ATTENTION_DECODE_G4_BF16
-        } else {
-            ptx::ATTENTION_DECODE_G8_BF16
+        let kernel = match mma_kernel {
+            Some(kernel) => kernel,
+            None if group_chunk <= 4 => ptx::ATTENTION_DECODE_G4_BF16,
+            None => ptx::ATTENTION_DECODE_G8_BF16,
         };
+        let min_split = if mma_kernel.is_some() { MMA_MIN_SPLIT_TOKENS } else { MIN_SPLIT_TOKENS };
         let max_context = max_context.max(1);
         let split_tokens = match forced_split {
             Some(tokens) => tokens,
             None => {
                 let blocks_per_split = (n_seqs * shape.num_kv_heads * chunks).max(1);
                 let wanted = (DECODE_WAVES * sm_count).div_ceil(blocks_per_split).max(1);
-                let most = max_context.div_ceil(MIN_SPLIT_TOKENS).max(1);
+                let most = max_context.div_ceil(min_split).max(1);
                 max_context.div_ceil(wanted.min(most)).next_multiple_of(BLOCK_SIZE)
             }
         };
@@ -281,8 +300,16 @@ impl DecodePlan {
         );
         let n_splits = max_context.div_ceil(split_tokens);
         let warps = (QILIN_ATTN_DECODE_THREADS / QILIN_WARP_SIZE) as usize;
-        let smem_bytes = warps * group_chunk * (shape.head_dim + 2) * std::mem::size_of::<f32>();
-        DecodePlan { kernel, group_chunk, chunks, split_tokens, n_splits, smem_bytes }
+        // The tensor-core kernel's buffers are static.
+        let smem_bytes = match mma_kernel {
+            Some(_) => 0,
+            None => warps * group_chunk * (shape.head_dim + 2) * std::mem::size_of::<f32>(),
+        };
+        let threads = match mma_kernel {
+            Some(_) => QILIN_ATTN_DECODE_MMA_THREADS,
+            None => QILIN_ATTN_DECODE_THREADS,
+        };
+        DecodePlan { kernel, group_chunk, chunks, split_tokens, n_splits, smem_bytes, threads }
     }
 }
 
@@ -319,7 +346,7 @@ fn launch_decode(
     let null: u64 = 0;
     let cfg = LaunchConfig {
         grid_dim: (as_grid_x(batch.n_seqs), grid_y as u32, plan.n_splits as u32),
-        block_dim: (QILIN_ATTN_DECODE_THREADS, 1, 1),
+        block_dim: (plan.threads, 1, 1),
         shared_mem_bytes: plan.smem_bytes as u32,
     };
     let mut launch = dev.stream.launch_builder(dev.function(plan.kernel));
@@ -411,6 +438,9 @@ fn as_grid_x(blocks: usize) -> u32 {
 struct Switches {
     simple: bool,
     no_decode: bool,
+    /// `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels even where a tensor-core one
+    /// exists.
+    decode_fma: bool,
     split_tokens: Option<usize>,
 }
 
@@ -421,6 +451,7 @@ impl Switches {
         Switches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
+            decode_fma: on("QILIN_ATTN_DECODE_FMA"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }
@@ -460,41 +491,61 @@ mod tests {
         for (heads, kv, hd) in [(28, 4, 128), (9, 3, 64), (16, 1, 64), (12, 1, 96), (8, 8, 256)] {
             for n_seqs in [1, 3, 8, 64, 256] {
                 for ctx in [1, 15, 16, 17, 255, 1000, 8192, 32768, 131072] {
-                    let plan = DecodePlan::new(n_seqs, shape(heads, kv, hd), ctx, 132, None);
-                    let label = format!("{heads}/{kv}/{hd}, {n_seqs} seqs, ctx {ctx}: {plan:?}");
-                    assert!(plan.n_splits * plan.split_tokens >= ctx, "{label}");
-                    assert!((plan.n_splits - 1) * plan.split_tokens < ctx, "{label}: empty split");
-                    assert_eq!(plan.split_tokens % BLOCK_SIZE, 0, "{label}");
-                    assert!(plan.n_splits <= MAX_GRID_YZ, "{label}");
-                    assert!(plan.group_chunk * plan.chunks >= heads / kv, "{label}");
-                    assert!(plan.group_chunk <= QILIN_ATTN_DECODE_MAX_GROUP as usize, "{label}");
-                    assert!(plan.smem_bytes <= 48 * 1024, "{label}");
-                    if ctx >= 2 * MIN_SPLIT_TOKENS {
-                        assert!(plan.split_tokens >= MIN_SPLIT_TOKENS, "{label}: tiny splits");
+                    for fma in [false, true] {
+                        let plan =
+                            DecodePlan::new(n_seqs, shape(heads, kv, hd), ctx, 132, None, fma);
+                        let label =
+                            format!("{heads}/{kv}/{hd}, {n_seqs} seqs, ctx {ctx}: {plan:?}");
+                        assert!(plan.n_splits * plan.split_tokens >= ctx, "{label}");
+                        assert!(
+                            (plan.n_splits - 1) * plan.split_tokens < ctx,
+                            "{label}: empty split"
+                        );
+                        assert_eq!(plan.split_tokens % BLOCK_SIZE, 0, "{label}");
+                        assert!(plan.n_splits <= MAX_GRID_YZ, "{label}");
+                        assert!(plan.group_chunk * plan.chunks >= heads / kv, "{label}");
+                        let mma = !fma && (hd == 64 || hd == 128);
+                        let (max_group, min_split) = match mma {
+                            true => (QILIN_ATTN_DECODE_MMA_MAX_GROUP, MMA_MIN_SPLIT_TOKENS),
+                            false => (QILIN_ATTN_DECODE_MAX_GROUP, MIN_SPLIT_TOKENS),
+                        };
+                        assert!(plan.group_chunk <= max_group as usize, "{label}");
+                        assert!(plan.smem_bytes <= 48 * 1024, "{label}");
+                        if ctx >= 2 * min_split {
+                            assert!(plan.split_tokens >= min_split, "{label}: tiny splits");
+                        }
                     }
                 }
             }
         }
         // One 32K sequence of Qwen2.5-7B: 4 KV heads alone would use 4 SMs.
-        let plan = DecodePlan::new(1, shape(28, 4, 128), 32768, 132, None);
-        let blocks = 4 * plan.n_splits;
-        assert!((2 * 132..=4 * 132).contains(&blocks), "{plan:?}: {blocks} blocks");
-        assert_eq!(plan.kernel, ptx::ATTENTION_DECODE_G8_BF16);
-        // A full decode batch needs no split at all.
-        let plan = DecodePlan::new(256, shape(28, 4, 128), 2000, 132, None);
-        assert_eq!(plan.n_splits, 1, "{plan:?}");
-        // SmolLM2 (group 3) takes the narrow kernel; a group of 16 two chunks of 8.
-        assert_eq!(
-            DecodePlan::new(1, shape(9, 3, 64), 100, 132, None).kernel,
-            ptx::ATTENTION_DECODE_G4_BF16
-        );
-        let plan = DecodePlan::new(1, shape(16, 1, 64), 100, 132, None);
+        for fma in [false, true] {
+            let plan = DecodePlan::new(1, shape(28, 4, 128), 32768, 132, None, fma);
+            let blocks = 4 * plan.n_splits;
+            assert!((2 * 132..=4 * 132).contains(&blocks), "{plan:?}: {blocks} blocks");
+            // A full decode batch needs no split at all.
+            let plan = DecodePlan::new(256, shape(28, 4, 128), 2000, 132, None, fma);
+            assert_eq!(plan.n_splits, 1, "{plan:?}");
+        }
+        let kernel = |shape, fma| DecodePlan::new(1, shape, 100, 132, None, fma).kernel;
+        assert_eq!(kernel(shape(28, 4, 128), false), ptx::ATTENTION_DECODE_MMA_HD128_BF16);
+        assert_eq!(kernel(shape(28, 4, 128), true), ptx::ATTENTION_DECODE_G8_BF16);
+        assert_eq!(kernel(shape(9, 3, 64), false), ptx::ATTENTION_DECODE_MMA_HD64_BF16);
+        // SmolLM2 (group 3) takes the narrow FMA kernel; head_dim 96 has no mma kernel.
+        assert_eq!(kernel(shape(9, 3, 64), true), ptx::ATTENTION_DECODE_G4_BF16);
+        assert_eq!(kernel(shape(12, 1, 96), false), ptx::ATTENTION_DECODE_G8_BF16);
+        // A group of 16 is one mma tile, or two FMA chunks of 8; 32 two tiles.
+        let plan = DecodePlan::new(1, shape(16, 1, 64), 100, 132, None, false);
+        assert_eq!((plan.chunks, plan.group_chunk), (1, 16));
+        let plan = DecodePlan::new(1, shape(16, 1, 64), 100, 132, None, true);
         assert_eq!((plan.chunks, plan.group_chunk), (2, 8));
+        let plan = DecodePlan::new(1, shape(32, 1, 128), 100, 132, None, false);
+        assert_eq!((plan.chunks, plan.group_chunk), (2, 16));
     }
 
     #[test]
     fn forced_split_is_used_as_is() {
-        let plan = DecodePlan::new(2, shape(28, 4, 128), 1000, 132, Some(16));
+        let plan = DecodePlan::new(2, shape(28, 4, 128), 1000, 132, Some(16), false);
         assert_eq!((plan.split_tokens, plan.n_splits), (16, 63));
         assert_eq!(parse_split_tokens("32"), Some(32));
         assert_eq!(parse_split_tokens("0"), None);

@@ -2,7 +2,7 @@
 //! cuBLAS, and every kernel of the embedded PTX loaded once at start-up.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -18,6 +18,9 @@ pub struct Device {
     /// Every launch and copy goes on this stream, so ops are ordered without events.
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// f32 scratch of the cuBLAS path of biased linear layers (linear.rs), grown on
+    /// demand and kept: `[up to BIAS_SCRATCH_MAX_VALUES]`.
+    scratch_f32: Mutex<CudaSlice<f32>>,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
 }
 
@@ -37,6 +40,11 @@ impl Device {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| CudaError::Driver(format!("starting cuBLAS: {e}")))?;
+        let scratch_f32 = Mutex::new(
+            // SAFETY: scratch is written (by cuBLAS) before every read.
+            unsafe { stream.alloc::<f32>(1) }
+                .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?,
+        );
         let mut modules = HashMap::new();
         let mut functions = HashMap::new();
         for kernel in ptx::KERNELS {
@@ -52,7 +60,7 @@ impl Device {
             })?;
             functions.insert((kernel.module, kernel.entry), function);
         }
-        Ok(Device { ctx, stream, blas, functions })
+        Ok(Device { ctx, stream, blas, scratch_f32, functions })
     }
 
     pub fn function(&self, kernel: Kernel) -> &CudaFunction {
@@ -69,6 +77,16 @@ impl Device {
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
         check(self.stream.alloc_zeros::<T>(n.max(1)), "allocating device memory")
+    }
+
+    /// The f32 scratch buffer, at least `n` values long; its contents are unspecified.
+    pub fn scratch_f32(&self, n: usize) -> MutexGuard<'_, CudaSlice<f32>> {
+        let mut scratch = self.scratch_f32.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.len() < n {
+            // SAFETY: callers write the scratch before reading it.
+            *scratch = check(unsafe { self.stream.alloc::<f32>(n) }, "allocating scratch");
+        }
+        scratch
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaSlice<T> {

@@ -5,20 +5,29 @@
 //! - `n <= GEMV_MAX_TOKENS` (8, decode) and `in % 8 == 0`: `qilin_gemv_bf16`
 //!   (kernels/gemv.cu), which streams W once for all n tokens, bias fused;
 //! - otherwise (prefill, or an input width the 16-byte kernel cannot take): cuBLAS
-//!   `cublasGemmEx` (bf16 in and out, f32 compute), the bias broadcast into the output
-//!   first by `qilin_broadcast_bias_bf16` and added by the GEMM with beta = 1, so both
-//!   paths round once, after the bias add. The GEMV has no scalar fallback: widths that
-//!   are not a multiple of 8 take cuBLAS at every n.
+//!   `cublasGemmEx` (bf16 in and out, f32 compute); with a bias, f32 out into scratch
+//!   and `qilin_bias_round_bf16` adds the bias, so every path rounds once, after the
+//!   bias add. The GEMV has no scalar fallback: widths that are not a multiple of 8 take
+//!   cuBLAS at every n.
 //!
 //! Entry points for tests and benchmarks (inherent methods of `CudaBackend`, so that
 //! code outside this module can call them): `linear_into` (the dispatch above, into a
 //! caller's output, e.g. one poisoned with NaN), `linear_gemv_into` and
 //! `linear_cublas_into` (one path regardless of n), `bench_linear` (seconds per call).
 
-use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t, cublasSetMathMode};
+use std::ffi::c_void;
+use std::mem::size_of;
+
+use cudarc::cublas::result as cublas_result;
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t, cublasOperation_t, cublasSetMathMode,
+    cudaDataType_t,
+};
 use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 
 use super::device::{check, Device};
@@ -124,14 +133,7 @@ pub fn cublas_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     let int = |v: usize, what: &str| {
         i32::try_from(v).unwrap_or_else(|_| panic!("linear: {what} = {v} exceeds cuBLAS's int"))
     };
-    let (n_i, k_i, m_i) = (int(n, "tokens"), int(k, "in_features"), int(m, "out_features"));
-    let beta = match &w.bias {
-        Some(bias) => {
-            broadcast_bias(dev, bias, out);
-            bf16::ONE
-        }
-        None => bf16::ZERO,
-    };
+    let (k_i, m_i) = (int(k, "in_features"), int(m, "out_features"));
     // cuBLAS may otherwise reduce split-K partial sums in the output type (bf16), which
     // would break the tolerance the parity test argues; keep every reduction in f32.
     // A handle setting, not stream work: cheap, and safe under CUDA-graph capture.
@@ -152,48 +154,102 @@ pub fn cublas_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     //   A = the W buffer, transa = T: op(A) = (W^T)^T = W, m x k, lda = k;
     //   B = the x buffer, transb = N: op(B) = x^T, k x n,        ldb = k;
     //   C = the out buffer:                          m x n,      ldc = m.
-    // ("TN", what PyTorch's nn.Linear runs.) C = 1 * op(A) op(B) + beta * C, in f32,
-    // rounded to bf16 once; beta = 1 adds the broadcast bias, beta = 0 ignores C.
-    let cfg = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_T,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: m_i,
-        n: n_i,
-        k: k_i,
-        alpha: bf16::ONE,
-        lda: k_i,
-        ldb: k_i,
-        beta,
-        ldc: m_i,
+    // ("TN", what PyTorch's nn.Linear runs.) C = op(A) op(B) in f32; beta = 0, so C is
+    // write-only.
+    let Some(bias) = &w.bias else {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: m_i,
+            n: int(n, "tokens"),
+            k: k_i,
+            alpha: bf16::ONE,
+            lda: k_i,
+            ldb: k_i,
+            beta: bf16::ZERO,
+            ldc: m_i,
+        };
+        // SAFETY: with the dimensions above cuBLAS reads m * k values of weight, n * k of
+        // x and writes n * m of out; check_shapes showed every buffer holds at least
+        // that, and out is a separate allocation from weight and x (&mut).
+        unsafe { dev.blas.gemm(cfg, &w.weight, &x.data, &mut out.data) }
+            .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{n}, {k}] W [{m}, {k}]^T failed: {e}"));
+        return;
     };
-    // SAFETY: with the dimensions above cuBLAS reads m * k values of weight, n * k of x
-    // and writes (and with beta = 1 reads) n * m of out; check_shapes showed every buffer
-    // holds at least that. out is a separate allocation from weight and x (&mut), and
-    // everything runs on dev.stream, the handle's stream, so the broadcast is ordered
-    // before the GEMM.
-    unsafe { dev.blas.gemm(cfg, &w.weight, &x.data, &mut out.data) }
-        .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{n}, {k}] W [{m}, {k}]^T failed: {e}"));
+    // With a bias, C is f32 scratch and qilin_bias_round_bf16 adds the bias before the
+    // one rounding to bf16. (Bias broadcast into a bf16 C with beta = 1 rounded x W^T
+    // first on an H200, and so did cuBLASLt's BIAS epilogue for some shapes.) Row chunks
+    // keep the scratch at BIAS_SCRATCH_MAX_VALUES (64 MiB) for any prefill size.
+    assert!(bias.len() >= m, "linear: bias buffer shorter than {m}");
+    let chunk_rows = (BIAS_SCRATCH_MAX_VALUES / m).clamp(1, n);
+    let mut scratch = dev.scratch_f32(chunk_rows * m);
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (w_ptr, _w_sync) = w.weight.device_ptr(&dev.stream);
+    let (x_ptr, _x_sync) = x.data.device_ptr(&dev.stream);
+    for first in (0..n).step_by(chunk_rows) {
+        let rows = chunk_rows.min(n - first);
+        let x_rows = x_ptr + (first * k * size_of::<bf16>()) as u64;
+        let (acc_ptr, acc_sync) = scratch.device_ptr_mut(&dev.stream);
+        // SAFETY: as above, for rows [first, first + rows) of x into the scratch, which
+        // holds chunk_rows * m >= rows * m f32 values; cuBLAS's types are bf16 A and B,
+        // f32 C, f32 compute and f32 alpha/beta, a combination cublasGemmEx supports.
+        unsafe {
+            cublas_result::gemm_ex(
+                *dev.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m_i,
+                int(rows, "tokens"),
+                k_i,
+                &alpha as *const f32 as *const c_void,
+                w_ptr as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                k_i,
+                x_rows as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                k_i,
+                &beta as *const f32 as *const c_void,
+                acc_ptr as *mut c_void,
+                cudaDataType_t::CUDA_R_32F,
+                m_i,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{rows}, {k}] W [{m}, {k}]^T failed: {e}"));
+        drop(acc_sync);
+        let mut out_rows = out.data.slice_mut(first * m..(first + rows) * m);
+        bias_round(dev, &scratch, bias, &mut out_rows, rows, m);
+    }
 }
 
-/// Every row of `out [n, m]` set to `bias [m]`.
-fn broadcast_bias(dev: &Device, bias: &cudarc::driver::CudaSlice<bf16>, out: &mut CudaTensor) {
-    let (n, m) = (out.rows, out.cols);
-    assert!(bias.len() >= m, "bias buffer shorter than {m}");
+/// Largest f32 scratch (values) of the biased cuBLAS path: 64 MiB.
+const BIAS_SCRATCH_MAX_VALUES: usize = 16 << 20;
+
+/// `out [rows, m] = bf16(acc [rows, m] + bias [m])`.
+fn bias_round(
+    dev: &Device,
+    acc: &CudaSlice<f32>,
+    bias: &CudaSlice<bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    rows: usize,
+    m: usize,
+) {
     let params = QilinBiasParams {
-        n_tokens: u32::try_from(n).expect("tokens fit u32"),
+        n_tokens: u32::try_from(rows).expect("tokens fit u32"),
         out_features: u32::try_from(m).expect("out_features fits u32"),
     };
     let cfg = LaunchConfig {
-        grid_dim: (bias_blocks(n * m), 1, 1),
+        grid_dim: (bias_blocks(rows * m), 1, 1),
         block_dim: (QILIN_BIAS_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::BROADCAST_BIAS_BF16));
-    launch.arg(&params).arg(&mut out.data).arg(bias);
-    // SAFETY: argument order and types follow qilin_broadcast_bias_bf16; out holds
-    // n * m values (checked by the caller's check_shapes), bias m (asserted above); the
-    // grid-stride loop is correct for any grid.
-    check(unsafe { launch.launch(cfg) }, "launching qilin_broadcast_bias_bf16");
+    let mut launch = dev.stream.launch_builder(dev.function(ptx::BIAS_ROUND_BF16));
+    launch.arg(&params).arg(out).arg(acc).arg(bias);
+    // SAFETY: argument order and types follow qilin_bias_round_bf16; out holds rows * m
+    // values (a view of exactly that), acc at least rows * m (the scratch), bias m
+    // (asserted by the caller); the grid-stride loop is correct for any grid.
+    check(unsafe { launch.launch(cfg) }, "launching qilin_bias_round_bf16");
 }
 
 /// Entry points for parity tests and benchmarks (`tests/gpu_linear.rs`, `qilin bench`).
@@ -221,7 +277,7 @@ impl CudaBackend {
     /// (>= 256 MiB in all, at most 1024 copies) that each call streams its W from HBM, not
     /// L2, as in a real decode step where every layer has its own weights. Each call moves
     /// at least `2 * (out*in + n*in + n*out)` bytes (+ `2*out` for the bias, and
-    /// `4 * n * out` more on the cuBLAS path with a bias) and does `2 * n * in * out` FLOPs:
+    /// `8 * n * out` more on the cuBLAS path with a bias: f32 out, read back) and does `2 * n * in * out` FLOPs:
     /// divide by the time for GB/s or FLOP/s.
     pub fn bench_linear(
         &self,
