@@ -215,3 +215,62 @@ impl Backend for CpuBackend {
         x.data.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::tensor::Bytes;
+    use crate::model::DType;
+
+    fn values(seed: u32, n: usize, scale: f32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let h = (i ^ seed).wrapping_mul(2_654_435_761).rotate_left(13);
+                (h % 20_001) as f32 / 10_000.0 * scale - scale
+            })
+            .collect()
+    }
+
+    fn bf16_weight(vals: &[f32], shape: Vec<usize>) -> WeightTensor {
+        let bytes = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        WeightTensor { dtype: DType::BF16, shape, data: Bytes::Owned(Arc::new(bytes)) }
+    }
+
+    fn rounded(values: &[f32]) -> Vec<f32> {
+        values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+    }
+
+    /// Each op of the emulating backend is the plain op, its output rounded to bf16 (the
+    /// fused add + norm rounds the residual sum first, as the CUDA kernel does).
+    #[test]
+    fn emulating_bf16_rounds_each_output_of_the_plain_ops() {
+        let (plain, emulated) = (CpuBackend::new(), CpuBackend::emulating_bf16());
+        let (n, k, m) = (3, 64, 40);
+        let w = bf16_weight(&values(1, m * k, 0.2), vec![m, k]);
+        let b = bf16_weight(&values(2, m, 1.0), vec![m]);
+        let parts = [LinearPart { weight: &w, bias: Some(&b) }];
+        let layer = plain.upload_linear("w", &parts).expect("upload");
+        let x = CpuTensor::from_vec(values(3, n * k, 1.0), n, k);
+        let exact = plain.linear(&x, &layer).data;
+        assert_eq!(emulated.linear(&x, &layer).data, rounded(&exact));
+        assert_ne!(exact, rounded(&exact), "the check needs outputs that are not bf16 already");
+
+        let gate_up = CpuTensor::from_vec(values(4, n * 2 * m, 3.0), n, 2 * m);
+        assert_eq!(emulated.silu_mul(&gate_up).data, rounded(&plain.silu_mul(&gate_up).data));
+
+        let norm = values(5, k, 1.0);
+        let delta = CpuTensor::from_vec(values(6, n * k, 0.01), n, k);
+        let mut residual = CpuTensor::from_vec(rounded(&values(7, n * k, 1.0)), n, k);
+        let mut expected_residual = residual.clone();
+        let out = emulated.add_rms_norm(&mut residual, Some(&delta), &norm, 1e-6);
+        for (r, d) in expected_residual.data.iter_mut().zip(&delta.data) {
+            *r = half::bf16::from_f32(*r + d).to_f32();
+        }
+        assert_eq!(residual.data, expected_residual.data, "residual + x rounded once");
+        let mut normed = expected_residual.clone();
+        let expected_out = plain.add_rms_norm(&mut normed, None, &norm, 1e-6);
+        assert_eq!(out.data, rounded(&expected_out.data), "the norm of the rounded sum");
+    }
+}
