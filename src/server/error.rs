@@ -15,6 +15,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying (429, 503).
     pub retry_after: Option<u64>,
+    /// The methods a 405 names in its `Allow` header.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -57,8 +60,12 @@ impl ApiError {
         }
     }
 
-    pub fn method_not_allowed(allowed: &str) -> Self {
-        Self::new(405, "invalid_request_error", format!("method not allowed; use {allowed}"))
+    /// 405 for a route served only by `allowed`; a GET route also answers HEAD.
+    pub fn method_not_allowed(allowed: &'static str) -> Self {
+        ApiError {
+            allow: Some(if allowed == "GET" { "GET, HEAD" } else { allowed }),
+            ..Self::new(405, "invalid_request_error", format!("method not allowed; use {allowed}"))
+        }
     }
 
     pub fn payload_too_large(limit: usize) -> Self {

@@ -71,6 +71,24 @@ pub struct Exchange {
     pub finish_reason: Option<String>,
 }
 
+impl Exchange {
+    /// A request just read: a fresh id, the clock started, nothing answered yet.
+    fn new(route: &'static str, method: String) -> Exchange {
+        Exchange {
+            request_id: new_request_id(),
+            start: Instant::now(),
+            route,
+            method,
+            key_label: None,
+            model: None,
+            status: 0,
+            prompt_tokens: None,
+            completion_tokens: None,
+            finish_reason: None,
+        }
+    }
+}
+
 /// How a handler answered.
 pub enum Reply {
     Json(u16, Value),
@@ -91,18 +109,7 @@ pub const CLIENT_CLOSED: u16 = 499;
 pub fn handle(app: &App, conn: &mut Conn, request: Request, peer: Option<IpAddr>) -> bool {
     let path = request.path().to_string();
     let spec = ROUTES.iter().find(|r| r.pattern == path);
-    let mut ex = Exchange {
-        request_id: new_request_id(),
-        start: Instant::now(),
-        route: spec.map_or("other", |s| s.pattern),
-        method: request.method.clone(),
-        key_label: None,
-        model: None,
-        status: 0,
-        prompt_tokens: None,
-        completion_tokens: None,
-        finish_reason: None,
-    };
+    let mut ex = Exchange::new(spec.map_or("other", |s| s.pattern), request.method.clone());
     let head_only = request.method == "HEAD";
     let outcome = dispatch(app, conn, &request, spec, &mut ex);
     let keep_alive = match outcome {
@@ -195,18 +202,7 @@ fn dispatch(
 /// Answers a request that could not even be read, then the connection closes.
 pub fn reject(app: &App, conn: &mut Conn, error: HttpError, peer: Option<IpAddr>) {
     let api = ApiError::new(error.status, "invalid_request_error", error.message);
-    let ex = Exchange {
-        request_id: new_request_id(),
-        start: Instant::now(),
-        route: "other",
-        method: "-".into(),
-        key_label: None,
-        model: None,
-        status: api.status,
-        prompt_tokens: None,
-        completion_tokens: None,
-        finish_reason: None,
-    };
+    let ex = Exchange { status: api.status, ..Exchange::new("other", "-".into()) };
     send_error(conn, &api, &ex.request_id, false, false);
     app.metrics.http_request(ex.route, ex.status);
     write_audit(app, &ex, app.proxies.client_address(peer, None, None));
@@ -226,14 +222,11 @@ fn send_error(
     head_only: bool,
 ) -> bool {
     let mut headers = vec![json_type(), ("X-Request-Id", request_id.to_string())];
-    match error.status {
-        401 => headers.push(("WWW-Authenticate", "Bearer".into())),
-        405 => {
-            let allowed = error.message.rsplit(' ').next().unwrap_or("GET").to_string();
-            let allow = if allowed == "GET" { "GET, HEAD".to_string() } else { allowed };
-            headers.push(("Allow", allow));
-        }
-        _ => {}
+    if error.status == 401 {
+        headers.push(("WWW-Authenticate", "Bearer".into()));
+    }
+    if let Some(allow) = error.allow {
+        headers.push(("Allow", allow.to_string()));
     }
     if let Some(seconds) = error.retry_after {
         headers.push(("Retry-After", seconds.to_string()));
