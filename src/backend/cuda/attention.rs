@@ -341,7 +341,8 @@ fn launch_decode(
     // Partials: [n_seqs, heads, n_splits, head_dim] outputs and [.., 2] (max, sum).
     let partials = (plan.n_splits > 1).then(|| {
         let parts = batch.n_seqs * heads * plan.n_splits;
-        (dev.alloc::<f32>(parts * hd), dev.alloc::<f32>(parts * 2))
+        // The decode kernel writes every split the reduction reads (z < ceil(ctx / split)).
+        (dev.alloc_output::<f32>(parts * hd), dev.alloc_output::<f32>(parts * 2))
     });
     let null: u64 = 0;
     let cfg = LaunchConfig {

@@ -53,7 +53,7 @@ fn gather(
         panic!("{what}: index {bad} at position {i} is out of range (only {src_rows} rows)");
     }
     let n = index.len();
-    let mut out = CudaTensor { data: dev.alloc(n * cols), rows: n, cols };
+    let mut out = CudaTensor { data: dev.alloc_output(n * cols), rows: n, cols };
     if n == 0 || cols == 0 {
         return out;
     }
@@ -84,7 +84,7 @@ pub fn embedding(dev: &Device, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
 pub fn silu_mul(dev: &Device, gate_up: &CudaTensor) -> CudaTensor {
     assert!(gate_up.cols % 2 == 0, "silu_mul: gate_up has an odd width {}", gate_up.cols);
     let (n, ffn) = (gate_up.rows, gate_up.cols / 2);
-    let mut out = CudaTensor { data: dev.alloc(n * ffn), rows: n, cols: ffn };
+    let mut out = CudaTensor { data: dev.alloc_output(n * ffn), rows: n, cols: ffn };
     if n == 0 || ffn == 0 {
         return out;
     }
@@ -107,7 +107,7 @@ pub fn split_cols(dev: &Device, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTen
     let mut col0 = 0;
     let mut parts = Vec::with_capacity(widths.len());
     for &width in widths {
-        let mut out = CudaTensor { data: dev.alloc(n * width), rows: n, cols: width };
+        let mut out = CudaTensor { data: dev.alloc_output(n * width), rows: n, cols: width };
         if n > 0 && width > 0 {
             let params = QilinCopyColsParams {
                 n_rows: as_u32(n, "rows"),

@@ -21,7 +21,7 @@ pub fn add_rms_norm(
     if let Some(x) = x {
         assert_eq!((x.rows, x.cols), (n, hidden), "residual and x shapes differ");
     }
-    let mut out = CudaTensor { data: dev.alloc(n * hidden), rows: n, cols: hidden };
+    let mut out = CudaTensor { data: dev.alloc_output(n * hidden), rows: n, cols: hidden };
     if n == 0 {
         return out;
     }
