@@ -170,6 +170,17 @@ typedef struct QilinRopeParams {
 /* Plain-FMA fallback kernel: one warp per (query row, head). */
 #define QILIN_ATTN_SIMPLE_THREADS 32
 
+/* Greedy argmax (kernels/sampling.cu): threads per block, one block per logits row. */
+#define QILIN_ARGMAX_THREADS 512
+
+/** Launch parameters of qilin_argmax_bf16: ids[r] = argmax of logits[r][0 .. cols). */
+typedef struct QilinArgmaxParams {
+    /** Rows of logits (sequences that sample this step); the grid's size. */
+    uint32_t rows;
+    /** Row length: the vocabulary. */
+    uint32_t cols;
+} QilinArgmaxParams;
+
 /** Launch parameters of every qilin_attention_* kernel. */
 typedef struct QilinAttentionParams {
     /** Rows of q and out. */

@@ -63,3 +63,32 @@ fn preemption_by_recompute_keeps_outputs() {
     });
     assert!(preemptions > 0, "the tiny pool should have forced preemptions");
 }
+
+/// Greedy requests without logprobs take the engine's argmax path (the backend chooses,
+/// `Model::forward_argmax`); the same requests with logprobs take the sampler's. Both
+/// must give the same tokens, and a batch mixing the two falls back to the sampler.
+#[test]
+fn argmax_path_gives_the_samplers_tokens() {
+    for dir in fixture_models() {
+        let expected = read_expected(&dir.join("expected.json"));
+        let (mut engine, _) = load_cpu_engine(&dir, &EngineOptions::default()).unwrap();
+        let requests = |logprobs: bool| -> Vec<_> {
+            let params_of = |c: &common::Case| {
+                let mut p = c.replay_params();
+                p.top_logprobs = logprobs.then_some(1);
+                p
+            };
+            expected.cases.iter().map(|c| (c.prompt_ids.clone(), params_of(c))).collect()
+        };
+        let sampled = engine.run_all(&requests(true), |_, _| {}).unwrap();
+        let chosen = engine.run_all(&requests(false), |_, _| {}).unwrap();
+        let mut mixed = requests(false);
+        mixed[0].1.top_logprobs = Some(1);
+        let mixed = engine.run_all(&mixed, |_, _| {}).unwrap();
+        for ((a, b), c) in sampled.iter().zip(&chosen).zip(&mixed) {
+            assert!(a.logprobs.is_some() && b.logprobs.is_none());
+            assert_eq!(a.output_ids, b.output_ids, "{}", dir.display());
+            assert_eq!(a.output_ids, c.output_ids, "{}", dir.display());
+        }
+    }
+}

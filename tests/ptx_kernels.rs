@@ -205,6 +205,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_linear.rs",
     },
     Coverage {
+        entry: "qilin_argmax_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "argmax_rows",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
         entry: "qilin_attention_decode_g4_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -472,6 +478,22 @@ fn gemv_module_entries_and_params_match_the_rust_side() {
             kernel.entry
         );
     }
+}
+
+#[test]
+fn sampling_module_entries_and_params_match_the_rust_side() {
+    use qilin::backend::abi::QilinArgmaxParams;
+    if !ptx_available() {
+        return;
+    }
+    let entries: BTreeSet<&str> = entry_names(ptx::SAMPLING_PTX).into_iter().collect();
+    assert_eq!(entries, [ptx::ARGMAX_BF16.entry].into_iter().collect());
+    let text = module_ptx(ptx::ARGMAX_BF16.module).expect("module embedded");
+    assert_eq!(
+        byte_param(text, ptx::ARGMAX_BF16.entry, 0),
+        Some((align_of::<QilinArgmaxParams>(), size_of::<QilinArgmaxParams>())),
+        "qilin_argmax_bf16: params struct as nvcc sees it vs as Rust sees it"
+    );
 }
 
 #[test]

@@ -335,4 +335,16 @@ proptest! {
         let first = clean.iter().position(|&v| v == max).unwrap_or(0);
         prop_assert_eq!(s.token_id as usize, first);
     }
+
+    /// The backends' `argmax_rows` (the CPU twin of the device kernel) is the sampler's
+    /// greedy choice, +inf included, so the engine may use either.
+    #[test]
+    fn backend_argmax_is_the_samplers_greedy_choice(
+        logits in prop::collection::vec(
+            prop_oneof![10 => logit_strategy(), 1 => Just(f32::INFINITY)], 1..500),
+    ) {
+        let p = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+        let s = Sampler::new(p).sample(&mut logits.clone(), &[], &[]);
+        prop_assert_eq!(qilin::backend::cpu::argmax_row(&logits), s.token_id);
+    }
 }

@@ -74,6 +74,8 @@ pub fn rope_block_threads(num_heads: usize, num_kv_heads: usize, head_dim: usize
 // SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against
 // kernels/abi.h at compile time, passed by value.
 unsafe impl cudarc::driver::DeviceRepr for QilinGemvParams {}
+// SAFETY: as above (kernels/sampling.cu).
+unsafe impl cudarc::driver::DeviceRepr for QilinArgmaxParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for QilinBiasParams {}
 

@@ -28,6 +28,7 @@ pub const QILIN_ATTN_PREFILL_BLOCK_M: u32 = 64;
 pub const QILIN_ATTN_PREFILL_BLOCK_N: u32 = 64;
 pub const QILIN_ATTN_PREFILL_THREADS: u32 = 128;
 pub const QILIN_ATTN_SIMPLE_THREADS: u32 = 32;
+pub const QILIN_ARGMAX_THREADS: u32 = 512;
 #[doc = " Launch parameters of qilin_fused_add_rms_norm_bf16 and qilin_rms_norm_bf16."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -190,6 +191,24 @@ const _: () = {
         [::core::mem::offset_of!(QilinRopeParams, table_len) - 16usize];
     ["Offset of field: QilinRopeParams::num_slots"]
         [::core::mem::offset_of!(QilinRopeParams, num_slots) - 20usize];
+};
+#[doc = " Launch parameters of qilin_argmax_bf16: ids[r] = argmax of logits[r][0 .. cols)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinArgmaxParams {
+    #[doc = " Rows of logits (sequences that sample this step); the grid's size."]
+    pub rows: u32,
+    #[doc = " Row length: the vocabulary."]
+    pub cols: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinArgmaxParams"][::core::mem::size_of::<QilinArgmaxParams>() - 8usize];
+    ["Alignment of QilinArgmaxParams"][::core::mem::align_of::<QilinArgmaxParams>() - 4usize];
+    ["Offset of field: QilinArgmaxParams::rows"]
+        [::core::mem::offset_of!(QilinArgmaxParams, rows) - 0usize];
+    ["Offset of field: QilinArgmaxParams::cols"]
+        [::core::mem::offset_of!(QilinArgmaxParams, cols) - 4usize];
 };
 #[doc = " Launch parameters of every qilin_attention_* kernel."]
 #[repr(C)]

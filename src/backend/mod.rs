@@ -140,4 +140,9 @@ pub trait Backend: Send + Sync {
 
     /// Copies a `[n, cols]` tensor to the host as f32, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+
+    /// The greedy choice of each row of `logits [n, vocab]`, exactly as the host sampler
+    /// makes it: NaN counts as -inf, +inf as f32::MAX, and the first of equal maxima
+    /// wins (0 for a row of nothing but -inf). Only `n` ids cross to the host.
+    fn argmax_rows(&self, logits: &Self::Tensor) -> Vec<u32>;
 }

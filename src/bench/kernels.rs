@@ -365,6 +365,24 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         });
     }
 
+    // Greedy choice on the device, against the logits download it replaces.
+    for n in [1usize, 64, 256] {
+        let logits = rand.tensor(n, c.vocab_size, 4.0);
+        let bytes = (n * c.vocab_size) as f64 * bf + 4.0 * n as f64;
+        bench.measure("argmax", format!("[{n}, {}]", c.vocab_size), bytes, 0.0, &mut || {
+            drop(b.argmax_rows(&logits));
+        });
+        bench.measure(
+            "to_host (logits)",
+            format!("[{n}, {}]", c.vocab_size),
+            bytes,
+            0.0,
+            &mut || {
+                drop(b.to_host(&logits));
+            },
+        );
+    }
+
     // RoPE + K/V cache write, and attention, over one layer's paged cache.
     let shape = AttentionShape {
         num_heads: c.num_heads,

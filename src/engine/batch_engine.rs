@@ -158,25 +158,55 @@ impl<B: Backend> Engine<B> {
             }
         }
         let batch = build_batch(&plan, &self.scheduler);
-        let mut logits = self.model.forward(&batch, &mut self.cache);
+        // When every sampling sequence takes the plain argmax, the backend chooses where
+        // the logits are and only the ids come back (on a GPU, `[n, vocab]` logits to the
+        // host cost more than the step itself at large batches).
+        let argmax_only = plan.chunks.iter().filter(|c| c.want_logits).all(|c| {
+            match (self.states.get(&c.seq), self.scheduler.sequence(c.seq)) {
+                (Some(state), Some(seq)) => {
+                    state.output.wants_only_argmax(&seq.tokens[..seq.prompt_len])
+                }
+                _ => true, // gone: its row is skipped below
+            }
+        });
         let vocab = self.model.config.vocab_size;
+        let (mut logits, ids) = if argmax_only {
+            (Vec::new(), self.model.forward_argmax(&batch, &mut self.cache))
+        } else {
+            (self.model.forward(&batch, &mut self.cache), Vec::new())
+        };
+        let mut rows = logits.chunks_mut(vocab);
+        let mut ids = ids.into_iter();
         let mut sampled = Vec::new();
         let mut finished = Vec::new();
         let wanting = plan.chunks.iter().filter(|c| c.want_logits);
-        for (chunk, row) in wanting.zip(logits.chunks_mut(vocab)) {
+        for chunk in wanting {
+            // One logits row (or id) per wanting chunk, in order, whether or not its
+            // sequence is still here.
+            let (row, id) = if argmax_only { (None, ids.next()) } else { (rows.next(), None) };
             let (Some(state), Some(seq)) =
                 (self.states.get_mut(&chunk.seq), self.scheduler.sequence(chunk.seq))
             else {
                 continue;
             };
             let prompt = &seq.tokens[..seq.prompt_len];
-            let step = state.output.on_logits(
-                &self.tokenizer,
-                &self.eos_ids,
-                row,
-                prompt,
-                self.max_model_len,
-            )?;
+            let step = match (row, id) {
+                (Some(row), _) => state.output.on_logits(
+                    &self.tokenizer,
+                    &self.eos_ids,
+                    row,
+                    prompt,
+                    self.max_model_len,
+                )?,
+                (None, Some(id)) => state.output.on_token(
+                    &self.tokenizer,
+                    &self.eos_ids,
+                    id,
+                    prompt,
+                    self.max_model_len,
+                )?,
+                (None, None) => break, // forward returns one per wanting chunk
+            };
             state.first_token.get_or_insert_with(Instant::now);
             sampled.push((chunk.seq, step.token_id));
             if step.finished.is_some() {

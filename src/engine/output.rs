@@ -106,7 +106,6 @@ impl SeqOutput {
     ) -> Result<TokenStep, TokenizerError> {
         let sampled = self.sampler.sample(logits, prompt, &self.output_ids);
         let id = sampled.token_id;
-        self.output_ids.push(id);
         if let Some(lp) = self.logprobs.as_mut() {
             lp.push(StepLogprobs {
                 token_id: id,
@@ -114,6 +113,40 @@ impl SeqOutput {
                 top_logprobs: sampled.top_logprobs,
             });
         }
+        self.accept(tokenizer, eos_ids, id, prompt, context_limit)
+    }
+
+    /// Whether the next token is the plain argmax of the logits with nothing else read
+    /// from them (`Sampler::is_plain_argmax`): then `on_token` with the backend's
+    /// `argmax_rows` choice does what `on_logits` would.
+    pub fn wants_only_argmax(&self, prompt: &[u32]) -> bool {
+        self.sampler.is_plain_argmax(prompt, &self.output_ids)
+    }
+
+    /// `on_logits` for a token chosen elsewhere (the backend's greedy argmax), when
+    /// `wants_only_argmax` said so.
+    pub fn on_token(
+        &mut self,
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+        id: u32,
+        prompt: &[u32],
+        context_limit: usize,
+    ) -> Result<TokenStep, TokenizerError> {
+        debug_assert!(self.wants_only_argmax(prompt), "on_token for a non-greedy step");
+        self.accept(tokenizer, eos_ids, id, prompt, context_limit)
+    }
+
+    /// Appends the chosen token and decides whether the sequence is finished.
+    fn accept(
+        &mut self,
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+        id: u32,
+        prompt: &[u32],
+        context_limit: usize,
+    ) -> Result<TokenStep, TokenizerError> {
+        self.output_ids.push(id);
         let params = &self.params;
         let mut delta = String::new();
         let finished = if (!params.ignore_eos && eos_ids.contains(&id))

@@ -183,6 +183,15 @@ impl Sampler {
     }
 
     /// 1/T, or None for greedy (T <= 0, NaN, or 1/T not finite).
+    /// Whether the next `sample` is the plain argmax of the logits (greedy, no penalty
+    /// in force) with nothing else wanted from them (no logprobs), so the backend's
+    /// `argmax_rows` may choose in its place.
+    pub fn is_plain_argmax(&self, prompt: &[u32], output: &[u32]) -> bool {
+        self.inv_temperature().is_none()
+            && self.params.top_logprobs.is_none()
+            && !self.penalties_apply(prompt, output)
+    }
+
     fn inv_temperature(&self) -> Option<f32> {
         let inv = 1.0 / self.params.temperature;
         (self.params.temperature > 0.0 && inv.is_finite()).then_some(inv)

@@ -32,7 +32,25 @@ impl<B: Backend> Model<B> {
 
     /// Runs one step: writes the batch's K/V into `cache` and returns the logits of
     /// `batch.logits_rows`, `[n_logits, vocab]` row-major on the host.
+    /// Runs `batch` and returns the logits `[logits_rows.len(), vocab]` on the host.
     pub fn forward(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Vec<f32> {
+        match self.logits(batch, cache) {
+            Some(logits) => self.backend.to_host(&logits),
+            None => Vec::new(),
+        }
+    }
+
+    /// Runs `batch` and returns the greedy token of each `logits_rows` row, chosen where
+    /// the logits are (on a GPU only the ids cross to the host).
+    pub fn forward_argmax(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Vec<u32> {
+        match self.logits(batch, cache) {
+            Some(logits) => self.backend.argmax_rows(&logits),
+            None => Vec::new(),
+        }
+    }
+
+    /// The logits of `batch.logits_rows`, left on the backend; None when none is wanted.
+    fn logits(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Option<B::Tensor> {
         let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
         self.rope.ensure(max_pos + 1);
         let b = &self.backend;
@@ -59,12 +77,12 @@ impl<B: Backend> Model<B> {
             pending = Some(b.linear(&b.silu_mul(&gate_up), &layer.down_proj));
         }
         if batch.logits_rows.is_empty() {
-            return Vec::new();
+            return None;
         }
         // Only the rows that need logits go through the final norm and lm_head.
         let mut last = b.gather_rows(&residual, &batch.logits_rows);
         let pending_last = pending.map(|p| b.gather_rows(&p, &batch.logits_rows));
         let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
-        b.to_host(&b.linear(&x, w.lm_head()))
+        Some(b.linear(&x, w.lm_head()))
     }
 }

@@ -214,6 +214,23 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
         x.data.clone()
     }
+
+    fn argmax_rows(&self, logits: &CpuTensor) -> Vec<u32> {
+        logits.data.chunks(logits.cols.max(1)).take(logits.rows).map(argmax_row).collect()
+    }
+}
+
+/// The twin of qilin_argmax_bf16: the first index of the largest value, NaN counted as
+/// -inf and +inf as f32::MAX (the host sampler's `sanitize_max` + `argmax`).
+pub fn argmax_row(row: &[f32]) -> u32 {
+    let clean = |v: f32| v.max(f32::NEG_INFINITY).min(f32::MAX);
+    let mut best = (f32::NEG_INFINITY, 0usize);
+    for (i, &v) in row.iter().enumerate() {
+        if clean(v) > best.0 {
+            best = (clean(v), i);
+        }
+    }
+    best.1 as u32
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod elementwise;
 mod linear;
 mod norm;
 mod rope;
+mod sampling;
 mod tensor;
 mod weights;
 
@@ -166,5 +167,9 @@ impl Backend for CudaBackend {
 
     fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
         self.dev.download(&x.data, x.rows * x.cols).iter().map(|v| v.to_f32()).collect()
+    }
+
+    fn argmax_rows(&self, logits: &CudaTensor) -> Vec<u32> {
+        sampling::argmax_rows(&self.dev, logits)
     }
 }
