@@ -19,8 +19,11 @@
 //! such position the comparison of that case stops, after checking that CUDA's choice
 //! there is among the reference's top 4, since after a flip the continuations
 //! legitimately differ. Every position before it must carry the same token id, and
-//! every model must compare at least one token. Where the f32 CPU's greedy output first
-//! departs from the bf16 reference is printed, for the record.
+//! every model must compare at least one token. The CUDA engine then runs the cases
+//! again without logprobs, which sends every step through the device argmax
+//! (`qilin_argmax_bf16`) instead of the host sampler: the tokens must be the same.
+//! Where the f32 CPU's greedy output first departs from the bf16 reference is printed,
+//! for the record.
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 //! The SmolLM2 GGUF (93 MB) cannot travel to a GPU machine with the source tree (64 MiB
@@ -188,6 +191,20 @@ fn check_model(path: &Path, cases: &[common::Case], max_model_len: usize) {
                 cpu_out.output_ids.len()
             );
             compared += n;
+        }
+        // Without logprobs every step takes the device argmax (qilin_argmax_bf16) instead
+        // of the host sampler: the same logits, so the same tokens.
+        let requests: Vec<_> = cases
+            .iter()
+            .map(|c| (c.prompt_ids.clone(), SamplingParams { top_logprobs: None, ..greedy(c) }))
+            .collect();
+        let chosen = gpu.run_all(&requests, |_, _| {}).expect("run_all");
+        for ((case, sampled), chosen) in cases.iter().zip(&outputs).zip(&chosen) {
+            assert_eq!(
+                sampled.output_ids, chosen.output_ids,
+                "{name} / {} ({what}): device argmax vs host sampler on CUDA logits",
+                case.name
+            );
         }
         let blocks = gpu.scheduler().blocks();
         assert_eq!(blocks.num_free_blocks(), blocks.num_blocks(), "{name}: every block is back");
