@@ -222,6 +222,7 @@ impl Backend for CpuBackend {
 
 /// The twin of qilin_argmax_bf16: the first index of the largest value, NaN counted as
 /// -inf and +inf as f32::MAX (the host sampler's `sanitize_max` + `argmax`).
+#[allow(clippy::manual_clamp)] // `clamp` keeps NaN; turning NaN into -inf is the point.
 pub fn argmax_row(row: &[f32]) -> u32 {
     let clean = |v: f32| v.max(f32::NEG_INFINITY).min(f32::MAX);
     let mut best = (f32::NEG_INFINITY, 0usize);
