@@ -9,8 +9,8 @@
 //!
 //! `q - z` is formed in integers and converted once, so `dequantize_row` gives exactly
 //! `s * (q - z)` rounded once to f32 (exact for every f16 `s` and 4-bit `q`, `z`), the
-//! values the load-time converters promise. `dot_row` runs AVX2/FMA when the CPU has
-//! it and portable Rust otherwise; both accumulate `(q - z) * x` per block in f32 lanes
+//! values the load-time converters promise. `quant::dot_row` runs `dot_row_avx2` when the
+//! CPU has AVX2/FMA/F16C and `dot_row_portable` otherwise; both accumulate `(q - z) * x` per block in f32 lanes
 //! and then add `s * lanes`, so they differ only in summation order.
 
 use super::{f16_to_f32, hsum, le_u16, LANES};
@@ -51,17 +51,6 @@ pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
         }
         other => unreachable!("intq::dequantize_row called for {other}"),
     }
-}
-
-/// Dot product of one I8 or I4 row with `x` (the caller checked the lengths): AVX2/FMA
-/// when the CPU has them, portable Rust otherwise.
-pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        // SAFETY: the features were detected; lengths are the caller's contract.
-        return unsafe { dot_row_avx2(dtype, row, x) };
-    }
-    dot_row_portable(dtype, row, x)
 }
 
 /// The portable kernels (any CPU).
@@ -111,17 +100,9 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     hsum(acc)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx2_available() -> bool {
-    // Cached by std after the first call: one relaxed load.
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
-}
-
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C, and `row` must hold exactly `x.len()`
-/// values of `dtype`.
+/// The CPU must support AVX2, FMA and F16C (`x86::available()`), and `row` must hold
+/// exactly `x.len()` values of `dtype`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_row_avx2(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
@@ -138,15 +119,7 @@ mod avx2 {
 
     use super::{le_f32, BLOCK, I4_BLOCK_BYTES, I8_BLOCK_BYTES};
     use crate::model::quant::le_u16;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::model::quant::x86::hsum;
 
     /// 16 i8 (`v`) times x[0..16] added to the two accumulators.
     #[inline]
@@ -290,11 +263,11 @@ mod tests {
                 let tol = 1e-5 * scale + 1e-30;
                 let mut paths = vec![("portable", dot_row_portable(dtype, &row, &x))];
                 #[cfg(target_arch = "x86_64")]
-                if avx2_available() {
+                if crate::model::quant::x86::available() {
                     // SAFETY: features detected, lengths match.
                     paths.push(("avx2", unsafe { dot_row_avx2(dtype, &row, &x) }));
                 }
-                paths.push(("dispatched", dot_row(dtype, &row, &x)));
+                paths.push(("dispatched", crate::model::quant::dot_row(dtype, &row, &x)));
                 for (name, got) in paths {
                     let err = (got as f64 - exact).abs();
                     assert!(err <= tol, "{dtype} n={n} {name}: {got} vs {exact} (tol {tol})");
@@ -316,7 +289,7 @@ mod tests {
         let want: Vec<f32> = (0..BLOCK).map(|i| (i % 16) as f32).collect();
         assert_eq!(out, want);
         let x: Vec<f32> = (0..BLOCK).map(|i| if i == 3 { 1.0 } else { 0.0 }).collect();
-        assert_eq!(dot_row(DType::I4, &blk, &x), 3.0);
+        assert_eq!(crate::model::quant::dot_row(DType::I4, &blk, &x), 3.0);
         assert_eq!(dot_row_portable(DType::I4, &blk, &x), 3.0);
     }
 }

@@ -28,15 +28,17 @@ pub unsafe fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::F16 => dot_f16(row, x),
         DType::BF16 => dot_bf16(row, x),
         DType::F32 => dot_f32(row, x),
-        // Their owners' files pick their own SIMD paths.
+        // The k-quants pick their own SIMD path (they need only AVX2 and FMA).
         DType::Q4_K | DType::Q5_K | DType::Q6_K => super::kquants::dot_row(dtype, row, x),
-        DType::I8 | DType::I4 => super::intq::dot_row(dtype, row, x),
+        // SAFETY: this function's own contract covers the I8/I4 kernels' (same features).
+        DType::I8 | DType::I4 => super::intq::dot_row_avx2(dtype, row, x),
     }
 }
 
+/// The sum of the 8 lanes of `v` (also used by the k-quant and I8/I4 kernels).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -12,6 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::QK_K;
+use crate::model::quant::x86::hsum;
 use crate::model::quant::{f16_to_f32, le_u16};
 use crate::model::DType;
 
@@ -33,15 +34,6 @@ pub unsafe fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::Q6_K => dot_q6_k(row, x),
         other => unreachable!("{other} is not a k-quant"),
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// # Safety
