@@ -13,7 +13,7 @@
 //! CPU has AVX2/FMA/F16C and `dot_row_portable` otherwise; both accumulate `(q - z) * x` per block in f32 lanes
 //! and then add `s * lanes`, so they differ only in summation order.
 
-use super::{f16_to_f32, hsum, le_u16, LANES};
+use super::{f16_to_f32, hsum, i8_dot_lanes, le_u16, LANES};
 use crate::model::DType;
 
 /// Values per block in both formats.
@@ -62,14 +62,7 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::I8 => {
             for (blk, xs) in row.chunks_exact(I8_BLOCK_BYTES).zip(x.chunks_exact(BLOCK)) {
                 let s = le_f32(blk, 0);
-                let qs = &blk[4..];
-                let mut lanes = [0f32; LANES];
-                for c in 0..BLOCK / LANES {
-                    for l in 0..LANES {
-                        let i = c * LANES + l;
-                        lanes[l] += (qs[i] as i8) as f32 * xs[i];
-                    }
-                }
+                let lanes = i8_dot_lanes(&blk[4..], xs);
                 for l in 0..LANES {
                     acc[l] += s * lanes[l];
                 }

@@ -139,6 +139,23 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// `sum q[i] * x[i]` of signed bytes `qs` and `xs` (equal lengths, a multiple of
+/// LANES) in LANES partial sums, lane l taking every LANES-th value from l: the block
+/// body of Q8_0 and I8.
+// Lane-indexed loops over parallel fixed-size arrays are the shape LLVM vectorizes.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn i8_dot_lanes(qs: &[u8], xs: &[f32]) -> [f32; LANES] {
+    let mut lanes = [0f32; LANES];
+    for c in 0..xs.len() / LANES {
+        for l in 0..LANES {
+            let i = c * LANES + l;
+            lanes[l] += (qs[i] as i8) as f32 * xs[i];
+        }
+    }
+    lanes
+}
+
 #[inline(always)]
 fn hsum(acc: [f32; LANES]) -> f32 {
     // Pairwise, so the rounding does not depend on the vector width LLVM picks.
@@ -179,14 +196,7 @@ fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     for (blk, xs) in row.chunks_exact(34).zip(x_blocks(x)) {
         let d = f16_to_f32(le_u16(blk, 0));
-        let qs = &blk[2..34];
-        let mut s = [0f32; LANES];
-        for c in 0..QK / LANES {
-            for l in 0..LANES {
-                let i = c * LANES + l;
-                s[l] += (qs[i] as i8) as f32 * xs[i];
-            }
-        }
+        let s = i8_dot_lanes(&blk[2..34], xs);
         for l in 0..LANES {
             acc[l] += d * s[l];
         }
