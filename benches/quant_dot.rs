@@ -7,7 +7,8 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use qilin::model::quant::dot_row;
 use qilin::model::DType;
 
@@ -52,35 +53,43 @@ fn matrix(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
     bytes
 }
 
+/// One benchmark: `dot_row` over every row of a `[rows, cols]` matrix of `dtype`.
+fn bench_rows(group: &mut BenchmarkGroup<'_, WallTime>, dtype: DType, rows: usize, cols: usize) {
+    let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+    let w = matrix(dtype, rows, cols);
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+    let mut out = vec![0f32; rows];
+    group.throughput(Throughput::Bytes(w.len() as u64));
+    group.bench_function(format!("{dtype}/{cols}"), |b| {
+        b.iter(|| {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                *o = dot_row(dtype, row, black_box(&x));
+            }
+            black_box(&out);
+        })
+    });
+}
+
+/// Rows of `dtype` at `cols` that fill `target_bytes`, or `l2_rows` when
+/// `target_bytes` is 0 (the L2-resident set).
+fn rows_for(dtype: DType, cols: usize, target_bytes: usize, l2_rows: usize) -> usize {
+    let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+    if target_bytes == 0 {
+        l2_rows
+    } else {
+        target_bytes / row_bytes
+    }
+}
+
 fn bench(c: &mut Criterion) {
     for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
         let mut group = c.benchmark_group(format!("dot_row_{label}"));
         group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
         for cols in [576usize, 1536] {
             for dtype in DTYPES {
-                let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
-                let rows = if target_bytes == 0 {
-                    // One 576x1536 / 1536x576 projection.
-                    if cols == 576 {
-                        1536
-                    } else {
-                        576
-                    }
-                } else {
-                    target_bytes / row_bytes
-                };
-                let w = matrix(dtype, rows, cols);
-                let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
-                let mut out = vec![0f32; rows];
-                group.throughput(Throughput::Bytes(w.len() as u64));
-                group.bench_function(format!("{dtype}/{cols}"), |b| {
-                    b.iter(|| {
-                        for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-                            *o = dot_row(dtype, row, black_box(&x));
-                        }
-                        black_box(&out);
-                    })
-                });
+                // L2: one 576x1536 / 1536x576 projection.
+                let l2_rows = if cols == 576 { 1536 } else { 576 };
+                bench_rows(&mut group, dtype, rows_for(dtype, cols, target_bytes, l2_rows), cols);
             }
         }
         group.finish();
@@ -95,20 +104,7 @@ fn bench_kquants(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("dot_row_kquant_{label}"));
         group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
         for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q4_1] {
-            let row_bytes = dtype.row_bytes(COLS).expect("whole blocks");
-            let rows = if target_bytes == 0 { 64 } else { target_bytes / row_bytes };
-            let w = matrix(dtype, rows, COLS);
-            let x: Vec<f32> = (0..COLS).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
-            let mut out = vec![0f32; rows];
-            group.throughput(Throughput::Bytes(w.len() as u64));
-            group.bench_function(format!("{dtype}/{COLS}"), |b| {
-                b.iter(|| {
-                    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-                        *o = dot_row(dtype, row, black_box(&x));
-                    }
-                    black_box(&out);
-                })
-            });
+            bench_rows(&mut group, dtype, rows_for(dtype, COLS, target_bytes, 64), COLS);
         }
         group.finish();
     }
@@ -122,20 +118,7 @@ fn bench_intq(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("dot_row_intq_{label}"));
         group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
         for dtype in [DType::I8, DType::I4, DType::Q8_0, DType::Q4_1, DType::BF16] {
-            let row_bytes = dtype.row_bytes(COLS).expect("whole blocks");
-            let rows = if target_bytes == 0 { 64 } else { target_bytes / row_bytes };
-            let w = matrix(dtype, rows, COLS);
-            let x: Vec<f32> = (0..COLS).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
-            let mut out = vec![0f32; rows];
-            group.throughput(Throughput::Bytes(w.len() as u64));
-            group.bench_function(format!("{dtype}/{COLS}"), |b| {
-                b.iter(|| {
-                    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-                        *o = dot_row(dtype, row, black_box(&x));
-                    }
-                    black_box(&out);
-                })
-            });
+            bench_rows(&mut group, dtype, rows_for(dtype, COLS, target_bytes, 64), COLS);
         }
         group.finish();
     }
