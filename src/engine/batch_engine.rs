@@ -198,13 +198,19 @@ impl<B: Backend> Engine<B> {
                     prompt,
                     self.max_model_len,
                 )?,
-                (None, Some(id)) => state.output.on_token(
-                    &self.tokenizer,
-                    &self.eos_ids,
-                    id,
-                    prompt,
-                    self.max_model_len,
-                )?,
+                (None, Some(id)) => {
+                    debug_assert!(
+                        state.output.wants_only_argmax(prompt),
+                        "argmax for a sampling step"
+                    );
+                    state.output.on_token(
+                        &self.tokenizer,
+                        &self.eos_ids,
+                        id,
+                        prompt,
+                        self.max_model_len,
+                    )?
+                }
                 (None, None) => break, // forward returns one per wanting chunk
             };
             state.first_token.get_or_insert_with(Instant::now);

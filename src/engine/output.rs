@@ -113,7 +113,7 @@ impl SeqOutput {
                 top_logprobs: sampled.top_logprobs,
             });
         }
-        self.accept(tokenizer, eos_ids, id, prompt, context_limit)
+        self.on_token(tokenizer, eos_ids, id, prompt, context_limit)
     }
 
     /// Whether the next token is the plain argmax of the logits with nothing else read
@@ -123,22 +123,10 @@ impl SeqOutput {
         self.sampler.is_plain_argmax(prompt, &self.output_ids)
     }
 
-    /// `on_logits` for a token chosen elsewhere (the backend's greedy argmax), when
-    /// `wants_only_argmax` said so.
+    /// Appends the chosen token and decides whether the sequence is finished: the rest
+    /// of `on_logits`, and on its own for a token chosen elsewhere (the backend's greedy
+    /// argmax) when `wants_only_argmax` said so.
     pub fn on_token(
-        &mut self,
-        tokenizer: &Tokenizer,
-        eos_ids: &[u32],
-        id: u32,
-        prompt: &[u32],
-        context_limit: usize,
-    ) -> Result<TokenStep, TokenizerError> {
-        debug_assert!(self.wants_only_argmax(prompt), "on_token for a non-greedy step");
-        self.accept(tokenizer, eos_ids, id, prompt, context_limit)
-    }
-
-    /// Appends the chosen token and decides whether the sequence is finished.
-    fn accept(
         &mut self,
         tokenizer: &Tokenizer,
         eos_ids: &[u32],
