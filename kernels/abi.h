@@ -20,9 +20,6 @@
 /* Tokens per paged KV-cache block. */
 #define QILIN_BLOCK_SIZE 16
 
-/* Input channels sharing one scale in W4A16 (AWQ/GPTQ compatible). */
-#define QILIN_QUANT_GROUP_SIZE 128
-
 /* bf16 elements in one 16-byte vector load: rows handed to vectorised kernels
  * must have a length that is a multiple of this, and 16-byte aligned starts. */
 #define QILIN_VEC_ELEMS 8
@@ -86,6 +83,63 @@ typedef struct QilinBiasParams {
     /** Row length of out and length of bias. */
     uint32_t out_features;
 } QilinBiasParams;
+
+/* Quantized linear layers (kernels/quant_linear.cu). Weights are integer levels of 4 bits
+ * (unsigned, two per byte) or 8 bits (signed) with one (scale, min) f32 pair per group of
+ * group_size consecutive input channels: w = fma(scale, level, min). Up to
+ * QILIN_GEMV_MAX_TOKENS rows of x go through qilin_qgemv_w{4,8}_bf16, which streams the
+ * levels once; larger batches dequantize the weight to bf16 (qilin_dequant_w{4,8}_bf16)
+ * for cuBLAS. Each lane of the GEMV takes QILIN_QGEMV_VALUES_PER_LANE consecutive input
+ * channels per tile (one 16-byte vector of 4-bit levels, two of 8-bit), so in_features
+ * must be a multiple of it and group_size a multiple of 16 bytes of levels (32 values at
+ * 4 bits, 16 at 8) that divides in_features. One block of QILIN_QGEMV_THREADS threads
+ * computes QILIN_QGEMV_ROWS_PER_BLOCK output channels, QILIN_QGEMV_ROWS_PER_WARP per
+ * warp (QILIN_QGEMV_ROWS_PER_BLOCK = QILIN_QGEMV_THREADS / QILIN_WARP_SIZE *
+ * QILIN_QGEMV_ROWS_PER_WARP, checked on both sides). */
+#define QILIN_QGEMV_THREADS 128
+#define QILIN_QGEMV_ROWS_PER_WARP 4
+#define QILIN_QGEMV_ROWS_PER_BLOCK 16
+#define QILIN_QGEMV_VALUES_PER_LANE 32
+
+/* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens): a block
+ * computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N output channels, walking the
+ * input in steps of QILIN_QGEMM_BLOCK_K channels (one 16-byte vector of 4-bit levels per
+ * channel row); QILIN_QGEMM_THREADS threads (2 x 2 warps of 32 x 64). */
+#define QILIN_QGEMM_BLOCK_M 64
+#define QILIN_QGEMM_BLOCK_N 128
+#define QILIN_QGEMM_BLOCK_K 32
+#define QILIN_QGEMM_THREADS 128
+
+/* Threads per block of qilin_dequant_w{4,8}_bf16 (grid-stride loop, one 16-byte vector
+ * of levels per thread per step). */
+#define QILIN_DEQUANT_THREADS 256
+
+/** Launch parameters of qilin_qgemv_w{4,8}_bf16 and qilin_qgemm_w{4,8}_bf16:
+ *  out[n_tokens, out_features] = x[n_tokens, in_features] W^T (+ bias), W the
+ *  dequantized levels [out_features, in_features]. */
+typedef struct QilinQuantGemvParams {
+    /** Rows of x and out: 1..=QILIN_GEMV_MAX_TOKENS for the GEMV, any for the GEMM (the
+     *  grid has ceil(n_tokens / QILIN_QGEMM_BLOCK_M) blocks in y). */
+    uint32_t n_tokens;
+    /** Row length of x and W; a multiple of QILIN_QGEMV_VALUES_PER_LANE and of group_size. */
+    uint32_t in_features;
+    /** Rows of W; the GEMV's grid has ceil(out_features / QILIN_QGEMV_ROWS_PER_BLOCK)
+     *  blocks, the GEMM's ceil(out_features / QILIN_QGEMM_BLOCK_N) in x. */
+    uint32_t out_features;
+    /** Input channels per (scale, min) pair. */
+    uint32_t group_size;
+} QilinQuantGemvParams;
+
+/** Launch parameters of qilin_dequant_w4_bf16 and qilin_dequant_w8_bf16:
+ *  out[r][c] = bf16(fma(scale, level, min)) for r < rows, c < cols. */
+typedef struct QilinDequantParams {
+    /** Rows of the weight (output channels) dequantized by this launch. */
+    uint32_t rows;
+    /** Values per row; a multiple of the 16-byte vector of levels and of group_size. */
+    uint32_t cols;
+    /** Values per (scale, min) pair. */
+    uint32_t group_size;
+} QilinDequantParams;
 
 /* Row-wise copies and SiLU-and-multiply (kernels/elementwise.cu): threads per block.
  * grid.x is the row; grid.y blocks of this many threads cover one row, one 16-byte

@@ -64,6 +64,10 @@ pub struct GpuModelArgs {
     pub layers: Option<usize>,
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
+    /// Linear layers of the transformer blocks as random int8 or int4 levels (the
+    /// device layout `--quantize` gives a real model); embeddings and lm_head stay bf16.
+    #[arg(long, value_enum, value_name = "METHOD", default_value = "none")]
+    pub quantize: crate::model::quantize::QuantizeMethod,
     /// Untimed runs before the timed ones.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: usize,

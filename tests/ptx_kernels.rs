@@ -205,6 +205,42 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_linear.rs",
     },
     Coverage {
+        entry: "qilin_qgemv_w4_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_qgemv_w8_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_dequant_w4_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_dequant_w8_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_qgemm_w4_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_qgemm_w8_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
         entry: "qilin_argmax_bf16",
         launcher: "src/backend/cuda/sampling.rs",
         twin: "argmax_rows",

@@ -9,8 +9,6 @@ include!("abi_bindings.rs");
 
 /// Tokens per paged KV-cache block.
 pub const BLOCK_SIZE: usize = QILIN_BLOCK_SIZE as usize;
-/// Input channels per W4A16 scale group.
-pub const QUANT_GROUP_SIZE: usize = QILIN_QUANT_GROUP_SIZE as usize;
 /// bf16/f16 elements per 16-byte vector access in the kernels.
 pub const VEC_ELEMS: usize = QILIN_VEC_ELEMS as usize;
 
@@ -111,6 +109,93 @@ pub fn gemv_geometry(n: usize, in_features: usize, out_features: usize) -> Optio
 /// kernel's grid-stride loop covers any rest).
 pub fn bias_blocks(elements: usize) -> u32 {
     elements.div_ceil(QILIN_BIAS_THREADS as usize).clamp(1, 65535) as u32
+}
+
+// SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against
+// kernels/abi.h at compile time, passed by value (kernels/quant_linear.cu).
+unsafe impl cudarc::driver::DeviceRepr for QilinQuantGemvParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for QilinDequantParams {}
+
+// As for QILIN_GEMV_ROWS_PER_BLOCK: a literal in abi.h, the identity checked here and by
+// a static_assert in kernels/quant_linear.cu.
+const _: () = assert!(
+    QILIN_QGEMV_ROWS_PER_BLOCK == QILIN_QGEMV_THREADS / QILIN_WARP_SIZE * QILIN_QGEMV_ROWS_PER_WARP
+);
+
+/// Values in one 16-byte vector of `bits`-bit levels (32 or 16): the quantization group
+/// of a weight the quantized kernels take must be a multiple of it.
+pub fn levels_per_vector(bits: u32) -> usize {
+    128 / bits as usize
+}
+
+/// Whether kernels/quant_linear.cu can take a `[*, in_features]` weight of `bits`-bit
+/// levels (4 or 8) in groups of `group` values: `in_features` a non-zero multiple of
+/// `QILIN_QGEMV_VALUES_PER_LANE` and of `group`, `group` a multiple of one 16-byte vector
+/// of levels, everything within `u32`.
+pub fn quant_layout_ok(bits: u32, in_features: usize, group: usize) -> bool {
+    (bits == 4 || bits == 8)
+        && in_features > 0
+        && in_features % QILIN_QGEMV_VALUES_PER_LANE as usize == 0
+        && group > 0
+        && group % levels_per_vector(bits) == 0
+        && in_features % group == 0
+        && u32::try_from(in_features).is_ok()
+}
+
+/// Launch geometry `(grid.x, block.x)` of qilin_qgemv_w{4,8}_bf16 for `x [n, in]`: one
+/// block per `QILIN_QGEMV_ROWS_PER_BLOCK` output channels. `None` when `n` is outside
+/// `1..=GEMV_MAX_TOKENS`, `out` is zero or beyond `u32`, or the layout is not
+/// `quant_layout_ok`.
+pub fn qgemv_geometry(
+    n: usize,
+    bits: u32,
+    in_features: usize,
+    out_features: usize,
+    group: usize,
+) -> Option<(u32, u32)> {
+    if !(1..=GEMV_MAX_TOKENS).contains(&n)
+        || out_features == 0
+        || !quant_layout_ok(bits, in_features, group)
+    {
+        return None;
+    }
+    let out = u32::try_from(out_features).ok()?;
+    Some((out.div_ceil(QILIN_QGEMV_ROWS_PER_BLOCK), QILIN_QGEMV_THREADS))
+}
+
+/// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemm_w{4,8}_bf16 for
+/// `x [n, in]`: grid.x over output channels in `QILIN_QGEMM_BLOCK_N`, grid.y over tokens
+/// in `QILIN_QGEMM_BLOCK_M`. `None` when `n` or `out` is zero or a grid dimension
+/// exceeds 65535 tokens-blocks, `in` is not a multiple of `QILIN_QGEMM_BLOCK_K`, or the
+/// layout is not `quant_layout_ok`.
+pub fn qgemm_geometry(
+    n: usize,
+    bits: u32,
+    in_features: usize,
+    out_features: usize,
+    group: usize,
+) -> Option<((u32, u32), u32)> {
+    if n == 0
+        || out_features == 0
+        || in_features % QILIN_QGEMM_BLOCK_K as usize != 0
+        || !quant_layout_ok(bits, in_features, group)
+    {
+        return None;
+    }
+    let tokens = u32::try_from(n.div_ceil(QILIN_QGEMM_BLOCK_M as usize)).ok()?;
+    let channels = u32::try_from(out_features.div_ceil(QILIN_QGEMM_BLOCK_N as usize)).ok()?;
+    u32::try_from(n).ok()?;
+    u32::try_from(out_features).ok()?;
+    (tokens <= 65535).then_some(((channels, tokens), QILIN_QGEMM_THREADS))
+}
+
+/// grid.x of qilin_dequant_w{4,8}_bf16 for `values` weights of `bits`-bit levels: one
+/// 16-byte vector of levels per thread, at least 1 and at most 65535 blocks (the
+/// grid-stride loop covers any rest).
+pub fn dequant_blocks(values: usize, bits: u32) -> u32 {
+    let vectors = values.div_ceil(levels_per_vector(bits));
+    vectors.div_ceil(QILIN_DEQUANT_THREADS as usize).clamp(1, 65535) as u32
 }
 
 // SAFETY: as for QilinRmsNormParams: #[repr(C)] plain old data, layout checked against

@@ -5,7 +5,6 @@
 // tests/abi_bindings.rs fails when it differs from the generated text.
 
 pub const QILIN_BLOCK_SIZE: u32 = 16;
-pub const QILIN_QUANT_GROUP_SIZE: u32 = 128;
 pub const QILIN_VEC_ELEMS: u32 = 8;
 pub const QILIN_WARP_SIZE: u32 = 32;
 pub const QILIN_MAX_THREADS_PER_BLOCK: u32 = 1024;
@@ -17,6 +16,15 @@ pub const QILIN_GEMV_ROWS_PER_WARP: u32 = 2;
 pub const QILIN_GEMV_VECS_PER_LANE: u32 = 4;
 pub const QILIN_GEMV_ROWS_PER_BLOCK: u32 = 16;
 pub const QILIN_BIAS_THREADS: u32 = 256;
+pub const QILIN_QGEMV_THREADS: u32 = 128;
+pub const QILIN_QGEMV_ROWS_PER_WARP: u32 = 4;
+pub const QILIN_QGEMV_ROWS_PER_BLOCK: u32 = 16;
+pub const QILIN_QGEMV_VALUES_PER_LANE: u32 = 32;
+pub const QILIN_QGEMM_BLOCK_M: u32 = 64;
+pub const QILIN_QGEMM_BLOCK_N: u32 = 128;
+pub const QILIN_QGEMM_BLOCK_K: u32 = 32;
+pub const QILIN_QGEMM_THREADS: u32 = 128;
+pub const QILIN_DEQUANT_THREADS: u32 = 256;
 pub const QILIN_ELEMENTWISE_THREADS: u32 = 256;
 pub const QILIN_ROPE_MAX_THREADS: u32 = 256;
 pub const QILIN_ATTN_MAX_HEAD_DIM: u32 = 256;
@@ -90,6 +98,54 @@ const _: () = {
         [::core::mem::offset_of!(QilinBiasParams, n_tokens) - 0usize];
     ["Offset of field: QilinBiasParams::out_features"]
         [::core::mem::offset_of!(QilinBiasParams, out_features) - 4usize];
+};
+#[doc = " Launch parameters of qilin_qgemv_w{4,8}_bf16 and qilin_qgemm_w{4,8}_bf16:\n  out[n_tokens, out_features] = x[n_tokens, in_features] W^T (+ bias), W the\n  dequantized levels [out_features, in_features]."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinQuantGemvParams {
+    #[doc = " Rows of x and out: 1..=QILIN_GEMV_MAX_TOKENS for the GEMV, any for the GEMM (the\n  grid has ceil(n_tokens / QILIN_QGEMM_BLOCK_M) blocks in y)."]
+    pub n_tokens: u32,
+    #[doc = " Row length of x and W; a multiple of QILIN_QGEMV_VALUES_PER_LANE and of group_size."]
+    pub in_features: u32,
+    #[doc = " Rows of W; the GEMV's grid has ceil(out_features / QILIN_QGEMV_ROWS_PER_BLOCK)\n  blocks, the GEMM's ceil(out_features / QILIN_QGEMM_BLOCK_N) in x."]
+    pub out_features: u32,
+    #[doc = " Input channels per (scale, min) pair."]
+    pub group_size: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinQuantGemvParams"][::core::mem::size_of::<QilinQuantGemvParams>() - 16usize];
+    ["Alignment of QilinQuantGemvParams"][::core::mem::align_of::<QilinQuantGemvParams>() - 4usize];
+    ["Offset of field: QilinQuantGemvParams::n_tokens"]
+        [::core::mem::offset_of!(QilinQuantGemvParams, n_tokens) - 0usize];
+    ["Offset of field: QilinQuantGemvParams::in_features"]
+        [::core::mem::offset_of!(QilinQuantGemvParams, in_features) - 4usize];
+    ["Offset of field: QilinQuantGemvParams::out_features"]
+        [::core::mem::offset_of!(QilinQuantGemvParams, out_features) - 8usize];
+    ["Offset of field: QilinQuantGemvParams::group_size"]
+        [::core::mem::offset_of!(QilinQuantGemvParams, group_size) - 12usize];
+};
+#[doc = " Launch parameters of qilin_dequant_w4_bf16 and qilin_dequant_w8_bf16:\n  out[r][c] = bf16(fma(scale, level, min)) for r < rows, c < cols."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinDequantParams {
+    #[doc = " Rows of the weight (output channels) dequantized by this launch."]
+    pub rows: u32,
+    #[doc = " Values per row; a multiple of the 16-byte vector of levels and of group_size."]
+    pub cols: u32,
+    #[doc = " Values per (scale, min) pair."]
+    pub group_size: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinDequantParams"][::core::mem::size_of::<QilinDequantParams>() - 12usize];
+    ["Alignment of QilinDequantParams"][::core::mem::align_of::<QilinDequantParams>() - 4usize];
+    ["Offset of field: QilinDequantParams::rows"]
+        [::core::mem::offset_of!(QilinDequantParams, rows) - 0usize];
+    ["Offset of field: QilinDequantParams::cols"]
+        [::core::mem::offset_of!(QilinDequantParams, cols) - 4usize];
+    ["Offset of field: QilinDequantParams::group_size"]
+        [::core::mem::offset_of!(QilinDequantParams, group_size) - 8usize];
 };
 #[doc = " Launch parameters of qilin_embedding_bf16 and qilin_gather_rows_bf16:\n  out[r] = src[index[r]] for r < n_rows."]
 #[repr(C)]

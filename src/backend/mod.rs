@@ -9,6 +9,7 @@ pub mod abi;
 pub mod batch;
 pub mod cpu;
 pub mod cuda;
+pub mod packed_quant;
 pub mod ptx;
 
 pub use batch::{Batch, SeqSlice, BLOCK_SIZE};
@@ -78,6 +79,16 @@ pub trait Backend: Send + Sync {
         name: &str,
         parts: &[LinearPart<'_>],
     ) -> Result<Self::Linear, BackendError>;
+    /// An embedding table `[vocab, hidden]` (also the lm_head when tied): a linear layer
+    /// in whatever layout `embedding` reads (the CUDA backend's gather reads bf16, so a
+    /// quantized table is dequantized there; the CPU keeps the file format).
+    fn upload_embedding(
+        &self,
+        name: &str,
+        weight: &WeightTensor,
+    ) -> Result<Self::Linear, BackendError> {
+        self.upload_linear(name, &[LinearPart { weight, bias: None }])
+    }
     fn upload_vector(
         &self,
         name: &str,

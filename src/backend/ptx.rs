@@ -63,6 +63,20 @@ pub const ATTENTION_PREFILL_HD128_BF16: Kernel =
 /// kernels/attention_prefill.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_simple_bf16" };
+/// W4A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
+pub const QGEMV_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemv_w4_bf16" };
+/// W8A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
+pub const QGEMV_W8_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemv_w8_bf16" };
+/// W4A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
+pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w4_bf16" };
+/// W8A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
+pub const QGEMM_W8_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w8_bf16" };
+/// 4-bit levels to a bf16 weight for the cuBLAS path; see kernels/quant_linear.cu.
+pub const DEQUANT_W4_BF16: Kernel =
+    Kernel { module: "quant_linear", entry: "qilin_dequant_w4_bf16" };
+/// 8-bit levels to a bf16 weight for the cuBLAS path; see kernels/quant_linear.cu.
+pub const DEQUANT_W8_BF16: Kernel =
+    Kernel { module: "quant_linear", entry: "qilin_dequant_w8_bf16" };
 
 /// Every kernel the Rust side launches; tests/ptx_kernels.rs checks each against the PTX.
 pub const KERNELS: &[Kernel] = &[
@@ -84,6 +98,12 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_PREFILL_HD64_BF16,
     ATTENTION_PREFILL_HD128_BF16,
     ATTENTION_PREFILL_SIMPLE_BF16,
+    QGEMV_W4_BF16,
+    QGEMV_W8_BF16,
+    DEQUANT_W4_BF16,
+    DEQUANT_W8_BF16,
+    QGEMM_W4_BF16,
+    QGEMM_W8_BF16,
 ];
 
 /// The PTX of one kernels/ file by stem (`"norm"`); `None` in a CPU-only build.

@@ -32,12 +32,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::backend::cuda::{CudaBackend, CudaKvCache, CudaLinear, CudaTensor, CudaVector, Device};
+use crate::backend::cuda::{
+    reserve_dequant_scratch, CudaBackend, CudaKvCache, CudaLinear, CudaTensor, CudaVector, Device,
+    LinearWeight, QuantWeight,
+};
 use crate::backend::{Backend, Batch, KvCacheShape, BLOCK_SIZE};
 use crate::config::{BenchDecodeArgs, BenchPrefillArgs, GpuModelArgs};
 use crate::engine::load::open_cuda;
 use crate::kv::block_manager::blocks_for;
 use crate::model::forward::Model;
+use crate::model::quant::levels::{level_format, LevelFormat};
+use crate::model::quantize::QuantizeMethod;
 use crate::model::weights::{LayerWeights, ModelWeights};
 use crate::model::ModelConfig;
 
@@ -74,11 +79,39 @@ pub struct DeviceRandom<'a> {
     rng: ChaCha8Rng,
     /// (scale, POOL_ELEMS values uniform in [-scale, scale]) on the device.
     pools: Vec<(f32, CudaSlice<bf16>)>,
+    /// POOL_ELEMS uniform random bytes on the device (quantized levels).
+    byte_pool: Option<CudaSlice<u8>>,
+}
+
+/// Overwrites all of `dst` with tiles of `pool` at random offsets.
+fn tile<T: cudarc::driver::DeviceRepr>(
+    dev: &Device,
+    rng: &mut ChaCha8Rng,
+    pool: &CudaSlice<T>,
+    dst: &mut CudaSlice<T>,
+) {
+    let n = dst.len();
+    let mut at = 0;
+    while at < n {
+        let len = (n - at).min(TILE_ELEMS);
+        let from = rng.random_range(0..=POOL_ELEMS - len);
+        let src = pool.slice(from..from + len);
+        let mut to = dst.slice_mut(at..at + len);
+        if let Err(e) = dev.stream.memcpy_dtod(&src, &mut to) {
+            panic!("CUDA error while tiling random values on the device: {e}");
+        }
+        at += len;
+    }
 }
 
 impl<'a> DeviceRandom<'a> {
     pub fn new(dev: &'a Device, seed: u64) -> Self {
-        DeviceRandom { dev, rng: ChaCha8Rng::seed_from_u64(seed), pools: Vec::new() }
+        DeviceRandom {
+            dev,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            pools: Vec::new(),
+            byte_pool: None,
+        }
     }
 
     /// Host values uniform in [center - spread, center + spread], rounded to bf16.
@@ -105,17 +138,17 @@ impl<'a> DeviceRandom<'a> {
     /// Overwrites all of `dst` with tiles of the `scale` pool at random offsets.
     pub fn fill(&mut self, dst: &mut CudaSlice<bf16>, scale: f32) {
         let pool = self.pool(scale);
-        let n = dst.len();
-        let mut at = 0;
-        while at < n {
-            let len = (n - at).min(TILE_ELEMS);
-            let from = self.rng.random_range(0..=POOL_ELEMS - len);
-            let src = self.pools[pool].1.slice(from..from + len);
-            let mut to = dst.slice_mut(at..at + len);
-            if let Err(e) = self.dev.stream.memcpy_dtod(&src, &mut to) {
-                panic!("CUDA error while tiling random values on the device: {e}");
-            }
-            at += len;
+        tile(self.dev, &mut self.rng, &self.pools[pool].1, dst);
+    }
+
+    /// Overwrites all of `dst` with tiles of uniform random bytes.
+    pub fn fill_bytes(&mut self, dst: &mut CudaSlice<u8>) {
+        if self.byte_pool.is_none() {
+            let bytes: Vec<u8> = (0..POOL_ELEMS).map(|_| self.rng.random()).collect();
+            self.byte_pool = Some(self.dev.upload(&bytes));
+        }
+        if let Some(pool) = &self.byte_pool {
+            tile(self.dev, &mut self.rng, pool, dst);
         }
     }
 
@@ -131,11 +164,61 @@ impl<'a> DeviceRandom<'a> {
         let scale = (3.0 / inp as f32).sqrt();
         let mut weight = self.dev.alloc::<bf16>(out * inp);
         self.fill(&mut weight, scale);
-        let bias = bias.then(|| {
+        let bias = self.bias(out, bias);
+        CudaLinear { weight: LinearWeight::Bf16(weight), bias, out_features: out, in_features: inp }
+    }
+
+    fn bias(&mut self, out: usize, bias: bool) -> Option<CudaSlice<bf16>> {
+        bias.then(|| {
             let values = self.host_values(out, 0.0, 0.05);
             self.dev.upload(&values)
+        })
+    }
+
+    /// As `linear`, with the weight as random levels of `format` (kernels/quant_linear.cu's
+    /// layout): uniform levels, a scale per group within 10% of the one that gives
+    /// variance 1/inp, and a min that centres the levels on zero.
+    pub fn quant_linear(
+        &mut self,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        format: LevelFormat,
+    ) -> CudaLinear {
+        let mut levels = self.dev.alloc::<u8>(out * inp * format.bits as usize / 8);
+        self.fill_bytes(&mut levels);
+        // Levels uniform over 2^bits values span +-2^(bits-1) steps around the centre.
+        let half_range = (1u32 << (format.bits - 1)) as f32;
+        let step = (3.0 / inp as f32).sqrt() / half_range;
+        let centre = if format.bits == 4 { 7.5 } else { -0.5 };
+        let scale_min: Vec<f32> = (0..out * inp / format.group)
+            .flat_map(|_| {
+                let s = step * self.rng.random_range(0.9f32..1.1);
+                [s, -centre * s]
+            })
+            .collect();
+        let weight = LinearWeight::Quant(QuantWeight {
+            format,
+            levels,
+            scale_min: self.dev.upload(&scale_min),
         });
+        reserve_dequant_scratch(self.dev, inp, out);
+        let bias = self.bias(out, bias);
         CudaLinear { weight, bias, out_features: out, in_features: inp }
+    }
+
+    /// `linear` or `quant_linear` as `format` says.
+    pub fn any_linear(
+        &mut self,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        format: Option<LevelFormat>,
+    ) -> CudaLinear {
+        match format {
+            Some(format) => self.quant_linear(out, inp, bias, format),
+            None => self.linear(out, inp, bias),
+        }
     }
 
     /// A norm weight near 1.
@@ -162,8 +245,31 @@ pub fn parameter_count(c: &ModelConfig) -> usize {
     c.vocab_size * h + c.num_layers * layer + h + head
 }
 
-/// A model of `config`'s shape with random weights, made on `backend`'s device.
-pub fn random_model(config: ModelConfig, backend: CudaBackend, seed: u64) -> Model<CudaBackend> {
+/// The device layout of `--quantize`'s linear layers: I8 and I4 both keep groups of 128
+/// (model/quant/levels.rs), so the benchmark streams what a quantized checkpoint would.
+pub fn quant_format(method: QuantizeMethod) -> Option<LevelFormat> {
+    method.dtype().and_then(level_format)
+}
+
+/// Bytes of a model's weights on the device: bf16, or the transformer layers' linear
+/// weights as levels + pairs (embeddings, lm_head, norms and biases stay bf16).
+pub fn device_weight_bytes(c: &ModelConfig, format: Option<LevelFormat>) -> usize {
+    let Some(f) = format else { return parameter_count(c) * 2 };
+    let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let qkv = (c.num_heads + 2 * c.num_kv_heads) * hd;
+    let linear_values = c.num_layers * (qkv * h + h * c.num_heads * hd + 3 * ffn * h);
+    let quant_bytes = linear_values * f.bits as usize / 8 + linear_values / f.group * 8;
+    (parameter_count(c) - linear_values) * 2 + quant_bytes
+}
+
+/// A model of `config`'s shape with random weights, made on `backend`'s device; its
+/// transformer layers' linear weights quantized to `format` when given.
+pub fn random_model(
+    config: ModelConfig,
+    backend: CudaBackend,
+    seed: u64,
+    format: Option<LevelFormat>,
+) -> Model<CudaBackend> {
     let weights = {
         let mut rand = DeviceRandom::new(&backend.dev, seed);
         let c = &config;
@@ -173,16 +279,21 @@ pub fn random_model(config: ModelConfig, backend: CudaBackend, seed: u64) -> Mod
         let embed_tokens = {
             let mut weight = backend.dev.alloc::<bf16>(c.vocab_size * h);
             rand.fill(&mut weight, 1.0);
-            CudaLinear { weight, bias: None, out_features: c.vocab_size, in_features: h }
+            CudaLinear {
+                weight: LinearWeight::Bf16(weight),
+                bias: None,
+                out_features: c.vocab_size,
+                in_features: h,
+            }
         };
         let layers = (0..c.num_layers)
             .map(|_| LayerWeights {
                 input_norm: rand.vector(h),
-                qkv_proj: rand.linear(q_out + 2 * kv_out, h, c.attention_bias),
-                o_proj: rand.linear(h, q_out, false),
+                qkv_proj: rand.any_linear(q_out + 2 * kv_out, h, c.attention_bias, format),
+                o_proj: rand.any_linear(h, q_out, false, format),
                 post_attention_norm: rand.vector(h),
-                gate_up_proj: rand.linear(2 * ffn, h, false),
-                down_proj: rand.linear(h, ffn, false),
+                gate_up_proj: rand.any_linear(2 * ffn, h, false, format),
+                down_proj: rand.any_linear(h, ffn, false, format),
             })
             .collect();
         let norm = rand.vector(h);
@@ -200,6 +311,9 @@ pub struct ModelInfo {
     pub shape: String,
     pub layers: usize,
     pub parameters: usize,
+    /// `--quantize`: "none", "int8" or "int4".
+    pub quantize: &'static str,
+    /// Bytes of weights on the device (quantized layers as levels + pairs).
     pub weight_bytes: usize,
     pub weights_made_s: f64,
 }
@@ -235,13 +349,15 @@ fn prepare(
         .mem_get_info()
         .map_err(|e| anyhow::anyhow!("reading the device's free memory: {e}"))?;
     // Pools, activations of the largest step and cuBLAS: 4 GiB is ample for these sizes.
-    let needed = parameters * 2 + kv_bytes + (4 << 30);
+    let format = quant_format(args.quantize);
+    let weight_bytes = device_weight_bytes(&config, format);
+    let needed = weight_bytes + kv_bytes + (4 << 30);
     if needed > free {
         bail!(
-            "the {} model ({} MiB of bf16 weights) and {} MiB of KV cache need about {} MiB; \
+            "the {} model ({} MiB of weights) and {} MiB of KV cache need about {} MiB; \
              the device has {} MiB free of {} MiB (try --layers or a smaller batch/context)",
             args.shape,
-            (parameters * 2) >> 20,
+            weight_bytes >> 20,
             kv_bytes >> 20,
             needed >> 20,
             free >> 20,
@@ -250,7 +366,7 @@ fn prepare(
     }
     let device = backend.dev.name();
     let started = Instant::now();
-    let model = random_model(config, backend, args.seed);
+    let model = random_model(config, backend, args.seed, format);
     let weights_made_s = started.elapsed().as_secs_f64();
     let mut cache = model.backend.alloc_kv_cache(shape).context("allocating the KV cache")?;
     DeviceRandom::new(&model.backend.dev, args.seed ^ 0x5eed).fill_kv(&mut cache);
@@ -260,7 +376,8 @@ fn prepare(
         shape: args.shape.clone(),
         layers: model.config.num_layers,
         parameters,
-        weight_bytes: parameters * 2,
+        quantize: args.quantize.name(),
+        weight_bytes,
         weights_made_s,
     };
     eprintln!(

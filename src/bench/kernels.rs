@@ -23,12 +23,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::gpu_model::{shape_config, DeviceRandom};
+use super::gpu_model::{quant_format, shape_config, DeviceRandom};
+use crate::backend::abi::GEMV_MAX_TOKENS;
 use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
 use crate::kv::block_manager::blocks_for;
+use crate::model::quantize::QuantizeMethod;
 use crate::model::rope::RopeTable;
 
 /// Bytes written before each timed call to push everything else out of L2 (50 MB on an
@@ -337,6 +339,37 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             bench.measure(name, shape, values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
+        }
+    }
+
+    // The same layers quantized (kernels/quant_linear.cu): int4 and int8 levels in groups
+    // of 128, as --quantize and AWQ/GPTQ checkpoints give them; the GEMV up to 8 tokens,
+    // dequantization + cuBLAS above (whose extra traffic shows as a lower "of floor").
+    for method in [QuantizeMethod::Int4, QuantizeMethod::Int8] {
+        let format = quant_format(method).context("a quantizing method has a format")?;
+        for &(name, out, inp, bias) in linears.iter().filter(|l| !l.0.ends_with("lm_head")) {
+            let w = rand.quant_linear(out, inp, bias, format);
+            let weight_bytes =
+                (out * inp * format.bits as usize / 8 + out * inp / format.group * 8) as f64;
+            for n in [1usize, 8, 64, 2048] {
+                let x = rand.tensor(n, inp, 1.0);
+                let values = n * inp + n * out + if bias { out } else { 0 };
+                let bytes = weight_bytes + values as f64 * bf;
+                let flops = 2.0 * (n * out * inp) as f64;
+                let shape = format!("[{n}, {inp}] x [{out}, {inp}]^T");
+                let op = format!("{name} {}", method.name());
+                bench.measure(&op, shape.clone(), bytes, flops, &mut || {
+                    drop(b.linear(&x, &w));
+                });
+                // The tensor-core GEMM (not yet in the dispatch) where cuBLAS serves now.
+                if n > GEMV_MAX_TOKENS {
+                    let mut y = rand.tensor(n, out, 1.0);
+                    let op = format!("{name} {} (qgemm)", method.name());
+                    bench.measure(&op, shape, bytes, flops, &mut || {
+                        b.linear_qgemm_into(&x, &w, &mut y);
+                    });
+                }
+            }
         }
     }
 

@@ -71,7 +71,12 @@ impl<B: Backend> ModelWeights<B> {
             ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let embed_tokens = linear(&[("model.embed_tokens", c.vocab_size)], h, false)?;
+        let embed_tokens = backend
+            .upload_embedding(
+                "model.embed_tokens",
+                get("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            )
+            .map_err(upload_err)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");

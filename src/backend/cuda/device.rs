@@ -9,6 +9,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
+use half::bf16;
 
 use super::CudaError;
 use crate::backend::ptx::{self, Kernel};
@@ -21,6 +22,9 @@ pub struct Device {
     /// f32 scratch of the cuBLAS path of biased linear layers (linear.rs), grown on
     /// demand and kept: `[up to BIAS_SCRATCH_MAX_VALUES]`.
     scratch_f32: Mutex<CudaSlice<f32>>,
+    /// bf16 scratch of the cuBLAS path of quantized linear layers (dequantized weight
+    /// rows), sized at upload so that the KV pool, sized afterwards, leaves room for it.
+    scratch_bf16: Mutex<CudaSlice<bf16>>,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
 }
 
@@ -45,6 +49,11 @@ impl Device {
             unsafe { stream.alloc::<f32>(1) }
                 .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?,
         );
+        let scratch_bf16 = Mutex::new(
+            // SAFETY: scratch is written (by the dequant kernel) before every read.
+            unsafe { stream.alloc::<bf16>(1) }
+                .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?,
+        );
         let mut modules = HashMap::new();
         let mut functions = HashMap::new();
         for kernel in ptx::KERNELS {
@@ -60,7 +69,7 @@ impl Device {
             })?;
             functions.insert((kernel.module, kernel.entry), function);
         }
-        Ok(Device { ctx, stream, blas, scratch_f32, functions })
+        Ok(Device { ctx, stream, blas, scratch_f32, scratch_bf16, functions })
     }
 
     pub fn function(&self, kernel: Kernel) -> &CudaFunction {
@@ -95,6 +104,16 @@ impl Device {
         if scratch.len() < n {
             // SAFETY: callers write the scratch before reading it.
             *scratch = check(unsafe { self.stream.alloc::<f32>(n) }, "allocating scratch");
+        }
+        scratch
+    }
+
+    /// The bf16 scratch buffer, at least `n` values long; its contents are unspecified.
+    pub fn scratch_bf16(&self, n: usize) -> MutexGuard<'_, CudaSlice<bf16>> {
+        let mut scratch = self.scratch_bf16.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.len() < n {
+            // SAFETY: callers write the scratch before reading it.
+            *scratch = check(unsafe { self.stream.alloc::<bf16>(n) }, "allocating scratch");
         }
         scratch
     }

@@ -5,7 +5,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::device::{check, Device};
-use super::tensor::{CudaLinear, CudaTensor};
+use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use crate::backend::abi::{
     elementwise_blocks_per_row, QilinCopyColsParams, QilinGatherRowsParams, QilinSiluMulParams,
     QILIN_ELEMENTWISE_THREADS, VEC_ELEMS,
@@ -77,7 +77,10 @@ fn gather(
 /// Panics on an id outside the vocabulary (the engine validates prompts before this).
 pub fn embedding(dev: &Device, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
     let (vocab, hidden) = (table.out_features, table.in_features);
-    gather(dev, ptx::EMBEDDING_BF16, &table.weight, vocab, hidden, ids, "embedding")
+    let LinearWeight::Bf16(weight) = &table.weight else {
+        panic!("embedding tables are bf16 on the device (Backend::upload_embedding)")
+    };
+    gather(dev, ptx::EMBEDDING_BF16, weight, vocab, hidden, ids, "embedding")
 }
 
 /// `gate_up [n, 2*ffn]` (gate first) -> `silu(gate) * up`, `[n, ffn]`.

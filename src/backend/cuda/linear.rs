@@ -1,19 +1,21 @@
-//! Dense bf16 linear layers, `out [n, out] = x [n, in] W[out, in]^T + b` (CPU twin:
-//! `CpuLinear::forward`, reached through `CpuBackend::linear`).
+//! Linear layers, `out [n, out] = x [n, in] W[out, in]^T + b`, W bf16 or quantized (CPU
+//! twin: `CpuLinear::forward`, reached through `CpuBackend::linear`).
 //!
 //! Dispatch by batch size:
-//! - `n <= GEMV_MAX_TOKENS` (8, decode) and `in % 8 == 0`: `qilin_gemv_bf16`
-//!   (kernels/gemv.cu), which streams W once for all n tokens, bias fused;
-//! - otherwise (prefill, or an input width the 16-byte kernel cannot take): cuBLAS
-//!   `cublasGemmEx` (bf16 in and out, f32 compute); with a bias, f32 out into scratch
-//!   and `qilin_bias_round_bf16` adds the bias, so every path rounds once, after the
-//!   bias add. The GEMV has no scalar fallback: widths that are not a multiple of 8 take
-//!   cuBLAS at every n.
+//! - `n <= GEMV_MAX_TOKENS` (8, decode): `qilin_gemv_bf16` (kernels/gemv.cu) for a bf16
+//!   W with `in % 8 == 0`, `qilin_qgemv_w{4,8}_bf16` (kernels/quant_linear.cu,
+//!   launched from quant_linear.rs) for a quantized one; both stream W once for all n
+//!   tokens, bias fused;
+//! - otherwise (prefill, or an input width the 16-byte kernels cannot take): cuBLAS
+//!   `cublasGemmEx` (bf16 in and out, f32 compute), a quantized W first dequantized to
+//!   bf16 in chunks of rows; with a bias, f32 out into scratch and
+//!   `qilin_bias_round_bf16` adds the bias, so every path rounds once, after the bias
+//!   add.
 //!
 //! Entry points for tests and benchmarks (inherent methods of `CudaBackend`, so that
 //! code outside this module can call them): `linear_into` (the dispatch above, into a
 //! caller's output, e.g. one poisoned with NaN), `linear_gemv_into` and
-//! `linear_cublas_into` (one path regardless of n), `bench_linear` (seconds per call).
+//! `linear_cublas_into` (one path regardless of n).
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -23,18 +25,17 @@ use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t, cublasOperation_t, cublasSetMathMode,
     cudaDataType_t,
 };
-use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
     CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use half::bf16;
 
 use super::device::{check, Device};
-use super::tensor::{CudaLinear, CudaTensor};
+use super::quant_linear::{dequant_chunk_rows, dequantize_rows, qgemv_into};
+use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
-    bias_blocks, gemv_geometry, QilinBiasParams, QilinGemvParams, GEMV_MAX_TOKENS,
+    bias_blocks, gemv_geometry, qgemv_geometry, QilinBiasParams, QilinGemvParams, GEMV_MAX_TOKENS,
     QILIN_BIAS_THREADS, VEC_ELEMS,
 };
 use crate::backend::ptx;
@@ -59,7 +60,7 @@ fn uninit_output(dev: &Device, rows: usize, cols: usize) -> CudaTensor {
 }
 
 /// Programming errors, not user input: shapes that disagree or buffers too short.
-fn check_shapes(x: &CudaTensor, w: &CudaLinear, out: &CudaTensor) {
+pub(super) fn check_shapes(x: &CudaTensor, w: &CudaLinear, out: &CudaTensor) {
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
     assert!(k > 0, "linear layer with zero inputs");
     assert_eq!(x.cols, k, "linear: x is [{n}, {}] but the weight is [{m}, {k}]", x.cols);
@@ -71,7 +72,18 @@ fn check_shapes(x: &CudaTensor, w: &CudaLinear, out: &CudaTensor) {
         out.cols
     );
     let need = |rows: usize, cols: usize| rows.checked_mul(cols).expect("size overflows usize");
-    assert!(w.weight.len() >= need(m, k), "linear: weight buffer shorter than [{m}, {k}]");
+    match &w.weight {
+        LinearWeight::Bf16(weight) => {
+            assert!(weight.len() >= need(m, k), "linear: weight buffer shorter than [{m}, {k}]")
+        }
+        LinearWeight::Quant(q) => {
+            let (bits, group) = (q.format.bits as usize, q.format.group);
+            assert!(
+                q.levels.len() >= need(m, k * bits / 8) && q.scale_min.len() >= need(m, k / group * 2),
+                "linear: quantized weight buffers shorter than [{m}, {k}] at {bits} bits, group {group}"
+            );
+        }
+    }
     if let Some(bias) = &w.bias {
         assert!(bias.len() >= m, "linear: bias buffer shorter than {m}");
     }
@@ -85,17 +97,33 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     if x.rows == 0 || w.out_features == 0 {
         return;
     }
-    if gemv_geometry(x.rows, w.in_features, w.out_features).is_some() {
+    if gemv_path(x.rows, w).is_some() {
         gemv_into(dev, x, w, out);
     } else {
         cublas_into(dev, x, w, out);
     }
 }
 
-/// qilin_gemv_bf16; panics when the kernel cannot take the shape (n outside
-/// 1..=GEMV_MAX_TOKENS, `in` not a multiple of 8).
+/// The GEMV kernel that takes `n` tokens through `w`, if one can.
+fn gemv_path(n: usize, w: &CudaLinear) -> Option<&'static str> {
+    let (k, m) = (w.in_features, w.out_features);
+    match &w.weight {
+        LinearWeight::Bf16(_) => gemv_geometry(n, k, m).map(|_| "gemv"),
+        LinearWeight::Quant(q) => {
+            qgemv_geometry(n, q.format.bits, k, m, q.format.group).map(|_| "qgemv")
+        }
+    }
+}
+
+/// qilin_gemv_bf16 for a bf16 W, qilin_qgemv_w{4,8}_bf16 for a quantized one; panics
+/// when the kernel cannot take the shape (n outside 1..=GEMV_MAX_TOKENS, `in` not a
+/// multiple of 8, or of 32 for quantized weights).
 pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
     check_shapes(x, w, out);
+    let weight = match &w.weight {
+        LinearWeight::Bf16(weight) => weight,
+        LinearWeight::Quant(q) => return qgemv_into(dev, x, w, q, out),
+    };
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
     let (grid, threads) = gemv_geometry(n, k, m).unwrap_or_else(|| {
         panic!(
@@ -110,7 +138,7 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let null: u64 = 0;
     let mut launch = dev.stream.launch_builder(dev.function(ptx::GEMV_BF16));
-    launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&w.weight);
+    launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(weight);
     match &w.bias {
         Some(bias) => launch.arg(bias),
         None => launch.arg(&null),
@@ -123,17 +151,14 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
 }
 
 /// cuBLAS, any n and width (the prefill path and the fallback for widths the GEMV
-/// kernel cannot take).
+/// kernels cannot take). A quantized weight is dequantized to bf16 first, in chunks of
+/// output rows through the device's bf16 scratch (quant_linear.rs).
 pub fn cublas_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
     check_shapes(x, w, out);
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
     if n == 0 || m == 0 {
         return;
     }
-    let int = |v: usize, what: &str| {
-        i32::try_from(v).unwrap_or_else(|_| panic!("linear: {what} = {v} exceeds cuBLAS's int"))
-    };
-    let (k_i, m_i) = (int(k, "in_features"), int(m, "out_features"));
     // cuBLAS may otherwise reduce split-K partial sums in the output type (bf16), which
     // would break the tolerance the parity test argues; keep every reduction in f32.
     // A handle setting, not stream work: cheap, and safe under CUDA-graph capture.
@@ -146,81 +171,148 @@ pub fn cublas_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     };
     mode.result().unwrap_or_else(|e| panic!("cuBLAS refused its math mode: {e}"));
 
-    // cuBLAS is column-major. Read as column-major, our row-major buffers are:
-    //   W   [m, k] row-major = W^T   as a k x m column-major matrix, leading dim k;
-    //   x   [n, k] row-major = x^T   as a k x n column-major matrix, leading dim k;
-    //   out [n, m] row-major = out^T as an m x n column-major matrix, leading dim m.
-    // out = x W^T is out^T = W x^T, i.e. C (m x n) = op(A) op(B) with
-    //   A = the W buffer, transa = T: op(A) = (W^T)^T = W, m x k, lda = k;
-    //   B = the x buffer, transb = N: op(B) = x^T, k x n,        ldb = k;
-    //   C = the out buffer:                          m x n,      ldc = m.
-    // ("TN", what PyTorch's nn.Linear runs.) C = op(A) op(B) in f32; beta = 0, so C is
-    // write-only.
-    let Some(bias) = &w.bias else {
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: m_i,
-            n: int(n, "tokens"),
-            k: k_i,
-            alpha: bf16::ONE,
-            lda: k_i,
-            ldb: k_i,
-            beta: bf16::ZERO,
-            ldc: m_i,
-        };
-        // SAFETY: with the dimensions above cuBLAS reads m * k values of weight, n * k of
-        // x and writes n * m of out; check_shapes showed every buffer holds at least
-        // that, and out is a separate allocation from weight and x (&mut).
-        unsafe { dev.blas.gemm(cfg, &w.weight, &x.data, &mut out.data) }
-            .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{n}, {k}] W [{m}, {k}]^T failed: {e}"));
-        return;
-    };
     // With a bias, C is f32 scratch and qilin_bias_round_bf16 adds the bias before the
     // one rounding to bf16. (Bias broadcast into a bf16 C with beta = 1 rounded x W^T
-    // first on an H200, and so did cuBLASLt's BIAS epilogue for some shapes.) Row chunks
-    // keep the scratch at BIAS_SCRATCH_MAX_VALUES (64 MiB) for any prefill size.
-    assert!(bias.len() >= m, "linear: bias buffer shorter than {m}");
-    let chunk_rows = (BIAS_SCRATCH_MAX_VALUES / m).clamp(1, n);
-    let mut scratch = dev.scratch_f32(chunk_rows * m);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let (w_ptr, _w_sync) = w.weight.device_ptr(&dev.stream);
+    // first on an H200, and so did cuBLASLt's BIAS epilogue for some shapes.) Token
+    // chunks keep that scratch at BIAS_SCRATCH_MAX_VALUES (64 MiB) for any prefill size.
+    let token_chunk = match &w.bias {
+        Some(_) => (BIAS_SCRATCH_MAX_VALUES / m).clamp(1, n),
+        None => n,
+    };
+    let mut acc = w.bias.as_ref().map(|_| dev.scratch_f32(token_chunk * m));
     let (x_ptr, _x_sync) = x.data.device_ptr(&dev.stream);
-    for first in (0..n).step_by(chunk_rows) {
-        let rows = chunk_rows.min(n - first);
+    for first in (0..n).step_by(token_chunk) {
+        let tokens = token_chunk.min(n - first);
         let x_rows = x_ptr + (first * k * size_of::<bf16>()) as u64;
-        let (acc_ptr, acc_sync) = scratch.device_ptr_mut(&dev.stream);
-        // SAFETY: as above, for rows [first, first + rows) of x into the scratch, which
-        // holds chunk_rows * m >= rows * m f32 values; cuBLAS's types are bf16 A and B,
-        // f32 C, f32 compute and f32 alpha/beta, a combination cublasGemmEx supports.
-        unsafe {
-            cublas_result::gemm_ex(
-                *dev.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                m_i,
-                int(rows, "tokens"),
-                k_i,
-                &alpha as *const f32 as *const c_void,
-                w_ptr as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                k_i,
-                x_rows as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                k_i,
-                &beta as *const f32 as *const c_void,
-                acc_ptr as *mut c_void,
-                cudaDataType_t::CUDA_R_32F,
-                m_i,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        match (&mut acc, &w.bias) {
+            (Some(acc), Some(bias)) => {
+                let (acc_ptr, acc_sync) = acc.device_ptr_mut(&dev.stream);
+                for_each_weight_chunk(dev, w, |w_ptr, row0, rows| {
+                    let c = acc_ptr + (row0 * size_of::<f32>()) as u64;
+                    // SAFETY: the scratch holds token_chunk * m >= tokens * m f32 values;
+                    // columns row0..row0 + rows of each of its `tokens` rows (stride m).
+                    unsafe {
+                        gemm_tn(
+                            dev,
+                            w_ptr,
+                            x_rows,
+                            c,
+                            cudaDataType_t::CUDA_R_32F,
+                            rows,
+                            tokens,
+                            k,
+                            m,
+                        )
+                    }
+                });
+                drop(acc_sync);
+                let mut out_rows = out.data.slice_mut(first * m..(first + tokens) * m);
+                bias_round(dev, acc, bias, &mut out_rows, tokens, m);
+            }
+            _ => {
+                let (out_ptr, _out_sync) = out.data.device_ptr_mut(&dev.stream);
+                let out_rows = out_ptr + (first * m * size_of::<bf16>()) as u64;
+                for_each_weight_chunk(dev, w, |w_ptr, row0, rows| {
+                    let c = out_rows + (row0 * size_of::<bf16>()) as u64;
+                    // SAFETY: check_shapes showed out holds n * m values; this writes
+                    // columns row0..row0 + rows of rows first..first + tokens (stride m).
+                    unsafe {
+                        gemm_tn(
+                            dev,
+                            w_ptr,
+                            x_rows,
+                            c,
+                            cudaDataType_t::CUDA_R_16BF,
+                            rows,
+                            tokens,
+                            k,
+                            m,
+                        )
+                    }
+                });
+            }
         }
-        .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{rows}, {k}] W [{m}, {k}]^T failed: {e}"));
-        drop(acc_sync);
-        let mut out_rows = out.data.slice_mut(first * m..(first + rows) * m);
-        bias_round(dev, &scratch, bias, &mut out_rows, rows, m);
     }
+}
+
+/// Calls `gemm(w_ptr, row0, rows)` for chunks of W's output rows as bf16 `[rows, k]` on
+/// the device: the weight itself (one chunk) or, for a quantized weight, chunks
+/// dequantized into the bf16 scratch, each used before the next overwrites it (one
+/// stream orders them).
+fn for_each_weight_chunk(dev: &Device, w: &CudaLinear, mut gemm: impl FnMut(u64, usize, usize)) {
+    match &w.weight {
+        LinearWeight::Bf16(weight) => {
+            let (w_ptr, _w_sync) = weight.device_ptr(&dev.stream);
+            gemm(w_ptr, 0, w.out_features);
+        }
+        LinearWeight::Quant(q) => {
+            let (k, m) = (w.in_features, w.out_features);
+            let chunk = dequant_chunk_rows(k, m);
+            let mut scratch = dev.scratch_bf16(chunk * k);
+            for row0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - row0);
+                dequantize_rows(dev, q, k, row0, rows, &mut scratch);
+                let (s_ptr, _s_sync) = scratch.device_ptr(&dev.stream);
+                gemm(s_ptr, row0, rows);
+            }
+        }
+    }
+}
+
+/// C = x W^T for `rows` output channels by cuBLAS ("TN", what PyTorch's nn.Linear runs),
+/// f32 compute, beta = 0 (C write-only). cuBLAS is column-major; read as column-major our
+/// row-major buffers are:
+///   W   [rows, k] row-major = W^T as a k x rows column-major matrix, leading dim k;
+///   x   [n, k]    row-major = x^T as a k x n column-major matrix,    leading dim k;
+///   C   [n, ldc]  row-major = an ldc x n column-major matrix; its first `rows` rows are
+///                 written (out^T = W x^T), so `c` may point at column row0 of a wider
+///                 output with ldc = its row length.
+///
+/// # Safety
+/// `w` holds rows * k bf16, `x` n * k bf16, `c` (of `c_type`, bf16 or f32) reaches
+/// (n - 1) * ldc + rows values and overlaps neither; all on `dev`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_tn(
+    dev: &Device,
+    w: u64,
+    x: u64,
+    c: u64,
+    c_type: cudaDataType_t,
+    rows: usize,
+    n: usize,
+    k: usize,
+    ldc: usize,
+) {
+    let int = |v: usize, what: &str| {
+        i32::try_from(v).unwrap_or_else(|_| panic!("linear: {what} = {v} exceeds cuBLAS's int"))
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller's contract; bf16 A and B with bf16 or f32 C, f32 compute and
+    // f32 alpha/beta is a combination cublasGemmEx supports.
+    unsafe {
+        cublas_result::gemm_ex(
+            *dev.blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            int(rows, "out_features"),
+            int(n, "tokens"),
+            int(k, "in_features"),
+            &alpha as *const f32 as *const c_void,
+            w as *const c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            int(k, "in_features"),
+            x as *const c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            int(k, "in_features"),
+            &beta as *const f32 as *const c_void,
+            c as *mut c_void,
+            c_type,
+            int(ldc, "out_features"),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .unwrap_or_else(|e| panic!("cuBLAS GEMM x [{n}, {k}] W [{rows}, {k}]^T failed: {e}"));
 }
 
 /// Largest f32 scratch (values) of the biased cuBLAS path: 64 MiB.
@@ -248,7 +340,7 @@ fn bias_round(
     launch.arg(&params).arg(out).arg(acc).arg(bias);
     // SAFETY: argument order and types follow qilin_bias_round_bf16; out holds rows * m
     // values (a view of exactly that), acc at least rows * m (the scratch), bias m
-    // (asserted by the caller); the grid-stride loop is correct for any grid.
+    // (asserted by check_shapes); the grid-stride loop is correct for any grid.
     check(unsafe { launch.launch(cfg) }, "launching qilin_bias_round_bf16");
 }
 
@@ -269,67 +361,5 @@ impl CudaBackend {
     /// cuBLAS whatever the dispatch would pick.
     pub fn linear_cublas_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
         cublas_into(&self.dev, x, w, out)
-    }
-
-    /// Mean seconds per call of a `[n, in] x [out, in]^T (+ bias)` linear layer on
-    /// synthetic weights, through the dispatch (`force_cublas == false`) or cuBLAS, and
-    /// the path that ran (`"gemv"` or `"cublas"`). Weights are rotated over enough copies
-    /// (>= 256 MiB in all, at most 1024 copies) that each call streams its W from HBM, not
-    /// L2, as in a real decode step where every layer has its own weights. Each call moves
-    /// at least `2 * (out*in + n*in + n*out)` bytes (+ `2*out` for the bias, and
-    /// `8 * n * out` more on the cuBLAS path with a bias: f32 out, read back) and does `2 * n * in * out` FLOPs:
-    /// divide by the time for GB/s or FLOP/s.
-    pub fn bench_linear(
-        &self,
-        n: usize,
-        in_features: usize,
-        out_features: usize,
-        bias: bool,
-        force_cublas: bool,
-        iters: usize,
-    ) -> (f64, &'static str) {
-        let dev = &self.dev;
-        assert!(n > 0 && in_features > 0 && out_features > 0 && iters > 0, "empty benchmark");
-        let weight_len = out_features * in_features;
-        let copies = ((256usize << 20).div_ceil(2 * weight_len)).clamp(1, 1024);
-        // A fixed pattern of small values; W's contents do not change the timing.
-        let host: Vec<bf16> = (0..weight_len)
-            .map(|i| bf16::from_f32(((i * 7919 % 2003) as f32 - 1001.0) * 5e-5))
-            .collect();
-        let bias_host: Vec<bf16> =
-            (0..out_features).map(|i| bf16::from_f32(i as f32 * 1e-4)).collect();
-        let layers: Vec<CudaLinear> = (0..copies)
-            .map(|_| CudaLinear {
-                weight: dev.upload(&host),
-                bias: bias.then(|| dev.upload(&bias_host)),
-                out_features,
-                in_features,
-            })
-            .collect();
-        drop(host);
-        let x_host: Vec<f32> =
-            (0..n * in_features).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-        let x = self.tensor_from_host(&x_host, n, in_features);
-        let mut out = uninit_output(dev, n, out_features);
-        let run = |w: &CudaLinear, out: &mut CudaTensor| {
-            if force_cublas {
-                cublas_into(dev, &x, w, out)
-            } else {
-                linear_into(dev, &x, w, out)
-            }
-        };
-        // Warm-up: module JIT, cuBLAS heuristics, every copy touched once.
-        for w in &layers {
-            run(w, &mut out);
-        }
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = check(dev.stream.record_event(timing), "recording an event");
-        for i in 0..iters {
-            run(&layers[i % copies], &mut out);
-        }
-        let end = check(dev.stream.record_event(timing), "recording an event");
-        let ms = check(start.elapsed_ms(&end), "timing the linear benchmark");
-        let gemv = !force_cublas && gemv_geometry(n, in_features, out_features).is_some();
-        (f64::from(ms) * 1e-3 / iters as f64, if gemv { "gemv" } else { "cublas" })
     }
 }

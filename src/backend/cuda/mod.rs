@@ -11,6 +11,7 @@ mod device;
 mod elementwise;
 mod linear;
 mod norm;
+mod quant_linear;
 mod rope;
 mod sampling;
 mod tensor;
@@ -20,7 +21,8 @@ use std::sync::{Arc, Mutex};
 
 pub use batch_meta::DeviceBatch;
 pub use device::Device;
-pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector};
+pub use quant_linear::reserve_dequant_scratch;
+pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
 use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart};
 use crate::model::rope::RopeTable;
@@ -86,7 +88,15 @@ impl Backend for CudaBackend {
         name: &str,
         parts: &[LinearPart<'_>],
     ) -> Result<CudaLinear, BackendError> {
-        weights::upload_linear(&self.dev, name, parts)
+        weights::upload_linear(&self.dev, name, parts, false)
+    }
+
+    fn upload_embedding(
+        &self,
+        name: &str,
+        weight: &WeightTensor,
+    ) -> Result<CudaLinear, BackendError> {
+        weights::upload_linear(&self.dev, name, &[LinearPart { weight, bias: None }], true)
     }
 
     fn upload_vector(&self, name: &str, weight: &WeightTensor) -> Result<CudaVector, BackendError> {

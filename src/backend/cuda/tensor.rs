@@ -4,6 +4,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::backend::KvCacheShape;
+use crate::model::quant::levels::LevelFormat;
 
 /// Activations: `rows x cols` bf16, row-major (a row is a token).
 pub struct CudaTensor {
@@ -12,12 +13,25 @@ pub struct CudaTensor {
     pub cols: usize,
 }
 
-/// A linear layer (parts stacked along the output dimension), bf16.
+/// A linear layer (parts stacked along the output dimension): bf16 or quantized weight,
+/// bf16 bias.
 pub struct CudaLinear {
-    pub weight: CudaSlice<bf16>,       // [out, in], row-major
+    pub weight: LinearWeight,
     pub bias: Option<CudaSlice<bf16>>, // [out]
     pub out_features: usize,
     pub in_features: usize,
+}
+
+pub enum LinearWeight {
+    Bf16(CudaSlice<bf16>), // [out, in], row-major
+    /// Levels and (scale, min) pairs (src/backend/packed_quant.rs, kernels/quant_linear.cu).
+    Quant(QuantWeight),
+}
+
+pub struct QuantWeight {
+    pub format: LevelFormat,
+    pub levels: CudaSlice<u8>,     // [out, in * bits / 8]
+    pub scale_min: CudaSlice<f32>, // [out, in / group, 2]
 }
 
 /// A vector weight (norm scale), bf16.

@@ -1,12 +1,16 @@
-//! Weights onto the device, once: every file format (bf16, f16, f32, GGUF blocks) is
-//! decoded on the host and stored as bf16, the dtype every kernel of this backend reads.
+//! Weights onto the device, once. Linear layers whose parts are all quantized keep their
+//! levels (src/backend/packed_quant.rs: every format repacked losslessly into the layout
+//! of kernels/quant_linear.cu); everything else (plain floats, embedding tables, norms,
+//! biases) is decoded on the host and stored as bf16, the activation dtype.
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::device::Device;
-use super::tensor::{CudaLinear, CudaVector};
+use super::quant_linear::reserve_dequant_scratch;
+use super::tensor::{CudaLinear, CudaVector, LinearWeight, QuantWeight};
 use crate::backend::cpu::weight_to_f32;
+use crate::backend::packed_quant::PackedQuant;
 use crate::backend::{BackendError, LinearPart};
 use crate::model::WeightTensor;
 
@@ -16,16 +20,17 @@ fn to_bf16(name: &str, w: &WeightTensor) -> Result<Vec<bf16>, BackendError> {
 }
 
 /// Parts stacked along the output dimension: `[sum(out_i), in]`, and a bias when any
-/// part has one (zeros for the parts without).
+/// part has one (zeros for the parts without). Quantized parts stay quantized (levels);
+/// `dequantize` forces bf16 (embedding tables, which the gather kernel reads as bf16).
 pub fn upload_linear(
     dev: &Device,
     name: &str,
     parts: &[LinearPart<'_>],
+    dequantize: bool,
 ) -> Result<CudaLinear, BackendError> {
     let bad = |message: String| BackendError::Weight { name: name.to_string(), message };
     let first = parts.first().ok_or_else(|| bad("no weight parts".into()))?;
     let in_features = first.weight.row_len();
-    let mut weight = Vec::new();
     let mut bias = Vec::new();
     let any_bias = parts.iter().any(|p| p.bias.is_some());
     for part in parts {
@@ -35,8 +40,13 @@ pub fn upload_linear(
                 part.weight.shape
             )));
         }
+        if part.weight.dtype.row_bytes(in_features).is_none() {
+            return Err(bad(format!(
+                "row of {in_features} values is not a whole number of {} blocks",
+                part.weight.dtype
+            )));
+        }
         let rows = part.weight.rows();
-        weight.extend(to_bf16(name, part.weight)?);
         if any_bias {
             match part.bias {
                 Some(b) if b.numel() == rows => bias.extend(to_bf16(name, b)?),
@@ -47,13 +57,27 @@ pub fn upload_linear(
             }
         }
     }
-    let out_features = weight.len() / in_features.max(1);
-    Ok(CudaLinear {
-        weight: dev.upload(&weight),
-        bias: any_bias.then(|| dev.upload(&bias)),
-        out_features,
-        in_features,
-    })
+    let out_features: usize = parts.iter().map(|p| p.weight.rows()).sum();
+    let weights: Vec<_> = parts.iter().map(|p| p.weight).collect();
+    let packed = if dequantize { None } else { PackedQuant::from_parts(&weights) };
+    let weight = match packed {
+        Some(packed) => {
+            reserve_dequant_scratch(dev, in_features, out_features);
+            LinearWeight::Quant(QuantWeight {
+                format: packed.format,
+                levels: dev.upload(&packed.levels),
+                scale_min: dev.upload(&packed.scale_min),
+            })
+        }
+        None => {
+            let mut weight = Vec::with_capacity(out_features * in_features);
+            for part in parts {
+                weight.extend(to_bf16(name, part.weight)?);
+            }
+            LinearWeight::Bf16(dev.upload(&weight))
+        }
+    };
+    Ok(CudaLinear { weight, bias: any_bias.then(|| dev.upload(&bias)), out_features, in_features })
 }
 
 pub fn upload_vector(

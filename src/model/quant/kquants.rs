@@ -31,26 +31,13 @@ use crate::model::DType;
 /// Values per super-block.
 pub(super) const QK_K: usize = 256;
 
-/// One super-block decoder: block bytes -> 256 values.
-type BlockFn = fn(&[u8], &mut [f32; QK_K]);
-
-fn block_fn(dtype: DType) -> BlockFn {
-    match dtype {
-        DType::Q4_K => dequantize_q4_k,
-        DType::Q5_K => dequantize_q5_k,
-        DType::Q6_K => dequantize_q6_k,
-        other => unreachable!("{other} is not a k-quant"),
-    }
-}
-
 /// Dequantizes one row of whole super-blocks: `out.len()` values from `row`. The caller
 /// (quant::dequantize_row) has checked that the lengths agree.
 pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
     debug_assert_eq!(dtype.row_bytes(out.len()), Some(row.len()));
-    let decode = block_fn(dtype);
     for (blk, o) in row.chunks_exact(dtype.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
         let o: &mut [f32; QK_K] = o.try_into().expect("chunks_exact yields QK_K");
-        decode(blk, o);
+        dequantize_superblock(dtype, blk, o);
     }
 }
 
@@ -71,11 +58,10 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 #[allow(clippy::needless_range_loop)]
 pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(dtype.row_bytes(x.len()), Some(row.len()), "{dtype} row length");
-    let decode = block_fn(dtype);
     let mut acc = [0f32; LANES];
     let mut w = [0f32; QK_K];
     for (blk, xs) in row.chunks_exact(dtype.block_bytes()).zip(x.chunks_exact(QK_K)) {
-        decode(blk, &mut w);
+        dequantize_superblock(dtype, blk, &mut w);
         for c in 0..QK_K / LANES {
             for l in 0..LANES {
                 acc[l] += w[c * LANES + l] * xs[c * LANES + l];
@@ -112,56 +98,75 @@ pub(super) fn sub_scales(blk: &[u8]) -> ([f32; 8], [f32; 8]) {
     (sc.map(|s| d * s as f32), m.map(|m| dmin * m as f32))
 }
 
-fn dequantize_q4_k(blk: &[u8], out: &mut [f32; QK_K]) {
-    let (ds, ms) = sub_scales(blk);
-    let qs = &blk[16..144];
-    for j in 0..4 {
-        let q = &qs[32 * j..32 * j + 32];
-        let (lo, hi) = out[64 * j..64 * j + 64].split_at_mut(32);
-        let (d1, m1, d2, m2) = (ds[2 * j], ms[2 * j], ds[2 * j + 1], ms[2 * j + 1]);
-        for l in 0..32 {
-            lo[l] = d1 * (q[l] & 0x0f) as f32 - m1;
-            hi[l] = d2 * (q[l] >> 4) as f32 - m2;
+/// One super-block as integer levels and per-sub-block affine maps: value `i` is
+/// `scale[i / group] * level[i] - offset[i / group]`, computed that way (two f32
+/// operations, never fused) it is exactly the value ggml computes. Q4_K/Q5_K: groups of
+/// 32, levels 0..=15 / 0..=31, offset `dmin * m`; Q6_K: groups of 16, levels -32..=31,
+/// offset 0. `scale` and `offset` must hold `QK_K / group` entries; returns `group`.
+pub(super) fn superblock_levels(
+    dtype: DType,
+    blk: &[u8],
+    level: &mut [i8; QK_K],
+    scale: &mut [f32],
+    offset: &mut [f32],
+) -> usize {
+    match dtype {
+        DType::Q4_K | DType::Q5_K => {
+            let (ds, ms) = sub_scales(blk);
+            scale[..8].copy_from_slice(&ds);
+            offset[..8].copy_from_slice(&ms);
+            let (qh, qs) = if dtype == DType::Q5_K {
+                (Some(&blk[16..48]), &blk[48..176])
+            } else {
+                (None, &blk[16..144])
+            };
+            for j in 0..4 {
+                let q = &qs[32 * j..32 * j + 32];
+                let (lo, hi) = level[64 * j..64 * j + 64].split_at_mut(32);
+                for l in 0..32 {
+                    // Q5_K's fifth bit of sub-block s sits at bit s of qh[l].
+                    let (h1, h2) = qh.map_or((0, 0), |qh| {
+                        (((qh[l] >> (2 * j)) & 1) << 4, ((qh[l] >> (2 * j + 1)) & 1) << 4)
+                    });
+                    lo[l] = ((q[l] & 0x0f) | h1) as i8;
+                    hi[l] = ((q[l] >> 4) | h2) as i8;
+                }
+            }
+            32
         }
+        DType::Q6_K => {
+            let d = f16_to_f32(le_u16(blk, 208));
+            for (s, sc) in scale[..16].iter_mut().enumerate() {
+                *sc = d * (blk[192 + s] as i8) as f32;
+            }
+            offset[..16].fill(0.0);
+            for n in 0..2 {
+                let ql = &blk[64 * n..64 * n + 64];
+                let qh = &blk[128 + 32 * n..128 + 32 * n + 32];
+                let level = &mut level[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    let q = |low: u8, high: u8| (low | (high << 4)) as i8 - 32;
+                    level[l] = q(ql[l] & 0x0f, qh[l] & 3);
+                    level[l + 32] = q(ql[l + 32] & 0x0f, (qh[l] >> 2) & 3);
+                    level[l + 64] = q(ql[l] >> 4, (qh[l] >> 4) & 3);
+                    level[l + 96] = q(ql[l + 32] >> 4, (qh[l] >> 6) & 3);
+                }
+            }
+            16
+        }
+        other => unreachable!("{other} is not a k-quant"),
     }
 }
 
-fn dequantize_q5_k(blk: &[u8], out: &mut [f32; QK_K]) {
-    let (ds, ms) = sub_scales(blk);
-    let qh = &blk[16..48];
-    let qs = &blk[48..176];
-    for j in 0..4 {
-        let q = &qs[32 * j..32 * j + 32];
-        let (lo, hi) = out[64 * j..64 * j + 64].split_at_mut(32);
-        let (d1, m1, d2, m2) = (ds[2 * j], ms[2 * j], ds[2 * j + 1], ms[2 * j + 1]);
-        for l in 0..32 {
-            let h1 = ((qh[l] >> (2 * j)) & 1) << 4;
-            let h2 = ((qh[l] >> (2 * j + 1)) & 1) << 4;
-            lo[l] = d1 * ((q[l] & 0x0f) | h1) as f32 - m1;
-            hi[l] = d2 * ((q[l] >> 4) | h2) as f32 - m2;
-        }
-    }
-}
-
-fn dequantize_q6_k(blk: &[u8], out: &mut [f32; QK_K]) {
-    let d = f16_to_f32(le_u16(blk, 208));
-    let ds: [f32; 16] = std::array::from_fn(|s| d * (blk[192 + s] as i8) as f32);
-    for n in 0..2 {
-        let ql = &blk[64 * n..64 * n + 64];
-        let qh = &blk[128 + 32 * n..128 + 32 * n + 32];
-        let out = &mut out[128 * n..128 * n + 128];
-        let ds = &ds[8 * n..8 * n + 8];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            out[l] = ds[is] * q1 as f32;
-            out[l + 32] = ds[is + 2] * q2 as f32;
-            out[l + 64] = ds[is + 4] * q3 as f32;
-            out[l + 96] = ds[is + 6] * q4 as f32;
-        }
+/// Every k-quant super-block through its levels: `scale * level - offset`, ggml's
+/// operations in ggml's order (Q6_K's offset is 0, and `v - 0.0` is `v`, signed zeros
+/// included).
+fn dequantize_superblock(dtype: DType, blk: &[u8], out: &mut [f32; QK_K]) {
+    let mut level = [0i8; QK_K];
+    let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+    let group = superblock_levels(dtype, blk, &mut level, &mut scale, &mut offset);
+    for (i, (o, &l)) in out.iter_mut().zip(&level).enumerate() {
+        *o = scale[i / group] * l as f32 - offset[i / group];
     }
 }
 

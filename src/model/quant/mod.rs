@@ -13,6 +13,7 @@
 
 mod intq;
 mod kquants;
+pub mod levels;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

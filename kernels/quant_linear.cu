@@ -1,0 +1,602 @@
+// Quantized linear layers, out = x W^T + b with W stored as integer levels: W4A16 and
+// W8A16 (bf16 activations, f32 arithmetic). Every quantized checkpoint format Qilin loads
+// (AWQ/GPTQ int4 and int8, --quantize int8/int4, GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K) is
+// repacked losslessly into this layout at upload (src/backend/packed_quant.rs):
+//   levels:    u8 [out_features, in_features * BITS / 8], row-major. BITS = 4: unsigned
+//              levels 0..15, input channel 2j in the low nibble of byte j, 2j + 1 in the
+//              high nibble. BITS = 8: signed levels, one i8 per input channel.
+//   scale_min: float2 [out_features, in_features / group_size]: (scale, min) of each
+//              group of group_size consecutive input channels of a row.
+//   W[o][k] = fma(scale, level, min) in f32, which equals the CPU's dequantized value
+//   exactly (src/model/quant/levels.rs argues it per format).
+//
+// Semantics (CPU twin: CpuLinear::forward over the original weight, reached through
+// CpuBackend::linear; tests/gpu_quant_linear.rs):
+//   qilin_qgemv_w{4,8}_bf16, 1 <= n_tokens <= QILIN_GEMV_MAX_TOKENS:
+//     out[t][o] = bf16_rne( sum_k W[o][k] * f32(x[t][k])  +  f32(bias[o]) )
+//     summed in f32 in a fixed order of its own, rounded once after the bias add.
+//   qilin_dequant_w{4,8}_bf16: out[r][c] = bf16_rne(W[r][c]), the weight for the cuBLAS
+//     path of larger batches (one more rounding than the GEMV: 8 significant bits per
+//     weight; tests/gpu_quant_linear.rs states the tolerance this costs).
+//
+// Launch contract, checked in the kernels (a violation traps instead of leaving outputs
+// unwritten): GEMV grid = ceil(out_features / QILIN_QGEMV_ROWS_PER_BLOCK) blocks of
+// exactly QILIN_QGEMV_THREADS threads, in_features % QILIN_QGEMV_VALUES_PER_LANE == 0,
+// group_size a multiple of the values in one 16-byte vector of levels that divides
+// in_features; 16-byte aligned x, levels and 8-byte aligned scale_min (whole cudarc
+// allocations). Dequant: any grid of QILIN_DEQUANT_THREADS-thread blocks (grid-stride),
+// the same divisibility of cols.
+//
+// GEMV design (mirrors kernels/gemv.cu's qilin_gemv_bf16, see its header):
+//   - each warp owns QILIN_QGEMV_ROWS_PER_WARP (4) output channels, a block of 4 warps 16;
+//   - the input dimension is walked in tiles of 32 lanes x 32 values = 1024; lane l takes
+//     values 32l..32l+31 of the tile: one 16-byte vector of levels per row at 4 bits, two
+//     at 8 bits, and their groups' (scale, min) pairs (a group is never split by a
+//     vector);
+//   - a tile's levels are loaded (streaming, evict-first) before its x copy and barrier,
+//     as in qilin_gemv_bf16, and stay in flight meanwhile;
+//   - the tile of every token's x is copied into shared memory (double-buffered, one
+//     barrier per tile, as in qilin_gemv_bf16). Lane l reads x vectors 4l..4l+3 of a
+//     token row; stored at v ^ ((v >> 3) & 7) (a permutation inside each run of 8
+//     vectors), every quarter-warp's 16-byte reads hit 8 distinct bank groups;
+//   - per 8 values: dequantize the R rows once (level -> float by the exponent trick
+//     below, then one fma), then R x n FMAs against the tokens' x.
+//   Levels -> f32 without an I2F conversion (a quarter-rate instruction on sm_80/sm_90):
+//   the float with bits 0x4B000000 | u is 2^23 + u exactly for u < 2^23, so subtracting
+//   2^23 leaves u exactly; 8-bit levels are biased by 128 first (u = level ^ 0x80).
+//
+// qilin_qgemm_w{4,8}_bf16 (any n_tokens; compiles, unverified on hardware until a GPU run of
+// tests/gpu_quant_linear.rs passes, so the dispatch does not use it yet): the same sum on
+// tensor cores with the weight dequantized into shared memory, rounded to bf16 there (the
+// cuBLAS path's rounding, without the bf16 weight's trip through device memory).
+//   Grid = (ceil(out_features / QILIN_QGEMM_BLOCK_N), ceil(n_tokens / QILIN_QGEMM_BLOCK_M)),
+//   block = QILIN_QGEMM_THREADS (4 warps, 2 x 2, each 32 tokens x 64 channels = 2 x 8
+//   m16n8k16 tiles). Per step of QILIN_QGEMM_BLOCK_K (32) input channels:
+//   - x [64 tokens x 32] arrives by cp.async (rows past n_tokens zero-filled);
+//   - thread i dequantizes channel row i of the block: one 16-byte vector of 4-bit levels
+//     (two of 8-bit) read from global memory a step ahead, converted with its group's
+//     (scale, min) and stored as bf16 into shared memory;
+//   - both are double-buffered with one barrier per step (as qilin_gemv_bf16 argues);
+//     rows are padded to 40 values (80 bytes), so each ldmatrix phase of 8 rows x 16 bytes
+//     touches 8 distinct bank groups;
+//   - ldmatrix.x4 loads A (x, row-major) and B (W rows = the "col" operand) fragments;
+//     16 mma.sync per warp per 16 input channels, f32 accumulators.
+//   Epilogue: bias added in f32, one rounding to bf16, bounds-checked per element.
+//
+// Napkin math (Qwen2.5-7B, H100 SXM 3.35 TB/s): int4 at group 128 streams 0.5625 bytes per
+// weight (levels + 8-byte pair per 128), 3.56x less than bf16: 4.0 GB per decode step of
+// linear layers incl. a bf16 lm_head 1.09 GB -> ~1.2 ms, ~800 tok/s at batch 1 if every
+// launch reached copy bandwidth (the issue's roofline ~744 counts a few more bytes).
+// Lane-instructions per weight value: ~3 for the level (shift, lop3, fadd), 1 fma, n FMAs
+// and the x unpacks / R: ~5.3 at n = 1. At full bandwidth ~6 G values/ms stream in, i.e.
+// ~32 T lane-ops/s against the SM array's ~33 T/s (132 SMs x 128 lanes x 1.98 GHz): the
+// kernel sits at the compute/bandwidth ridge at n = 1 and is issue-bound above it (n = 8:
+// ~2.4x over). A tensor-core (mma.sync) variant is the next step for batches of 2 to 64.
+
+#include "common.cuh"
+#include "mma.cuh"
+
+#define QGEMV_WARPS (QILIN_QGEMV_THREADS / QILIN_WARP_SIZE)
+#define QGEMV_TILE_VALUES (QILIN_WARP_SIZE * QILIN_QGEMV_VALUES_PER_LANE)
+// 16-byte x vectors (8 bf16) per token row of a tile, and per lane.
+#define QGEMV_TILE_XVECS (QGEMV_TILE_VALUES / QILIN_VEC_ELEMS)
+#define QGEMV_LANE_XVECS (QILIN_QGEMV_VALUES_PER_LANE / QILIN_VEC_ELEMS)
+#define QGEMV_X_LOADS_PER_THREAD(N) \
+    ((N * QGEMV_TILE_XVECS + QILIN_QGEMV_THREADS - 1) / QILIN_QGEMV_THREADS)
+
+static_assert(QILIN_QGEMV_THREADS % QILIN_WARP_SIZE == 0 &&
+                  QILIN_QGEMV_THREADS <= QILIN_MAX_THREADS_PER_BLOCK,
+              "abi.h: QILIN_QGEMV_THREADS must be whole warps");
+static_assert(QILIN_QGEMV_ROWS_PER_BLOCK == QGEMV_WARPS * QILIN_QGEMV_ROWS_PER_WARP,
+              "abi.h: QILIN_QGEMV_ROWS_PER_BLOCK disagrees with threads and rows per warp");
+static_assert(QILIN_QGEMV_VALUES_PER_LANE == 32,
+              "one 16-byte vector of 4-bit levels (two of 8-bit) per lane per tile");
+static_assert(QGEMV_TILE_XVECS == 128, "x_swizzle permutes runs of 8 vectors of a tile row");
+static_assert(QILIN_GEMV_MAX_TOKENS == 8, "the kernels' switch covers n = 1..8");
+static_assert(QILIN_DEQUANT_THREADS % QILIN_WARP_SIZE == 0 &&
+                  QILIN_DEQUANT_THREADS <= QILIN_MAX_THREADS_PER_BLOCK,
+              "abi.h: QILIN_DEQUANT_THREADS must be whole warps");
+
+// Values of one 16-byte vector of levels.
+template <int BITS>
+struct Levels {
+    static constexpr int kPerVec = 128 / BITS;                        // 32 or 16
+    static constexpr int kVecsPerLane = QILIN_QGEMV_VALUES_PER_LANE / kPerVec;  // 1 or 2
+};
+
+// Level e (compile-time) of a 32-bit word of levels (8 at 4 bits, 4 at 8 bits), exact.
+template <int BITS>
+QILIN_DEVICE float level_to_float(uint32_t word, int e) {
+    uint32_t u;
+    if (BITS == 4) {
+        u = (word >> (4 * e)) & 0xFu;
+    } else {
+        u = ((word >> (8 * e)) & 0xFFu) ^ 0x80u;  // signed level + 128
+    }
+    const float biased = __int_as_float(0x4B000000 | (int)u);
+    return biased - (BITS == 4 ? 8388608.0f : 8388736.0f);
+}
+
+// Word i (run-time, 0..3) of a vector by selects: indexing the vector's words with a
+// run-time index would put it in local memory.
+QILIN_DEVICE uint32_t word_at(const uint4& v, unsigned i) {
+    const uint32_t lo = (i & 1u) ? v.y : v.x;
+    const uint32_t hi = (i & 1u) ? v.w : v.z;
+    return (i & 2u) ? hi : lo;
+}
+
+// Values 8j..8j+7 (j run-time, 0..3) of a lane's 32 levels as exact floats, and the
+// (scale, min) pair of their group.
+template <int BITS>
+QILIN_DEVICE float2 slice_levels(const uint4 (&lv)[Levels<BITS>::kVecsPerLane],
+                                 const float2 (&sm)[Levels<BITS>::kVecsPerLane],
+                                 unsigned j,
+                                 float out[8]) {
+    if (BITS == 4) {
+        const uint32_t word = word_at(lv[0], j);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            out[e] = level_to_float<4>(word, e);
+        }
+        return sm[0];
+    } else {
+        const bool second = (j & 2u) != 0;  // values 16..31: the lane's second vector
+        const uint4 v = second ? lv[Levels<BITS>::kVecsPerLane - 1] : lv[0];
+        const uint32_t w0 = word_at(v, 2 * (j & 1u));
+        const uint32_t w1 = word_at(v, 2 * (j & 1u) + 1);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            out[e] = level_to_float<8>(w0, e);
+            out[4 + e] = level_to_float<8>(w1, e);
+        }
+        return second ? sm[Levels<BITS>::kVecsPerLane - 1] : sm[0];
+    }
+}
+
+QILIN_DEVICE unsigned x_swizzle(unsigned v) { return v ^ ((v >> 3) & 7u); }
+
+QILIN_DEVICE uint4 load128_stream(const void* p) {
+    return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
+// One block's QILIN_QGEMV_ROWS_PER_BLOCK output channels for N tokens.
+// x_tile: the kernel's shared buffers [2][QILIN_GEMV_MAX_TOKENS][QGEMV_TILE_XVECS].
+template <int BITS, int N>
+QILIN_DEVICE void qgemv_block(const QilinQuantGemvParams p,
+                              bf16* __restrict__ out,
+                              const bf16* __restrict__ x,
+                              const uint8_t* __restrict__ levels,
+                              const float2* __restrict__ scale_min,
+                              const bf16* __restrict__ bias,
+                              uint4 (*x_tile)[QILIN_GEMV_MAX_TOKENS][QGEMV_TILE_XVECS]) {
+    constexpr int R = QILIN_QGEMV_ROWS_PER_WARP;
+    constexpr int VL = Levels<BITS>::kVecsPerLane;
+    constexpr int PER_VEC = Levels<BITS>::kPerVec;
+    const unsigned lane = threadIdx.x % QILIN_WARP_SIZE;
+    const unsigned warp = threadIdx.x / QILIN_WARP_SIZE;
+    const unsigned n_chunks = p.in_features / QILIN_QGEMV_VALUES_PER_LANE;  // per row
+    const unsigned n_xvec = p.in_features / QILIN_VEC_ELEMS;
+    const unsigned n_groups = p.in_features / p.group_size;
+    const unsigned first_row = blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK + warp * R;
+    const uint4* x_vec = reinterpret_cast<const uint4*>(x);  // [N, n_xvec]
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    bool row_ok[R];
+    const uint4* lv_row[R];    // [n_chunks * VL] vectors of row r (row 0 for a missing row)
+    const float2* sm_row[R];   // [n_groups]
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const unsigned row = first_row + r;
+        row_ok[r] = row < p.out_features;
+        const size_t safe_row = row_ok[r] ? row : 0u;
+        lv_row[r] = reinterpret_cast<const uint4*>(levels) + safe_row * n_chunks * VL;
+        sm_row[r] = scale_min + safe_row * n_groups;
+    }
+
+    // Levels and (scale, min) pairs of one tile for this lane; zeros where the chunk or
+    // the row does not exist (x is zero there too).
+    auto load_tile = [&](unsigned tile, uint4 (&lv)[R][VL], float2 (&sm)[R][VL]) {
+        const unsigned chunk = tile * QILIN_WARP_SIZE + lane;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int i = 0; i < VL; ++i) {
+                const bool ok = row_ok[r] && chunk < n_chunks;
+                const unsigned group =
+                    (chunk * QILIN_QGEMV_VALUES_PER_LANE + i * PER_VEC) / p.group_size;
+                lv[r][i] = ok ? load128_stream(lv_row[r] + chunk * VL + i) : zero;
+                sm[r][i] = ok ? __ldg(sm_row[r] + group) : make_float2(0.0f, 0.0f);
+            }
+        }
+    };
+
+    float acc[R][N];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int t = 0; t < N; ++t) {
+            acc[r][t] = 0.0f;
+        }
+    }
+
+    const unsigned n_tiles = ceil_div(n_chunks, (unsigned)QILIN_WARP_SIZE);
+    for (unsigned tile = 0; tile < n_tiles; ++tile) {
+        // 1. This tile's weights: in flight during the x copy and the barrier.
+        uint4 lv[R][VL];
+        float2 sm[R][VL];
+        load_tile(tile, lv, sm);
+
+        // 2. Every token's x for this tile into its buffer (swizzled).
+        uint4 (*xs)[QGEMV_TILE_XVECS] = x_tile[tile % 2];
+        const unsigned tile_xvec = tile * QGEMV_TILE_XVECS;
+#pragma unroll
+        for (int k = 0; k < QGEMV_X_LOADS_PER_THREAD(N); ++k) {
+            const unsigned i = threadIdx.x + k * QILIN_QGEMV_THREADS;
+            if (i < N * QGEMV_TILE_XVECS) {
+                const unsigned t = i / QGEMV_TILE_XVECS;
+                const unsigned c = i % QGEMV_TILE_XVECS;
+                const unsigned v = tile_xvec + c;
+                xs[t][x_swizzle(c)] =
+                    v < n_xvec ? load128_readonly(x_vec + (size_t)t * n_xvec + v) : zero;
+            }
+        }
+        __syncthreads();
+
+        // 3. Per 8 values: dequantize R rows, then R x N FMAs. Not unrolled: unrolled,
+        //    the compiler dequantizes all 32 values of every row up front (~170 registers).
+#pragma unroll 1
+        for (int j = 0; j < QGEMV_LANE_XVECS; ++j) {
+            float wf[R][8];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float2 g = slice_levels<BITS>(lv[r], sm[r], j, wf[r]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    wf[r][e] = fmaf(g.x, wf[r][e], g.y);
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < N; ++t) {
+                float xf[8];
+                bf16x8_to_float(xs[t][x_swizzle(lane * QGEMV_LANE_XVECS + j)], xf);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        acc[r][t] = fmaf(wf[r][e], xf[e], acc[r][t]);
+                    }
+                }
+            }
+        }
+        // No barrier here: the next tile fills the other x buffer (kernels/gemv.cu).
+    }
+
+    // 4. Warp sums, bias, one bf16 rounding; lane t stores token t.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const unsigned row = first_row + r;
+        const float b = (row_ok[r] && bias != nullptr) ? __bfloat162float(bias[row]) : 0.0f;
+#pragma unroll
+        for (int t = 0; t < N; ++t) {
+            const float sum = warp_reduce_sum(acc[r][t]);
+            if (row_ok[r] && lane == (unsigned)t) {
+                out[(size_t)t * p.out_features + row] = __float2bfloat16_rn(sum + b);
+            }
+        }
+    }
+}
+
+template <int BITS>
+QILIN_DEVICE void qgemv(const QilinQuantGemvParams p,
+                        bf16* __restrict__ out,
+                        const bf16* __restrict__ x,
+                        const uint8_t* __restrict__ levels,
+                        const float2* __restrict__ scale_min,
+                        const bf16* __restrict__ bias) {
+    __shared__ uint4 x_tile[2][QILIN_GEMV_MAX_TOKENS][QGEMV_TILE_XVECS];
+    constexpr unsigned per_vec = Levels<BITS>::kPerVec;
+    if (blockDim.x != QILIN_QGEMV_THREADS || p.in_features % QILIN_QGEMV_VALUES_PER_LANE != 0 ||
+        p.group_size == 0 || p.group_size % per_vec != 0 || p.in_features % p.group_size != 0 ||
+        p.n_tokens == 0 || p.n_tokens > QILIN_GEMV_MAX_TOKENS) {
+        __trap();
+    }
+    switch (p.n_tokens) {
+        case 1: qgemv_block<BITS, 1>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 2: qgemv_block<BITS, 2>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 3: qgemv_block<BITS, 3>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 4: qgemv_block<BITS, 4>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 5: qgemv_block<BITS, 5>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 6: qgemv_block<BITS, 6>(p, out, x, levels, scale_min, bias, x_tile); break;
+        case 7: qgemv_block<BITS, 7>(p, out, x, levels, scale_min, bias, x_tile); break;
+        default: qgemv_block<BITS, 8>(p, out, x, levels, scale_min, bias, x_tile); break;
+    }
+}
+
+// Pointer arguments (the GEMV's and the GEMM's): out must not overlap the inputs; x and
+// levels 16-byte aligned; levels hold 4-bit unsigned levels two per byte (w4) or one i8
+// per value (w8).
+extern "C" __global__ void __launch_bounds__(QILIN_QGEMV_THREADS)
+qilin_qgemv_w4_bf16(const QilinQuantGemvParams p,
+                    bf16* __restrict__ out,               // [n_tokens, out_features]
+                    const bf16* __restrict__ x,           // [n_tokens, in_features]
+                    const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
+                    const float2* __restrict__ scale_min, // [out_features, in / group_size]
+                    const bf16* __restrict__ bias) {     // [out_features] or NULL
+    qgemv<4>(p, out, x, levels, scale_min, bias);
+}
+
+// As qilin_qgemv_w4_bf16 with levels: i8 [out_features, in_features] (8-bit levels).
+extern "C" __global__ void __launch_bounds__(QILIN_QGEMV_THREADS)
+qilin_qgemv_w8_bf16(const QilinQuantGemvParams p,
+                    bf16* __restrict__ out,
+                    const bf16* __restrict__ x,
+                    const uint8_t* __restrict__ levels,
+                    const float2* __restrict__ scale_min,
+                    const bf16* __restrict__ bias) {
+    qgemv<8>(p, out, x, levels, scale_min, bias);
+}
+
+template <int BITS>
+QILIN_DEVICE void dequant(const QilinDequantParams p,
+                          bf16* __restrict__ out,
+                          const uint8_t* __restrict__ levels,
+                          const float2* __restrict__ scale_min) {
+    constexpr unsigned per_vec = Levels<BITS>::kPerVec;
+    if (p.group_size == 0 || p.group_size % per_vec != 0 || p.cols % p.group_size != 0) {
+        __trap();
+    }
+    const size_t vecs_per_row = p.cols / per_vec;
+    const size_t n_groups = p.cols / p.group_size;
+    const size_t total = (size_t)p.rows * vecs_per_row;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const uint4* lv = reinterpret_cast<const uint4*>(levels);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const size_t row = i / vecs_per_row;
+        const size_t col = (i % vecs_per_row) * per_vec;
+        const float2 sm = __ldg(scale_min + row * n_groups + col / p.group_size);
+        const uint4 v = load128_stream(lv + i);
+#pragma unroll
+        for (int o = 0; o < (int)per_vec / QILIN_VEC_ELEMS; ++o) {
+            float w[QILIN_VEC_ELEMS];
+#pragma unroll
+            for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
+                const int value = o * QILIN_VEC_ELEMS + e;  // compile-time after unrolling
+                const int per_word = 32 / BITS;
+                const uint32_t word = (&v.x)[value / per_word];
+                w[e] = fmaf(sm.x, level_to_float<BITS>(word, value % per_word), sm.y);
+            }
+            store128(out + row * p.cols + col + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
+        }
+    }
+}
+
+// out:       bf16 [rows, cols]                     16-byte aligned (cols % 32 == 0)
+// levels:    u8   [rows, cols / 2]                 16-byte aligned (4-bit levels)
+// scale_min: f32x2 [rows, cols / group_size]
+extern "C" __global__ void __launch_bounds__(QILIN_DEQUANT_THREADS)
+qilin_dequant_w4_bf16(const QilinDequantParams p,
+                      bf16* __restrict__ out,
+                      const uint8_t* __restrict__ levels,
+                      const float2* __restrict__ scale_min) {
+    dequant<4>(p, out, levels, scale_min);
+}
+
+// As qilin_dequant_w4_bf16 with levels: i8 [rows, cols] (8-bit levels, cols % 16 == 0).
+extern "C" __global__ void __launch_bounds__(QILIN_DEQUANT_THREADS)
+qilin_dequant_w8_bf16(const QilinDequantParams p,
+                      bf16* __restrict__ out,
+                      const uint8_t* __restrict__ levels,
+                      const float2* __restrict__ scale_min) {
+    dequant<8>(p, out, levels, scale_min);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core GEMM.
+
+#define QGEMM_WARPS (QILIN_QGEMM_THREADS / QILIN_WARP_SIZE)
+#define QGEMM_PAD 8  // bf16 values of padding per shared-memory row
+#define QGEMM_LD (QILIN_QGEMM_BLOCK_K + QGEMM_PAD)
+#define QGEMM_WARP_M 32
+#define QGEMM_WARP_N 64
+
+static_assert(QILIN_QGEMM_BLOCK_K == 32, "one 16-byte vector of 4-bit levels per row per step");
+static_assert(QILIN_QGEMM_THREADS == QILIN_QGEMM_BLOCK_N,
+              "thread i dequantizes channel row i of the block");
+static_assert(QGEMM_WARPS == (QILIN_QGEMM_BLOCK_M / QGEMM_WARP_M) *
+                                 (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N),
+              "abi.h: the warps must tile the block");
+static_assert(QILIN_QGEMM_BLOCK_M * QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS ==
+                  2 * QILIN_QGEMM_THREADS,
+              "two 16-byte x chunks per thread per step");
+
+// One step's levels and (scale, min) pairs of one channel row, held in registers between
+// the global load and the shared-memory store.
+template <int BITS>
+struct StepLevels {
+    uint4 v[Levels<BITS>::kVecsPerLane];
+    float2 sm[Levels<BITS>::kVecsPerLane];
+};
+
+template <int BITS>
+QILIN_DEVICE StepLevels<BITS> qgemm_load_levels(const QilinQuantGemvParams& p,
+                                                 const uint8_t* __restrict__ levels,
+                                                 const float2* __restrict__ scale_min,
+                                                 unsigned row, unsigned step) {
+    constexpr int VL = Levels<BITS>::kVecsPerLane;
+    constexpr int PER_VEC = Levels<BITS>::kPerVec;
+    StepLevels<BITS> out;
+    const bool ok = row < p.out_features;
+    const size_t safe_row = ok ? row : 0u;
+    const unsigned vecs_per_row = p.in_features / PER_VEC;
+    const unsigned n_groups = p.in_features / p.group_size;
+    const uint4* lv = reinterpret_cast<const uint4*>(levels) + safe_row * vecs_per_row;
+#pragma unroll
+    for (int i = 0; i < VL; ++i) {
+        const unsigned first = step * QILIN_QGEMM_BLOCK_K + i * PER_VEC;
+        out.v[i] = ok ? load128_stream(lv + first / PER_VEC) : make_uint4(0u, 0u, 0u, 0u);
+        out.sm[i] = ok ? __ldg(scale_min + safe_row * n_groups + first / p.group_size)
+                       : make_float2(0.0f, 0.0f);
+    }
+    return out;
+}
+
+// The row's 32 values of this step, dequantized and rounded to bf16, into w_row[0..32).
+template <int BITS>
+QILIN_DEVICE void qgemm_store_levels(const StepLevels<BITS>& s, bf16* w_row) {
+    constexpr int PER_VEC = Levels<BITS>::kPerVec;
+    constexpr int PER_WORD = 32 / BITS;
+#pragma unroll
+    for (int i = 0; i < Levels<BITS>::kVecsPerLane; ++i) {
+#pragma unroll
+        for (int o = 0; o < PER_VEC / QILIN_VEC_ELEMS; ++o) {
+            float w[QILIN_VEC_ELEMS];
+#pragma unroll
+            for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
+                const int value = o * QILIN_VEC_ELEMS + e;
+                const uint32_t word = (&s.v[i].x)[value / PER_WORD];
+                w[e] = fmaf(s.sm[i].x, level_to_float<BITS>(word, value % PER_WORD), s.sm[i].y);
+            }
+            store128(w_row + i * PER_VEC + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
+        }
+    }
+}
+
+template <int BITS>
+QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
+                        bf16* __restrict__ out,
+                        const bf16* __restrict__ x,
+                        const uint8_t* __restrict__ levels,
+                        const float2* __restrict__ scale_min,
+                        const bf16* __restrict__ bias) {
+    __shared__ __align__(16) bf16 xs[2][QILIN_QGEMM_BLOCK_M][QGEMM_LD];
+    __shared__ __align__(16) bf16 ws[2][QILIN_QGEMM_BLOCK_N][QGEMM_LD];
+    constexpr unsigned per_vec = Levels<BITS>::kPerVec;
+    if (blockDim.x != QILIN_QGEMM_THREADS || p.in_features % QILIN_QGEMM_BLOCK_K != 0 ||
+        p.group_size == 0 || p.group_size % per_vec != 0 || p.in_features % p.group_size != 0 ||
+        p.n_tokens == 0) {
+        __trap();
+    }
+    const unsigned tid = threadIdx.x;
+    const unsigned lane = tid % QILIN_WARP_SIZE;
+    const unsigned warp = tid / QILIN_WARP_SIZE;
+    const unsigned warp_m = warp / (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N);  // 0..1
+    const unsigned warp_n = warp % (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N);  // 0..1
+    const unsigned token0 = blockIdx.y * QILIN_QGEMM_BLOCK_M;
+    const unsigned channel0 = blockIdx.x * QILIN_QGEMM_BLOCK_N;
+    const unsigned n_steps = p.in_features / QILIN_QGEMM_BLOCK_K;
+
+    // x chunks of one step: 64 rows x 4 chunks of 8 values; thread tid copies chunks
+    // tid and tid + 128.
+    auto load_x = [&](unsigned step, unsigned buf) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const unsigned chunk = tid + c * QILIN_QGEMM_THREADS;
+            const unsigned r = chunk / (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS);
+            const unsigned col = (chunk % (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS)) * QILIN_VEC_ELEMS;
+            const unsigned token = token0 + r;
+            const bool ok = token < p.n_tokens;
+            const bf16* src =
+                x + (size_t)(ok ? token : 0u) * p.in_features + step * QILIN_QGEMM_BLOCK_K + col;
+            cp_async_16(smem_u32(&xs[buf][r][col]), src, ok ? 16u : 0u);
+        }
+        cp_async_commit();
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[mt][nt][e] = 0.0f;
+            }
+        }
+    }
+
+    load_x(0, 0);
+    {
+        const StepLevels<BITS> first = qgemm_load_levels<BITS>(p, levels, scale_min, channel0 + tid, 0);
+        qgemm_store_levels<BITS>(first, &ws[0][tid][0]);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    for (unsigned step = 0; step < n_steps; ++step) {
+        const unsigned buf = step % 2;
+        const bool more = step + 1 < n_steps;
+        StepLevels<BITS> next;
+        if (more) {
+            load_x(step + 1, buf ^ 1u);
+            next = qgemm_load_levels<BITS>(p, levels, scale_min, channel0 + tid, step + 1);
+        }
+#pragma unroll
+        for (int k16 = 0; k16 < QILIN_QGEMM_BLOCK_K / 16; ++k16) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const unsigned r = warp_m * QGEMM_WARP_M + mt * 16 + (lane % 16);
+                const unsigned col = k16 * 16 + (lane / 16) * 8;
+                ldmatrix_x4(a[mt], smem_u32(&xs[buf][r][col]));
+            }
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {  // pairs of n-tiles
+                uint32_t b[4];
+                const unsigned n = warp_n * QGEMM_WARP_N + np * 16 + (lane / 16) * 8 + (lane % 8);
+                const unsigned col = k16 * 16 + ((lane / 8) % 2) * 8;
+                ldmatrix_x4(b, smem_u32(&ws[buf][n][col]));
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma_bf16_16816(acc[mt][2 * np], a[mt], b[0], b[1]);
+                    mma_bf16_16816(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+        if (more) {
+            qgemm_store_levels<BITS>(next, &ws[buf ^ 1u][tid][0]);
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+
+    // c fragment: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1) of each 16 x 8 tile.
+    const unsigned g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const unsigned token = token0 + warp_m * QGEMM_WARP_M + mt * 16 + g + (e / 2) * 8;
+                const unsigned channel = channel0 + warp_n * QGEMM_WARP_N + nt * 8 + 2 * t + (e % 2);
+                if (token < p.n_tokens && channel < p.out_features) {
+                    const float b = bias != nullptr ? __bfloat162float(bias[channel]) : 0.0f;
+                    out[(size_t)token * p.out_features + channel] =
+                        __float2bfloat16_rn(acc[mt][nt][e] + b);
+                }
+            }
+        }
+    }
+}
+
+// Arguments as qilin_qgemv_w4_bf16's.
+extern "C" __global__ void __launch_bounds__(QILIN_QGEMM_THREADS)
+qilin_qgemm_w4_bf16(const QilinQuantGemvParams p,
+                    bf16* __restrict__ out,               // [n_tokens, out_features]
+                    const bf16* __restrict__ x,           // [n_tokens, in_features]
+                    const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
+                    const float2* __restrict__ scale_min, // [out_features, in / group_size]
+                    const bf16* __restrict__ bias) {     // [out_features] or NULL
+    qgemm<4>(p, out, x, levels, scale_min, bias);
+}
+
+// As qilin_qgemm_w4_bf16 with levels: i8 [out_features, in_features] (8-bit levels).
+extern "C" __global__ void __launch_bounds__(QILIN_QGEMM_THREADS)
+qilin_qgemm_w8_bf16(const QilinQuantGemvParams p,
+                    bf16* __restrict__ out,
+                    const bf16* __restrict__ x,
+                    const uint8_t* __restrict__ levels,
+                    const float2* __restrict__ scale_min,
+                    const bf16* __restrict__ bias) {
+    qgemm<8>(p, out, x, levels, scale_min, bias);
+}

@@ -1,0 +1,209 @@
+//! Launchers of kernels/quant_linear.cu: the W4A16/W8A16 GEMV of decode-sized batches and
+//! the dequantization of weight rows to bf16 for the cuBLAS path (linear.rs dispatches;
+//! the CPU twin of both is `CpuLinear::forward` on the original weight).
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::device::{check, Device};
+use super::tensor::{CudaLinear, CudaTensor, QuantWeight};
+use super::CudaBackend;
+use crate::backend::abi::{
+    dequant_blocks, qgemm_geometry, qgemv_geometry, quant_layout_ok, QilinDequantParams,
+    QilinQuantGemvParams, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_VALUES_PER_LANE,
+};
+use crate::backend::ptx;
+
+/// Largest bf16 scratch (values) the cuBLAS path of a quantized layer dequantizes into:
+/// 128 MiB. Qwen2.5-7B's gate_up (37888 x 3584) takes three chunks of ~12.6K rows, each
+/// still a GEMM large enough for cuBLAS's best tiles.
+const DEQUANT_SCRATCH_MAX_VALUES: usize = 64 << 20;
+
+/// Output rows dequantized per chunk for a `[m, k]` weight.
+pub fn dequant_chunk_rows(k: usize, m: usize) -> usize {
+    (DEQUANT_SCRATCH_MAX_VALUES / k.max(1)).clamp(1, m.max(1))
+}
+
+/// Grows the device's bf16 scratch to what a `[m, k]` quantized layer's cuBLAS path needs,
+/// at upload time: the KV pool is sized from the memory left afterwards.
+pub fn reserve_dequant_scratch(dev: &Device, k: usize, m: usize) {
+    drop(dev.scratch_bf16(dequant_chunk_rows(k, m) * k));
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Gemv,
+    Gemm,
+    Dequant,
+}
+
+fn kernel_for(bits: u32, op: Op) -> ptx::Kernel {
+    match (bits, op) {
+        (4, Op::Gemv) => ptx::QGEMV_W4_BF16,
+        (8, Op::Gemv) => ptx::QGEMV_W8_BF16,
+        (4, Op::Gemm) => ptx::QGEMM_W4_BF16,
+        (8, Op::Gemm) => ptx::QGEMM_W8_BF16,
+        (4, Op::Dequant) => ptx::DEQUANT_W4_BF16,
+        (8, Op::Dequant) => ptx::DEQUANT_W8_BF16,
+        _ => panic!("no quantized-linear kernel for {bits}-bit levels"),
+    }
+}
+
+/// The GEMV's and GEMM's parameters; their geometry functions checked that every
+/// dimension fits u32.
+fn matmul_params(n: usize, k: usize, m: usize, group: usize) -> QilinQuantGemvParams {
+    QilinQuantGemvParams {
+        n_tokens: n as u32,
+        in_features: k as u32,
+        out_features: m as u32,
+        group_size: group as u32,
+    }
+}
+
+/// Launches the GEMV or the GEMM, whose arguments are the same.
+#[allow(clippy::too_many_arguments)]
+fn launch_matmul(
+    dev: &Device,
+    op: Op,
+    cfg: LaunchConfig,
+    params: QilinQuantGemvParams,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    let kernel = kernel_for(q.format.bits, op);
+    let null: u64 = 0;
+    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);
+    match &w.bias {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&null),
+    };
+    // SAFETY: argument order and types follow qilin_qgemv/qgemm_w{4,8}_bf16 (scale_min's
+    // f32 pairs are their float2). linear.rs's check_shapes showed out holds n * m values,
+    // x n * k, levels m * k * bits / 8 bytes, scale_min m * k / group pairs, bias (or
+    // null) m; out is a separate allocation (&mut). Whole cudarc allocations are >= 256-
+    // byte aligned and k % 32 == 0, so every row of x and of the levels starts 16-byte
+    // aligned.
+    check(unsafe { launch.launch(cfg) }, kernel.entry);
+}
+
+/// qilin_qgemv_w{4,8}_bf16: `out [n, m] = x [n, k] W^T + b`; panics when the kernel cannot
+/// take the shape (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group).
+/// linear.rs's `check_shapes` has checked every buffer against the shapes.
+pub fn qgemv_into(
+    dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    let (n, k, m) = (x.rows, w.in_features, w.out_features);
+    let (bits, group) = (q.format.bits, q.format.group);
+    let (grid, threads) = qgemv_geometry(n, bits, k, m, group).unwrap_or_else(|| {
+        panic!(
+            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}: it \
+             needs 1 <= n <= {GEMV_MAX_TOKENS}, in a multiple of \
+             {QILIN_QGEMV_VALUES_PER_LANE} and of the group",
+            kernel_for(bits, Op::Gemv).entry
+        )
+    });
+    let params = matmul_params(n, k, m, group);
+    let cfg =
+        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    launch_matmul(dev, Op::Gemv, cfg, params, x, w, q, out);
+}
+
+/// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. Not in
+/// the dispatch until a GPU run verifies it; tests and benchmarks call it directly.
+pub fn qgemm_into(
+    dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    let (n, k, m) = (x.rows, w.in_features, w.out_features);
+    let (bits, group) = (q.format.bits, q.format.group);
+    let ((grid_x, grid_y), threads) = qgemm_geometry(n, bits, k, m, group).unwrap_or_else(|| {
+        panic!(
+            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}",
+            kernel_for(bits, Op::Gemm).entry
+        )
+    });
+    let params = matmul_params(n, k, m, group);
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x, grid_y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch_matmul(dev, Op::Gemm, cfg, params, x, w, q, out);
+}
+
+/// Rows `row0..row0 + rows` of a `[*, k]` quantized weight to bf16 into `dst`
+/// (`[rows, k]`): qilin_dequant_w{4,8}_bf16.
+pub fn dequantize_rows(
+    dev: &Device,
+    q: &QuantWeight,
+    k: usize,
+    row0: usize,
+    rows: usize,
+    dst: &mut CudaSlice<bf16>,
+) {
+    let (bits, group) = (q.format.bits, q.format.group);
+    assert!(quant_layout_ok(bits, k, group), "dequantize: {bits}-bit levels, group {group}, k {k}");
+    let level_bytes = k * bits as usize / 8;
+    let pairs = k / group;
+    assert!(
+        dst.len() >= rows * k
+            && q.levels.len() >= (row0 + rows) * level_bytes
+            && q.scale_min.len() >= (row0 + rows) * pairs * 2,
+        "dequantize: rows {row0}..{} of [*, {k}] do not fit the buffers",
+        row0 + rows
+    );
+    let params = QilinDequantParams {
+        rows: u32::try_from(rows).expect("rows fit u32"),
+        cols: k as u32, // quant_layout_ok: k fits u32
+        group_size: group as u32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (dequant_blocks(rows * k, bits), 1, 1),
+        block_dim: (QILIN_DEQUANT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (levels, _l_sync) = q.levels.device_ptr(&dev.stream);
+    let (scale_min, _s_sync) = q.scale_min.device_ptr(&dev.stream);
+    let levels = levels + (row0 * level_bytes) as u64;
+    let scale_min = scale_min + (row0 * pairs * 2 * size_of::<f32>()) as u64;
+    let mut launch = dev.stream.launch_builder(dev.function(kernel_for(bits, Op::Dequant)));
+    launch.arg(&params).arg(dst).arg(&levels).arg(&scale_min);
+    // SAFETY: argument order and types follow qilin_dequant_w{4,8}_bf16; dst holds rows * k
+    // values, and the level and pair pointers start at row row0 of buffers that hold
+    // row0 + rows rows (asserted above). Row starts stay 16-byte (levels: k % 32 == 0)
+    // and 8-byte (pairs) aligned; the grid-stride loop is correct for any grid.
+    check(unsafe { launch.launch(cfg) }, "launching qilin_dequant_bf16");
+}
+
+/// Entry points for the parity test (`tests/gpu_quant_linear.rs`) and `qilin bench`.
+impl CudaBackend {
+    /// The tensor-core GEMM whatever the dispatch would pick; panics for a bf16 layer or
+    /// a shape the kernel cannot take.
+    pub fn linear_qgemm_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+        let super::LinearWeight::Quant(q) = &w.weight else {
+            panic!("linear_qgemm_into: a bf16 layer has no quantized GEMM")
+        };
+        super::linear::check_shapes(x, w, out);
+        qgemm_into(&self.dev, x, w, q, out)
+    }
+
+    /// The whole weight of a quantized layer dequantized to bf16 on the device, copied
+    /// to the host: `[out, in]`, row-major. None for a bf16 layer.
+    pub fn dequantized_weight(&self, w: &CudaLinear) -> Option<Vec<bf16>> {
+        let super::LinearWeight::Quant(q) = &w.weight else { return None };
+        let (k, m) = (w.in_features, w.out_features);
+        let mut dst = self.dev.alloc_output::<bf16>(m * k);
+        dequantize_rows(&self.dev, q, k, 0, m, &mut dst);
+        Some(self.dev.download(&dst, m * k))
+    }
+}
