@@ -64,9 +64,9 @@
 //   Epilogue: bias added in f32, one rounding to bf16, bounds-checked per element.
 //
 // Napkin math (Qwen2.5-7B, H100 SXM 3.35 TB/s): int4 at group 128 streams 0.5625 bytes per
-// weight (levels + 8-byte pair per 128), 3.56x less than bf16: 4.0 GB per decode step of
-// linear layers incl. a bf16 lm_head 1.09 GB -> ~1.2 ms, ~800 tok/s at batch 1 if every
-// launch reached copy bandwidth (the issue's roofline ~744 counts a few more bytes).
+// weight (levels + 8-byte pair per 128), 3.56x less than bf16: 3.7 GB of levels and pairs
+// per decode step plus the bf16 lm_head's 1.09 GB -> ~1.4 ms, ~700 tok/s at batch 1 if
+// every launch reached copy bandwidth (the issue's roofline ~744 assumes an int4 lm_head).
 // Lane-instructions per weight value: ~3 for the level (shift, lop3, fadd), 1 fma, n FMAs
 // and the x unpacks / R: ~5.3 at n = 1. At full bandwidth ~6 G values/ms stream in, i.e.
 // ~32 T lane-ops/s against the SM array's ~33 T/s (132 SMs x 128 lanes x 1.98 GHz): the
