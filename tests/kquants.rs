@@ -218,7 +218,7 @@ fn one_tensor_gguf(ty: u32, dims: &[u64], data: &[u8]) -> Vec<u8> {
     }
     b.extend(ty.to_le_bytes());
     b.extend(0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend(data);

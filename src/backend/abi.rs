@@ -21,7 +21,7 @@ unsafe impl cudarc::driver::DeviceRepr for QilinRmsNormParams {}
 /// when the kernel cannot take the row: `hidden` is zero, not a multiple of
 /// `VEC_ELEMS`, or above `QILIN_NORM_MAX_HIDDEN`.
 pub fn rms_norm_block_threads(hidden: usize) -> Option<u32> {
-    if hidden == 0 || hidden % VEC_ELEMS != 0 || hidden > QILIN_NORM_MAX_HIDDEN as usize {
+    if hidden == 0 || !hidden.is_multiple_of(VEC_ELEMS) || hidden > QILIN_NORM_MAX_HIDDEN as usize {
         return None;
     }
     let warp = QILIN_WARP_SIZE as usize;
@@ -59,7 +59,11 @@ pub fn elementwise_blocks_per_row(units: usize) -> u32 {
 /// cannot take the geometry: no heads, or `head_dim` zero or not a multiple of
 /// `2 * VEC_ELEMS`.
 pub fn rope_block_threads(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Option<u32> {
-    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || head_dim % (2 * VEC_ELEMS) != 0 {
+    if num_heads == 0
+        || num_kv_heads == 0
+        || head_dim == 0
+        || !head_dim.is_multiple_of(2 * VEC_ELEMS)
+    {
         return None;
     }
     let units = (num_heads + num_kv_heads) * (head_dim / 2 / VEC_ELEMS)
@@ -94,7 +98,7 @@ const _: () = assert!(
 pub fn gemv_geometry(n: usize, in_features: usize, out_features: usize) -> Option<(u32, u32)> {
     if !(1..=GEMV_MAX_TOKENS).contains(&n)
         || in_features == 0
-        || in_features % VEC_ELEMS != 0
+        || !in_features.is_multiple_of(VEC_ELEMS)
         || out_features == 0
     {
         return None;
@@ -136,10 +140,10 @@ pub fn levels_per_vector(bits: u32) -> usize {
 pub fn quant_layout_ok(bits: u32, in_features: usize, group: usize) -> bool {
     (bits == 4 || bits == 8)
         && in_features > 0
-        && in_features % QILIN_QGEMV_VALUES_PER_LANE as usize == 0
+        && in_features.is_multiple_of(QILIN_QGEMV_VALUES_PER_LANE as usize)
         && group > 0
-        && group % levels_per_vector(bits) == 0
-        && in_features % group == 0
+        && group.is_multiple_of(levels_per_vector(bits))
+        && in_features.is_multiple_of(group)
         && u32::try_from(in_features).is_ok()
 }
 
@@ -178,7 +182,7 @@ pub fn qgemm_geometry(
 ) -> Option<((u32, u32), u32)> {
     if n == 0
         || out_features == 0
-        || in_features % QILIN_QGEMM_BLOCK_K as usize != 0
+        || !in_features.is_multiple_of(QILIN_QGEMM_BLOCK_K as usize)
         || !quant_layout_ok(bits, in_features, group)
     {
         return None;

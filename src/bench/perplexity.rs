@@ -85,7 +85,7 @@ impl PerplexityConfig {
         if self.batch == 0 {
             return Err(PerplexityError::ZeroBatch);
         }
-        if self.batch > self.ctx && self.batch % self.ctx != 0 {
+        if self.batch > self.ctx && !self.batch.is_multiple_of(self.ctx) {
             return Err(PerplexityError::BatchNotMultiple { batch: self.batch, ctx: self.ctx });
         }
         if self.max_chunks == Some(0) {

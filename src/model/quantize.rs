@@ -199,10 +199,10 @@ pub enum Skip {
 /// 32-value GGUF block of the same scheme for narrower multiples (None: neither fits).
 pub fn target_dtype(method: QuantizeMethod, k: usize) -> Option<DType> {
     let wide = method.dtype()?;
-    if k % BLOCK == 0 {
+    if k.is_multiple_of(BLOCK) {
         return Some(wide);
     }
-    if k % 32 != 0 {
+    if !k.is_multiple_of(32) {
         return None;
     }
     Some(if wide == DType::I8 { DType::Q8_0 } else { DType::Q4_1 })
@@ -220,7 +220,7 @@ pub fn eligibility(name: &str, t: &WeightTensor, include_embeddings: bool) -> Re
     if t.dtype.is_quantized() {
         return Err(Skip::AlreadyQuantized(t.dtype));
     }
-    if t.row_len() % 32 != 0 {
+    if !t.row_len().is_multiple_of(32) {
         return Err(Skip::RowLength(t.row_len()));
     }
     Ok(())

@@ -62,7 +62,7 @@ fn gather(
         cols: as_u32(cols, "cols"),
         src_rows: as_u32(src_rows, "source rows"),
     };
-    let cfg = row_config(n, copy_units(cols, cols % VEC_ELEMS == 0));
+    let cfg = row_config(n, copy_units(cols, cols.is_multiple_of(VEC_ELEMS)));
     let index = dev.upload(index);
     let mut launch = dev.stream.launch_builder(dev.function(kernel));
     launch.arg(&params).arg(&mut out.data).arg(src).arg(&index);
@@ -85,7 +85,7 @@ pub fn embedding(dev: &Device, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
 
 /// `gate_up [n, 2*ffn]` (gate first) -> `silu(gate) * up`, `[n, ffn]`.
 pub fn silu_mul(dev: &Device, gate_up: &CudaTensor) -> CudaTensor {
-    assert!(gate_up.cols % 2 == 0, "silu_mul: gate_up has an odd width {}", gate_up.cols);
+    assert!(gate_up.cols.is_multiple_of(2), "silu_mul: gate_up has an odd width {}", gate_up.cols);
     let (n, ffn) = (gate_up.rows, gate_up.cols / 2);
     let mut out = CudaTensor { data: dev.alloc_output(n * ffn), rows: n, cols: ffn };
     if n == 0 || ffn == 0 {
@@ -118,7 +118,7 @@ pub fn split_cols(dev: &Device, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTen
                 col0: as_u32(col0, "first column"),
                 width: as_u32(width, "width"),
             };
-            let vectorised = (width | col0 | x.cols) % VEC_ELEMS == 0;
+            let vectorised = (width | col0 | x.cols).is_multiple_of(VEC_ELEMS);
             let cfg = row_config(n, copy_units(width, vectorised));
             let mut launch = dev.stream.launch_builder(dev.function(ptx::COPY_COLS_BF16));
             launch.arg(&params).arg(&mut out.data).arg(&x.data);

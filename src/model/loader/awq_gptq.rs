@@ -419,7 +419,8 @@ pub fn unpack_gptq(
 
 /// Which format holds `u` exactly and compactly (module header).
 pub fn target(u: &Unpacked) -> Target {
-    let blocks_fit = u.inp % BLOCK == 0 && u.contiguous_group.is_some_and(|g| g % BLOCK == 0);
+    let blocks_fit =
+        u.inp.is_multiple_of(BLOCK) && u.contiguous_group.is_some_and(|g| g % BLOCK == 0);
     if !blocks_fit {
         return Target::F16;
     }

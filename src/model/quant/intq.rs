@@ -79,7 +79,7 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
                     for l in 0..LANES {
                         let i = c * LANES + l;
                         let q = qs[i / 2];
-                        let nib = if i % 2 == 0 { q & 0xf } else { q >> 4 };
+                        let nib = if i.is_multiple_of(2) { q & 0xf } else { q >> 4 };
                         lanes[l] += (nib as i32 - z) as f32 * xs[i];
                     }
                 }

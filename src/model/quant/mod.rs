@@ -8,9 +8,12 @@
 //!
 //! where `nib[i] = qs[i] & 0xF` for `i < 16` and `qs[i - 16] >> 4` for `i >= 16`.
 //!
-//! `dot_row` runs AVX2/FMA intrinsics (x86.rs) when the CPU has them, chosen at run
-//! time, and portable Rust otherwise.
+//! `dot_row` runs AVX-512 intrinsics (avx512.rs, Q4_0/Q4_1/Q8_0/I8) or AVX2/FMA ones
+//! (x86.rs, every format) when the CPU has them, chosen at run time, and portable Rust
+//! otherwise.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod intq;
 mod kquants;
 pub mod levels;
@@ -117,6 +120,13 @@ pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
 /// in f32.
 pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     check_row(dtype, row, x.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the CPU has the features; the row length was checked above.
+        if let Some(dot) = unsafe { avx512::dot_row(dtype, row, x) } {
+            return dot;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
         // SAFETY: the CPU has the features; the row length was checked above.
@@ -268,8 +278,21 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let dtypes = [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::I8,
+            DType::I4,
+        ];
+        for dtype in dtypes {
             for n in [32usize, 64, 96, 576, 1536] {
+                if dtype.row_bytes(n).is_none() {
+                    continue;
+                }
                 let mut row: Vec<u8> =
                     (0..dtype.row_bytes(n).unwrap()).map(|_| next() as u8).collect();
                 // Finite scales / values: clear the top exponent bit of every f16/bf16.
@@ -285,8 +308,25 @@ mod tests {
                 let mut w = vec![0f32; n];
                 dequantize_row(dtype, &row, &mut w);
                 let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-                let (a, b) = (dot_row(dtype, &row, &x), dot_row_portable(dtype, &row, &x));
-                assert!((a - b).abs() <= 1e-5 * scale + 1e-30, "{dtype} n={n}: {a} vs {b}");
+                let portable = dot_row_portable(dtype, &row, &x);
+                let mut paths = vec![("dispatched", dot_row(dtype, &row, &x))];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if x86::available() {
+                        // SAFETY: the CPU has the features; the row holds n values.
+                        paths.push(("avx2", unsafe { x86::dot_row(dtype, &row, &x) }));
+                    }
+                    if avx512::available() {
+                        // SAFETY: as above.
+                        if let Some(v) = unsafe { avx512::dot_row(dtype, &row, &x) } {
+                            paths.push(("avx512", v));
+                        }
+                    }
+                }
+                for (path, v) in paths {
+                    let ok = (v - portable).abs() <= 1e-5 * scale + 1e-30;
+                    assert!(ok, "{dtype} n={n} {path}: {v} vs portable {portable}");
+                }
             }
         }
     }
