@@ -21,7 +21,8 @@ fn to_bf16(name: &str, w: &WeightTensor) -> Result<Vec<bf16>, BackendError> {
 
 /// Parts stacked along the output dimension: `[sum(out_i), in]`, and a bias when any
 /// part has one (zeros for the parts without). Quantized parts stay quantized (levels);
-/// `dequantize` forces bf16 (embedding tables, which the gather kernel reads as bf16).
+/// `dequantize` forces bf16 (embedding tables, which the gather kernel reads as bf16), and
+/// so does `QILIN_CUDA_DEQUANTIZE=1` for every layer.
 pub fn upload_linear(
     dev: &Device,
     name: &str,
@@ -59,7 +60,11 @@ pub fn upload_linear(
     }
     let out_features: usize = parts.iter().map(|p| p.weight.rows()).sum();
     let weights: Vec<_> = parts.iter().map(|p| p.weight).collect();
-    let packed = if dequantize { None } else { PackedQuant::from_parts(&weights) };
+    // QILIN_CUDA_DEQUANTIZE=1: every layer bf16, as before quantized kernels existed (to
+    // bisect a quantized model's output on a GPU, or to trade memory for prefill speed).
+    let forced_bf16 = std::env::var("QILIN_CUDA_DEQUANTIZE").as_deref() == Ok("1");
+    let packed =
+        if dequantize || forced_bf16 { None } else { PackedQuant::from_parts(&weights) };
     let weight = match packed {
         Some(packed) => {
             reserve_dequant_scratch(dev, in_features, out_features);
