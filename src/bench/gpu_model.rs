@@ -619,6 +619,23 @@ mod tests {
         assert!((134_000_000..135_000_000).contains(&p), "{p}");
     }
 
+    /// The int4 model streams its transformer layers' linear weights as levels + pairs:
+    /// 0.5625 bytes per weight instead of 2. Qwen2.5-7B's card gives 6.53B non-embedding
+    /// parameters, nearly all of them those weights (norms and biases are ~1M).
+    #[test]
+    fn int4_weight_bytes_shrink_exactly_the_linear_layers() {
+        let c = shape_config("qwen2.5-7b").unwrap();
+        let bf16 = device_weight_bytes(&c, None);
+        assert_eq!(bf16, parameter_count(&c) * 2);
+        let int4 = device_weight_bytes(&c, quant_format(QuantizeMethod::Int4));
+        let int8 = device_weight_bytes(&c, quant_format(QuantizeMethod::Int8));
+        let linear = (bf16 - int4) as f64 / (2.0 - 0.5625);
+        assert!((6.52e9..6.54e9).contains(&linear), "{linear}");
+        let linear8 = (bf16 - int8) as f64 / (2.0 - 1.0625);
+        assert!((linear8 - linear).abs() < 1.0, "{linear8} vs {linear}");
+        assert_eq!(quant_format(QuantizeMethod::None), None);
+    }
+
     #[test]
     fn unknown_shapes_are_refused() {
         assert!(shape_config("gpt-5").is_err());
