@@ -63,8 +63,7 @@ pub fn upload_linear(
     // QILIN_CUDA_DEQUANTIZE=1: every layer bf16, as before quantized kernels existed (to
     // bisect a quantized model's output on a GPU, or to trade memory for prefill speed).
     let forced_bf16 = std::env::var("QILIN_CUDA_DEQUANTIZE").as_deref() == Ok("1");
-    let packed =
-        if dequantize || forced_bf16 { None } else { PackedQuant::from_parts(&weights) };
+    let packed = if dequantize || forced_bf16 { None } else { PackedQuant::from_parts(&weights) };
     let weight = match packed {
         Some(packed) => {
             reserve_dequant_scratch(dev, in_features, out_features);
