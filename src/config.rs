@@ -186,6 +186,34 @@ pub struct EngineArgs {
     /// as they are.
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+}
+
+/// Activation-aware quantization: the flags every command with `--quantize` (or
+/// `--method`) takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CalibrationArgs {
+    /// Calibrate the quantization on this text (UTF-8): AWQ scales and clipping, then
+    /// GPTQ for int4 groups, chosen on the activations of the unquantized model reading
+    /// it (on the CPU, at every load; `qilin quantize` does it once). Needs --quantize.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// Tokens read from the start of --calibration.
+    #[arg(long, value_name = "N", requires = "calibration")]
+    pub calibration_tokens: Option<usize>,
+}
+
+impl CalibrationArgs {
+    /// The calibration source, None without --calibration.
+    pub fn source(&self) -> Option<crate::model::calibration::CalibrationSource<'_>> {
+        self.calibration.as_deref().map(|path| crate::model::calibration::CalibrationSource {
+            path,
+            max_tokens: self
+                .calibration_tokens
+                .unwrap_or(crate::model::calibration::DEFAULT_CALIBRATION_TOKENS),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -254,7 +282,7 @@ impl EngineArgs {
         }
     }
 
-    pub fn engine_options(&self) -> crate::engine::load::EngineOptions {
+    pub fn engine_options(&self) -> crate::engine::load::EngineOptions<'_> {
         crate::engine::load::EngineOptions {
             max_model_len: self.max_model_len,
             max_num_batched_tokens: self.max_num_batched_tokens,
@@ -263,6 +291,7 @@ impl EngineArgs {
             device: self.device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             quantize: self.quantize,
+            calibration: self.calibration.source(),
             cpu_emulates_bf16: false,
         }
     }
@@ -377,6 +406,8 @@ pub struct PerplexityArgs {
     /// Quantize the linear layers at load, as for `generate` (`none`, `int8`, `int4`).
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// Also write the report (PPL, error, per-window NLL) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -406,6 +437,8 @@ pub struct QuantizeArgs {
     /// Quantize the embeddings and lm_head too (they stay as they are by default).
     #[arg(long)]
     pub include_embeddings: bool,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 }
 
 #[derive(Args, Debug)]

@@ -30,6 +30,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
         device: args.device,
         gpu_memory_utilization: args.gpu_memory_utilization,
         quantize: args.quantize,
+        calibration: args.calibration.source(),
         cpu_emulates_bf16: false,
     };
     let (engine, _) = load_engine(&path, &options)

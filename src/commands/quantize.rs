@@ -1,8 +1,11 @@
-//! `qilin quantize --model IN --out DIR --method int8|int4`: quantizes a Hugging Face
-//! model directory once (src/model/quantize.rs, the same code as `--quantize`) and
-//! saves a directory that qilin loads directly. The on-disk format (config.json's
-//! `quantization_config`, U8 block tensors and the `qilin.quantized` safetensors
-//! metadata marker) is documented in src/model/loader/qilin_format.rs.
+//! `qilin quantize --model IN --out DIR --method int8|int4 [--calibration TEXT]`:
+//! quantizes a Hugging Face model directory once (src/model/quantize.rs, the same code
+//! as `--quantize`; with `--calibration`, AWQ scales and clipping, then GPTQ for int4
+//! groups: src/model/awq/) and saves a directory that qilin loads directly. The
+//! on-disk format (config.json's `quantization_config`, U8 block tensors and the
+//! `qilin.quantized` safetensors metadata marker) is documented in
+//! src/model/loader/qilin_format.rs; `quantization_config.calibration` records a
+//! calibrated run.
 
 use std::path::Path;
 
@@ -10,6 +13,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::config::QuantizeArgs;
+use crate::model::awq::quantize_calibrated;
 use crate::model::loader::qilin_format;
 use crate::model::quantize::{quantize_model, QuantizeMethod, Skip};
 
@@ -27,6 +31,12 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     let (input, out) = (args.model.as_path(), args.out.as_path());
     if args.method == QuantizeMethod::None {
         bail!("--method none would write an unquantized copy; choose int8 or int4");
+    }
+    if let Some(text) = &args.calibration.calibration {
+        // Before the output directory is made: a wrong path should leave nothing behind.
+        if !text.is_file() {
+            bail!("--calibration {}: no such file", text.display());
+        }
     }
     if !input.is_dir() {
         bail!(
@@ -49,11 +59,25 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     prepare_out_dir(input, out)?;
 
     let mut model = crate::model::load_model(input)?;
-    let summary = quantize_model(&mut model, args.method, args.include_embeddings)?;
+    let (summary, awq) = match args.calibration.source() {
+        None => (quantize_model(&mut model, args.method, args.include_embeddings)?, None),
+        Some(source) => {
+            let (summary, report) =
+                quantize_calibrated(&mut model, args.method, args.include_embeddings, &source)?;
+            (summary, Some(report))
+        }
+    };
     qilin_format::write_safetensors(&out.join("model.safetensors"), &model.tensors)?;
     let group_size = if args.method == QuantizeMethod::Int4 { 128 } else { -1 };
-    config["quantization_config"] =
+    let mut qc =
         json!({"quant_method": "qilin", "method": args.method.name(), "group_size": group_size});
+    if let Some(report) = &awq {
+        // Provenance only: the scales are folded into the weights, nothing reads this.
+        let gptq = report.sites.iter().any(|s| s.gptq);
+        let method = if gptq { "awq+gptq" } else { "awq" };
+        qc["calibration"] = json!({"method": method, "tokens": report.tokens});
+    }
+    config["quantization_config"] = qc;
     let config_out = out.join("config.json");
     std::fs::write(&config_out, serde_json::to_string_pretty(&config)? + "\n")
         .with_context(|| format!("writing {}", config_out.display()))?;
@@ -85,6 +109,12 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     );
     if !kept.is_empty() {
         eprintln!("kept in their format: {}", kept.join(", "));
+    }
+    if let Some(report) = &awq {
+        eprintln!("calibrated on {} tokens (AWQ scales and clipping, GPTQ):", report.tokens);
+        for line in report.summary() {
+            eprintln!("  {line}");
+        }
     }
     Ok(())
 }

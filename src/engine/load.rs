@@ -18,6 +18,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, KvCacheShape, BLOCK_SIZE};
 use crate::kv::block_manager::blocks_for;
+use crate::model::awq::load_calibrated;
+use crate::model::calibration::CalibrationSource;
 use crate::model::config::ModelConfig;
 use crate::model::forward::Model;
 use crate::model::loader::{GenerationDefaults, LoadedModel};
@@ -53,7 +55,7 @@ pub enum Device {
     Cpu,
 }
 
-pub struct EngineOptions {
+pub struct EngineOptions<'a> {
     pub max_model_len: Option<usize>,
     /// Token budget of one step: decodes plus prefill chunks (chunked prefill).
     pub max_num_batched_tokens: usize,
@@ -69,12 +71,16 @@ pub struct EngineOptions {
     pub gpu_memory_utilization: f64,
     /// `--quantize`: linear weights quantized at load (none by default).
     pub quantize: crate::model::quantize::QuantizeMethod,
+    /// `--calibration`: the text whose activations calibrate `quantize` (model/awq;
+    /// None: plain quantization). A borrowed, `Copy` source, so that
+    /// `EngineOptions { .., ..base }` can still build several options from one base.
+    pub calibration: Option<CalibrationSource<'a>>,
     /// CPU only: round activations and the KV cache to bf16 as the CUDA backend stores
     /// them (`CpuBackend::emulating_bf16`), the reference of tests/gpu_e2e.rs.
     pub cpu_emulates_bf16: bool,
 }
 
-impl Default for EngineOptions {
+impl Default for EngineOptions<'_> {
     fn default() -> Self {
         EngineOptions {
             max_model_len: None,
@@ -84,6 +90,7 @@ impl Default for EngineOptions {
             device: Device::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             quantize: crate::model::quantize::QuantizeMethod::None,
+            calibration: None,
             cpu_emulates_bf16: false,
         }
     }
@@ -226,13 +233,21 @@ fn kv_shape(c: &ModelConfig) -> KvCacheShape {
     }
 }
 
+/// The model at `path` with `--quantize` (and `--calibration`) applied.
+fn load_weights(path: &Path, options: &EngineOptions) -> anyhow::Result<LoadedModel> {
+    Ok(match &options.calibration {
+        None => load_quantized(path, options.quantize)?,
+        Some(source) => load_calibrated(path, options.quantize, source)?,
+    })
+}
+
 /// Loads the model at `path` onto the CPU backend. Returns the engine and the model's
 /// sampling defaults.
 pub fn load_cpu_engine(
     path: &Path,
     options: &EngineOptions,
 ) -> anyhow::Result<(Engine<CpuBackend>, GenerationDefaults)> {
-    let loaded = load_quantized(path, options.quantize)?;
+    let loaded = load_weights(path, options)?;
     let backend =
         if options.cpu_emulates_bf16 { CpuBackend::emulating_bf16() } else { CpuBackend::new() };
     let weights = ModelWeights::load(&backend, &loaded)?;
@@ -268,7 +283,7 @@ pub fn load_cuda_engine(
     backend: CudaBackend,
 ) -> anyhow::Result<(Engine<CudaBackend>, GenerationDefaults)> {
     check_gpu_memory_utilization(options.gpu_memory_utilization)?;
-    let loaded = load_quantized(path, options.quantize)?;
+    let loaded = load_weights(path, options)?;
     // The model's own limit: the KV cache lives in device memory sized below, and a
     // context that does not fit fails with a clear message instead of a silent cap.
     let max_model_len = check_limits(path, &loaded, options, usize::MAX)?;

@@ -1,8 +1,11 @@
 //! Models: configuration, file loaders, weights, and the one transformer definition.
 
+pub mod awq;
+pub mod calibration;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod gptq;
 pub mod loader;
 pub mod quant;
 pub mod quantize;

@@ -25,7 +25,7 @@
 //! `quantize_row_q8_0_ref`), int4 -> Q4_1 (asymmetric: f16 scale and min per 32 values,
 //! `quantize_row_q4_1_ref`). Other widths keep their format, with one info line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use half::f16;
 use rayon::prelude::*;
@@ -79,6 +79,8 @@ pub enum QuantizeError {
     NonFinite(f32),
     #[error("a group spans {0}, too wide for an f16 scale")]
     ScaleOverflow(f64),
+    #[error("{0} is not a format --quantize writes")]
+    NotATarget(DType),
 }
 
 /// Quantizes one row (`w.len()` a multiple of 128) to I8 with one scale for the row.
@@ -110,10 +112,17 @@ fn f16_at_least(s: f64) -> Option<f16> {
     h.is_finite().then_some(h)
 }
 
-/// Quantizes one row (`w.len()` a multiple of 128) to I4, one scale and zero per block.
-/// `out` is the row's `w.len() / 128 * 68` bytes.
-pub fn quantize_row_i4(w: &[f32], out: &mut [u8]) -> Result<(), QuantizeError> {
-    for (blk, ws) in out.chunks_exact_mut(I4_BLOCK_BYTES).zip(w.chunks_exact(BLOCK)) {
+/// The parameters of one I4 group: its f16 scale and its zero point.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct I4Group {
+    pub scale: f16,
+    pub zero: u8,
+}
+
+impl I4Group {
+    /// Fits a group (see the module doc): the range widened to include 0, the scale
+    /// rounded up to f16, the zero rounded.
+    pub fn fit(ws: &[f32]) -> Result<Self, QuantizeError> {
         let (mut lo, mut hi) = (0f64, 0f64);
         for &v in ws {
             if !v.is_finite() {
@@ -122,23 +131,47 @@ pub fn quantize_row_i4(w: &[f32], out: &mut [u8]) -> Result<(), QuantizeError> {
             lo = lo.min(v as f64);
             hi = hi.max(v as f64);
         }
-        let s = f16_at_least((hi - lo) / 15.0).ok_or(QuantizeError::ScaleOverflow(hi - lo))?;
-        let sf = s.to_f64();
+        let scale = f16_at_least((hi - lo) / 15.0).ok_or(QuantizeError::ScaleOverflow(hi - lo))?;
+        let sf = scale.to_f64();
         // sf == 0 only when the whole group is 0: z = q = 0.
         let z = if sf > 0.0 { (-lo / sf).round_ties_even().clamp(0.0, 15.0) } else { 0.0 };
-        blk[..2].copy_from_slice(&s.to_le_bytes());
-        blk[2] = z as u8;
-        blk[3] = 0;
-        let q = |v: f32| {
-            if sf > 0.0 {
-                ((v as f64 / sf).round_ties_even() + z).clamp(0.0, 15.0) as u8
-            } else {
-                0
-            }
-        };
-        for (byte, pair) in blk[4..].iter_mut().zip(ws.chunks_exact(2)) {
-            *byte = q(pair[0]) | (q(pair[1]) << 4);
+        Ok(I4Group { scale, zero: z as u8 })
+    }
+
+    /// The level of `v`: `clamp(round(v / s) + z, 0, 15)`.
+    pub fn level(&self, v: f32) -> u8 {
+        let sf = self.scale.to_f64();
+        if sf > 0.0 {
+            ((v as f64 / sf).round_ties_even() + self.zero as f64).clamp(0.0, 15.0) as u8
+        } else {
+            0
         }
+    }
+
+    /// The value of level `q`, exactly as `dequantize_row` computes it.
+    pub fn value(&self, q: u8) -> f32 {
+        self.scale.to_f32() * (q as i32 - self.zero as i32) as f32
+    }
+
+    /// Writes one 68-byte block: this group's header and `levels` (128 of them).
+    pub fn write(&self, blk: &mut [u8], levels: &[u8]) {
+        blk[..2].copy_from_slice(&self.scale.to_le_bytes());
+        blk[2] = self.zero;
+        blk[3] = 0;
+        for (byte, pair) in blk[4..].iter_mut().zip(levels.chunks_exact(2)) {
+            *byte = pair[0] | (pair[1] << 4);
+        }
+    }
+}
+
+/// Quantizes one row (`w.len()` a multiple of 128) to I4, one scale and zero per block.
+/// `out` is the row's `w.len() / 128 * 68` bytes.
+pub fn quantize_row_i4(w: &[f32], out: &mut [u8]) -> Result<(), QuantizeError> {
+    let mut levels = [0u8; BLOCK];
+    for (blk, ws) in out.chunks_exact_mut(I4_BLOCK_BYTES).zip(w.chunks_exact(BLOCK)) {
+        let group = I4Group::fit(ws)?;
+        levels.iter_mut().zip(ws).for_each(|(q, &v)| *q = group.level(v));
+        group.write(blk, &levels);
     }
     Ok(())
 }
@@ -226,6 +259,18 @@ pub fn eligibility(name: &str, t: &WeightTensor, include_embeddings: bool) -> Re
     Ok(())
 }
 
+/// Quantizes one row into `dtype`, one of the formats `target_dtype` returns (I8, I4,
+/// Q8_0, Q4_1). `out` is the row's `dtype.row_bytes(w.len())` bytes.
+pub fn quantize_row(dtype: DType, w: &[f32], out: &mut [u8]) -> Result<(), QuantizeError> {
+    match dtype {
+        DType::I8 => quantize_row_i8(w, out),
+        DType::I4 => quantize_row_i4(w, out),
+        DType::Q8_0 => quantize_row_q8_0(w, out),
+        DType::Q4_1 => quantize_row_q4_1(w, out),
+        other => Err(QuantizeError::NotATarget(other)),
+    }
+}
+
 /// Quantizes a 2-D float tensor whose rows are whole 32-value blocks (see
 /// `eligibility`) into `method`'s format (`target_dtype`), rows in parallel.
 pub fn quantize_tensor(
@@ -240,12 +285,7 @@ pub fn quantize_tensor(
         || vec![0f32; k],
         |w, (r, out)| {
             dequantize_row(t.dtype, t.row(r), w);
-            match dtype {
-                DType::I8 => quantize_row_i8(w, out),
-                DType::I4 => quantize_row_i4(w, out),
-                DType::Q8_0 => quantize_row_q8_0(w, out),
-                _ => quantize_row_q4_1(w, out),
-            }
+            quantize_row(dtype, w, out)
         },
     )?;
     Ok(WeightTensor { dtype, shape: t.shape.clone(), data: Bytes::Owned(data.into()) })
@@ -268,6 +308,18 @@ pub fn quantize_model(
     method: QuantizeMethod,
     include_embeddings: bool,
 ) -> Result<QuantizeSummary, LoadError> {
+    quantize_model_with(model, method, include_embeddings, HashMap::new())
+}
+
+/// `quantize_model`, except that the eligible tensors named in `prequantized` take the
+/// given quantized tensor (already in `method`'s format, e.g. from GPTQ) instead of
+/// being quantized here.
+pub fn quantize_model_with(
+    model: &mut LoadedModel,
+    method: QuantizeMethod,
+    include_embeddings: bool,
+    mut prequantized: HashMap<String, WeightTensor>,
+) -> Result<QuantizeSummary, LoadError> {
     let mut summary = QuantizeSummary::default();
     if method == QuantizeMethod::None {
         return Ok(summary);
@@ -278,8 +330,26 @@ pub fn quantize_model(
         let t = &model.tensors[&name];
         match eligibility(&name, t, include_embeddings) {
             Ok(()) => {
-                let q = quantize_tensor(t, method)
-                    .map_err(|e| LoadError::tensor(&model.source, &name, e.to_string()))?;
+                let q = match prequantized.remove(&name) {
+                    Some(q)
+                        if q.shape == t.shape
+                            && Some(q.dtype) == target_dtype(method, t.row_len()) =>
+                    {
+                        q
+                    }
+                    Some(q) => {
+                        return Err(LoadError::tensor(
+                            &model.source,
+                            &name,
+                            format!(
+                                "prequantized as {} {:?}, expected {method:?} of {:?}",
+                                q.dtype, q.shape, t.shape
+                            ),
+                        ))
+                    }
+                    None => quantize_tensor(t, method)
+                        .map_err(|e| LoadError::tensor(&model.source, &name, e.to_string()))?,
+                };
                 summary.quantized += 1;
                 summary.bytes_before += t.bytes().len();
                 summary.bytes_after += q.bytes().len();
@@ -290,6 +360,13 @@ pub fn quantize_model(
                 summary.skipped.insert(name, why);
             }
         }
+    }
+    if let Some(name) = prequantized.keys().next() {
+        return Err(LoadError::tensor(
+            &model.source,
+            name,
+            "prequantized, but not a tensor --quantize quantizes",
+        ));
     }
     tracing::info!(
         "--quantize {}: {} tensors, {} MiB -> {} MiB",
