@@ -287,13 +287,19 @@ pub fn load_cuda_engine(
     // The model's own limit: the KV cache lives in device memory sized below, and a
     // context that does not fit fails with a clear message instead of a silent cap.
     let max_model_len = check_limits(path, &loaded, options, usize::MAX)?;
+    let free_memory = || {
+        backend
+            .dev
+            .ctx
+            .mem_get_info()
+            .map_err(|e| anyhow::anyhow!("reading the device's free memory: {e}"))
+    };
+    let (free_before, _) = free_memory()?;
     let weights = ModelWeights::load(&backend, &loaded)?;
     backend.dev.synchronize();
-    let (free, total) = backend
-        .dev
-        .ctx
-        .mem_get_info()
-        .map_err(|e| anyhow::anyhow!("reading the device's free memory: {e}"))?;
+    let (free, total) = free_memory()?;
+    // What the upload took: bf16 layers, quantized ones as levels, and their scratch.
+    let device_weight_bytes = free_before.saturating_sub(free);
     let c = &loaded.config;
     let shape = kv_shape(c);
     let block_bytes = shape.bytes_per_token(CUDA_KV_BYTES_PER_VALUE) * BLOCK_SIZE;
@@ -309,9 +315,8 @@ pub fn load_cuda_engine(
         max_model_len,
     };
     let num_blocks = plan.num_blocks().map_err(|why| anyhow::anyhow!("{why}"))?;
-    let device_weight_bytes: usize = loaded.tensors.values().map(|t| t.numel() * 2).sum();
     tracing::info!(
-        "plan: device {} ({} MiB, {} MiB free after weights); weights {} MiB (bf16); KV {} bytes/token, {num_blocks} blocks of {BLOCK_SIZE} = {} tokens; max model len {max_model_len}",
+        "plan: device {} ({} MiB, {} MiB free after weights); weights {} MiB on the device; KV {} bytes/token, {num_blocks} blocks of {BLOCK_SIZE} = {} tokens; max model len {max_model_len}",
         backend.dev.name(),
         total >> 20,
         free >> 20,
