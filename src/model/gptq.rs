@@ -135,12 +135,13 @@ pub fn gptq_i4(w: &[f32], k: usize, h: &[f64]) -> Result<Vec<u8>, GptqError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::quant::dequantize_row;
     use crate::model::quantize::quantize_row_i4;
 
-    fn noise(seed: u64, n: usize) -> Vec<f32> {
+    /// A tiny xorshift stream in [-0.5, 0.5) (also the awq tests' data).
+    pub(crate) fn noise(seed: u64, n: usize) -> Vec<f32> {
         let mut state = seed;
         (0..n)
             .map(|_| {

@@ -315,18 +315,7 @@ pub(super) fn fold(model: &mut LoadedModel, layout: &SiteLayout, scales: &[f32])
 pub(super) mod tests {
     use super::*;
 
-    /// A tiny xorshift stream in [-0.5, 0.5).
-    pub fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 1_000_003) as f32 / 1_000_003.0 - 0.5
-            })
-            .collect()
-    }
+    pub(crate) use crate::model::gptq::tests::noise;
 
     /// `out x k` weights and `n` input rows in which `outliers` channels are 40 times
     /// larger and their weights 20 times smaller (the case AWQ is about: plain int4
