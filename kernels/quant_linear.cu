@@ -336,6 +336,25 @@ qilin_qgemv_w8_bf16(const QilinQuantGemvParams p,
     qgemv<8>(p, out, x, levels, scale_min, bias);
 }
 
+// One 16-byte vector of levels (32 at 4 bits, 16 at 8) of one group, dequantized and
+// rounded to bf16, stored to dst[0 .. per vector) (16-byte aligned, global or shared):
+// the dequant kernel's output and the GEMM's shared-memory weight tile.
+template <int BITS>
+QILIN_DEVICE void store_dequantized(const uint4& v, float2 sm, bf16* dst) {
+    constexpr int PER_WORD = 32 / BITS;
+#pragma unroll
+    for (int o = 0; o < Levels<BITS>::kPerVec / QILIN_VEC_ELEMS; ++o) {
+        float w[QILIN_VEC_ELEMS];
+#pragma unroll
+        for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
+            const int value = o * QILIN_VEC_ELEMS + e;  // compile-time after unrolling
+            const uint32_t word = (&v.x)[value / PER_WORD];
+            w[e] = fmaf(sm.x, level_to_float<BITS>(word, value % PER_WORD), sm.y);
+        }
+        store128(dst + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
+    }
+}
+
 template <int BITS>
 QILIN_DEVICE void dequant(const QilinDequantParams p,
                           bf16* __restrict__ out,
@@ -355,18 +374,7 @@ QILIN_DEVICE void dequant(const QilinDequantParams p,
         const size_t col = (i % vecs_per_row) * per_vec;
         const float2 sm = __ldg(scale_min + row * n_groups + col / p.group_size);
         const uint4 v = load128_stream(lv + i);
-#pragma unroll
-        for (int o = 0; o < (int)per_vec / QILIN_VEC_ELEMS; ++o) {
-            float w[QILIN_VEC_ELEMS];
-#pragma unroll
-            for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
-                const int value = o * QILIN_VEC_ELEMS + e;  // compile-time after unrolling
-                const int per_word = 32 / BITS;
-                const uint32_t word = (&v.x)[value / per_word];
-                w[e] = fmaf(sm.x, level_to_float<BITS>(word, value % per_word), sm.y);
-            }
-            store128(out + row * p.cols + col + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
-        }
+        store_dequantized<BITS>(v, sm, out + row * p.cols + col);
     }
 }
 
@@ -443,21 +451,9 @@ QILIN_DEVICE StepLevels<BITS> qgemm_load_levels(const QilinQuantGemvParams& p,
 // The row's 32 values of this step, dequantized and rounded to bf16, into w_row[0..32).
 template <int BITS>
 QILIN_DEVICE void qgemm_store_levels(const StepLevels<BITS>& s, bf16* w_row) {
-    constexpr int PER_VEC = Levels<BITS>::kPerVec;
-    constexpr int PER_WORD = 32 / BITS;
 #pragma unroll
     for (int i = 0; i < Levels<BITS>::kVecsPerLane; ++i) {
-#pragma unroll
-        for (int o = 0; o < PER_VEC / QILIN_VEC_ELEMS; ++o) {
-            float w[QILIN_VEC_ELEMS];
-#pragma unroll
-            for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
-                const int value = o * QILIN_VEC_ELEMS + e;
-                const uint32_t word = (&s.v[i].x)[value / PER_WORD];
-                w[e] = fmaf(s.sm[i].x, level_to_float<BITS>(word, value % PER_WORD), s.sm[i].y);
-            }
-            store128(w_row + i * PER_VEC + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
-        }
+        store_dequantized<BITS>(s.v[i], s.sm[i], w_row + i * Levels<BITS>::kPerVec);
     }
 }
 
