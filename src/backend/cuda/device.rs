@@ -44,16 +44,8 @@ impl Device {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| CudaError::Driver(format!("starting cuBLAS: {e}")))?;
-        let scratch_f32 = Mutex::new(
-            // SAFETY: scratch is written (by cuBLAS) before every read.
-            unsafe { stream.alloc::<f32>(1) }
-                .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?,
-        );
-        let scratch_bf16 = Mutex::new(
-            // SAFETY: scratch is written (by the dequant kernel) before every read.
-            unsafe { stream.alloc::<bf16>(1) }
-                .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?,
-        );
+        let scratch_f32 = empty_scratch(&stream)?;
+        let scratch_bf16 = empty_scratch(&stream)?;
         let mut modules = HashMap::new();
         let mut functions = HashMap::new();
         for kernel in ptx::KERNELS {
@@ -100,20 +92,24 @@ impl Device {
 
     /// The f32 scratch buffer, at least `n` values long; its contents are unspecified.
     pub fn scratch_f32(&self, n: usize) -> MutexGuard<'_, CudaSlice<f32>> {
-        let mut scratch = self.scratch_f32.lock().unwrap_or_else(|e| e.into_inner());
-        if scratch.len() < n {
-            // SAFETY: callers write the scratch before reading it.
-            *scratch = check(unsafe { self.stream.alloc::<f32>(n) }, "allocating scratch");
-        }
-        scratch
+        self.grown(&self.scratch_f32, n)
     }
 
     /// The bf16 scratch buffer, at least `n` values long; its contents are unspecified.
     pub fn scratch_bf16(&self, n: usize) -> MutexGuard<'_, CudaSlice<bf16>> {
-        let mut scratch = self.scratch_bf16.lock().unwrap_or_else(|e| e.into_inner());
+        self.grown(&self.scratch_bf16, n)
+    }
+
+    /// `slot`'s buffer, re-allocated to `n` values when it is shorter (and kept).
+    fn grown<'a, T: DeviceRepr>(
+        &self,
+        slot: &'a Mutex<CudaSlice<T>>,
+        n: usize,
+    ) -> MutexGuard<'a, CudaSlice<T>> {
+        let mut scratch = slot.lock().unwrap_or_else(|e| e.into_inner());
         if scratch.len() < n {
-            // SAFETY: callers write the scratch before reading it.
-            *scratch = check(unsafe { self.stream.alloc::<bf16>(n) }, "allocating scratch");
+            // SAFETY: callers of the scratch accessors write the buffer before reading it.
+            *scratch = check(unsafe { self.stream.alloc::<T>(n) }, "allocating scratch");
         }
         scratch
     }
@@ -140,6 +136,17 @@ impl Device {
     pub fn synchronize(&self) {
         check(self.stream.synchronize(), "synchronizing the stream");
     }
+}
+
+/// A one-value scratch buffer, grown on first use (`Device::grown`).
+fn empty_scratch<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+) -> Result<Mutex<CudaSlice<T>>, CudaError> {
+    // SAFETY: every scratch buffer is written (by cuBLAS, by the dequant kernel) before it
+    // is read; this one-value placeholder is never read.
+    let buffer = unsafe { stream.alloc::<T>(1) }
+        .map_err(|e| CudaError::Driver(format!("allocating scratch: {e}")))?;
+    Ok(Mutex::new(buffer))
 }
 
 /// The Backend trait's ops cannot return errors (the CPU twin never fails); a CUDA error
