@@ -235,6 +235,35 @@ typedef struct QilinArgmaxParams {
     uint32_t cols;
 } QilinArgmaxParams;
 
+/* Device sampling (kernels/sampling.cu qilin_sample_bf16): threads per block, one block per
+ * logits row. */
+#define QILIN_SAMPLE_THREADS 512
+/* Consecutive elements per thread in each tile of the final token-id-order walk (a tile is
+ * QILIN_SAMPLE_THREADS * QILIN_SAMPLE_WALK_ITEMS elements). */
+#define QILIN_SAMPLE_WALK_ITEMS 8
+
+/** Launch parameters of qilin_sample_bf16. */
+typedef struct QilinSampleParams {
+    /** Rows of logits; the grid's size. */
+    uint32_t rows;
+    /** Row length: the vocabulary. */
+    uint32_t cols;
+} QilinSampleParams;
+
+/** How one row of qilin_sample_bf16 is sampled (Rust: backend::RowSampling, converted). */
+typedef struct QilinSampleRow {
+    /** The step's uniform draw, in [0, 1). */
+    double u;
+    /** 1/T as the host computes it (engine::sampler::inv_temperature); 0: greedy. */
+    float inv_t;
+    /** 0 or >= cols: off. */
+    uint32_t top_k;
+    /** >= 1: off; the kernel raises it to at least FLT_MIN as the host does. */
+    float top_p;
+    /** <= 0: off; above 1 counts as 1. */
+    float min_p;
+} QilinSampleRow;
+
 /** Launch parameters of every qilin_attention_* kernel. */
 typedef struct QilinAttentionParams {
     /** Rows of q and out. */

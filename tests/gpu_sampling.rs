@@ -1,10 +1,27 @@
-//! Parity of kernels/sampling.cu (`qilin_argmax_bf16`, through `CudaBackend::argmax_rows`)
-//! with its CPU twin (`CpuBackend::argmax_rows`, which tests/sampler.rs proves equal to
+//! Parity of kernels/sampling.cu with its CPU twins.
+//!
+//! `qilin_argmax_bf16` (through `CudaBackend::argmax_rows`) against its CPU twin (`CpuBackend::argmax_rows`, which tests/sampler.rs proves equal to
 //! the host sampler's greedy choice), on the same bf16 logits, fresh random each run
 //! (the seed is printed): Qwen2.5's and SmolLM2's vocabularies and odd widths, at 1 to
 //! 300 rows, with coarse values (many ties, as bf16 logits have), NaN, ±inf, rows of
 //! nothing but -inf or NaN, and the maximum placed at the first and the last column.
 //! The kernel only compares, so the ids must be equal exactly.
+//!
+//! `qilin_sample_bf16` (through `CudaBackend::sample_rows`) against its CPU twin
+//! (`CpuBackend::sample_rows`, which tests/device_sampling.rs proves equal to the host
+//! sampler for the same draw) on random bf16 logits (model-like, coarse with many ties,
+//! flat, with NaN/±inf, all -inf), vocab 152064, 49152 and odd widths, 1 to 64 rows, each
+//! row with its own temperature / top-k / top-p / min-p / u. The kernel computes every
+//! probability bit-identically to the host, but sums them in another order and the host's
+//! dense path sums in f32 chunks, so a different token is accepted only where the
+//! difference is explained by rounding: the test recomputes the row in f64 (sorting) and
+//! needs the GPU's token to survive the filters with the top-p target and min-p threshold
+//! moved by the relative tolerance `TOL` = 5e-5 of the total (f32 sums of 512 terms per
+//! lane in the host's 4096-entry chunks can be off by up to ~512 * 2^-24 = 3e-5 of the
+//! total), and its cumulative-probability interval in token-id order to lie within `TOL`
+//! of `u`. Every other mismatch fails. The ids buffer is allocated inside the launcher, so
+//! the test poisons best-effort: a NaN-filled buffer of the same size is freed right before
+//! each launch (the stream allocator tends to hand it back), and every id must be < vocab.
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 
@@ -12,12 +29,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use qilin::backend::cpu::{CpuBackend, CpuTensor};
 use qilin::backend::cuda::CudaBackend;
-use qilin::backend::Backend;
+use qilin::backend::{Backend, RowSampling};
+use qilin::engine::sampler::inv_temperature;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn gpu_tests_enabled() -> bool {
     std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
+}
+
+/// The backends, the seed (printed) and its RNG; None (skipped) without QILIN_GPU_TESTS=1.
+fn setup(name: &str) -> Option<(CudaBackend, CpuBackend, u64, ChaCha8Rng)> {
+    if !gpu_tests_enabled() {
+        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+        return None;
+    }
+    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no GPU: {e}"));
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    eprintln!("{name}: seed {seed}");
+    Some((gpu, CpuBackend::new(), seed, ChaCha8Rng::seed_from_u64(seed)))
 }
 
 /// One logit: mostly coarse (ties), sometimes NaN or an infinity.
@@ -33,15 +63,7 @@ fn logit(rng: &mut ChaCha8Rng) -> f32 {
 
 #[test]
 fn argmax_matches_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
-        return;
-    }
-    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no GPU: {e}"));
-    let cpu = CpuBackend::new();
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    eprintln!("argmax: seed {seed}");
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let Some((gpu, cpu, seed, mut rng)) = setup("argmax") else { return };
     let shapes = [(1, 152_064), (64, 152_064), (257, 49_152), (3, 513), (300, 7), (1, 1)];
     for (rows, cols) in shapes {
         let mut values: Vec<f32> = (0..rows * cols).map(|_| logit(&mut rng)).collect();
@@ -75,4 +97,185 @@ fn argmax_matches_the_cpu_twin() {
         }
         eprintln!("[{rows}, {cols}]: {rows} rows equal");
     }
+}
+
+/// Relative tolerance (of the survivors' total mass) of the sampling comparison; see the
+/// module comment.
+const TOL: f64 = 5e-5;
+
+/// A row of bf16-representable logits in one of several styles.
+fn sample_logits(rng: &mut ChaCha8Rng, cols: usize) -> Vec<f32> {
+    let style = rng.random_range(0..6);
+    let sigma = [1.0f32, 2.0, 4.0][rng.random_range(0..3)];
+    let mut row: Vec<f32> = (0..cols)
+        .map(|_| match style {
+            0 => rng.random_range(-16i32..16) as f32 * 0.5,
+            1 => rng.random_range(-0.02f32..0.02),
+            2 => logit(rng),
+            _ => {
+                // Roughly normal: the sum of three uniforms.
+                let s: f32 = (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum();
+                s * sigma
+            }
+        })
+        .collect();
+    // A few confident tokens, as a language model has.
+    for _ in 0..rng.random_range(0..4) {
+        let i = rng.random_range(0..cols);
+        row[i] = rng.random_range(5.0f32..20.0);
+    }
+    if rng.random_range(0..30) == 0 {
+        row.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+    }
+    row.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+}
+
+fn sample_params(rng: &mut ChaCha8Rng, cols: usize) -> RowSampling {
+    let pick = |rng: &mut ChaCha8Rng, xs: &[f32]| xs[rng.random_range(0..xs.len())];
+    let top_k = [0u32, 0, 1, 2, 20, 50, 1000, 40_000, cols as u32][rng.random_range(0..9)];
+    RowSampling {
+        temperature: pick(rng, &[0.7, 1.0, 1.5, 0.3, 1e-3, 0.0]),
+        top_k,
+        top_p: pick(rng, &[1.0, 1.0, 0.9, 0.5, 0.99, 0.95, 1e-6]),
+        min_p: pick(rng, &[0.0, 0.0, 0.05, 0.3]),
+        u: rng.random::<f64>(),
+    }
+}
+
+/// Whether `got` is a token the row could give under rounding (see the module comment).
+fn explained(row: &[f32], r: &RowSampling, got: u32) -> Result<(), String> {
+    let clean = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v.min(f32::MAX) };
+    let v: Vec<f32> = row.iter().map(|&x| clean(x)).collect();
+    let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let Some(inv_t) = inv_temperature(r.temperature) else {
+        return Err("greedy rows must match exactly".into());
+    };
+    if m == f32::NEG_INFINITY {
+        return Err("all -inf rows must give 0".into());
+    }
+    let prob = |x: f32| {
+        let e = (x - m) * inv_t;
+        if e < -87.6 {
+            0.0
+        } else {
+            (e as f64).exp()
+        }
+    };
+    let mut order: Vec<u32> = (0..v.len() as u32).collect();
+    order.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+    let k = r.top_k as usize;
+    let kept = if k > 0 && k < v.len() {
+        let thr = v[order[k - 1] as usize];
+        order.iter().take_while(|&&i| v[i as usize] >= thr).count()
+    } else {
+        order.len()
+    };
+    let cand = &order[..kept];
+    let total_k: f64 = cand.iter().map(|&i| prob(v[i as usize])).sum();
+    let target = r.top_p.max(f32::MIN_POSITIVE) as f64 * total_k;
+    // Survivors under a top-p target and min-p threshold moved by `slack` (+TOL: loose).
+    let survivors = |slack: f64| -> Vec<bool> {
+        let mut keep = vec![false; v.len()];
+        let mut above = 0.0;
+        let min_p = r.min_p.min(1.0) as f64;
+        for (n, &i) in cand.iter().enumerate() {
+            let p = prob(v[i as usize]);
+            if r.top_p < 1.0 && n > 0 && above >= target + slack * total_k {
+                break;
+            }
+            above += p;
+            keep[i as usize] = p > 0.0 && (min_p <= 0.0 || p >= min_p * (1.0 - slack));
+        }
+        keep
+    };
+    let (loose, tight) = (survivors(TOL), survivors(-TOL));
+    if !loose[got as usize] {
+        return Err(format!("token {got} does not survive the filters even with slack {TOL}"));
+    }
+    // Its CDF interval (token-id order) under either survivor set must come within TOL of u.
+    for set in [&loose, &tight] {
+        let total: f64 = (0..v.len()).filter(|&i| set[i]).map(|i| prob(v[i])).sum();
+        let before: f64 = (0..got as usize).filter(|&i| set[i]).map(|i| prob(v[i])).sum();
+        let after = before + if set[got as usize] { prob(v[got as usize]) } else { 0.0 };
+        let (lo, hi) = (before / total - TOL, after / total + TOL);
+        if lo <= r.u && r.u <= hi {
+            return Ok(());
+        }
+    }
+    Err(format!("token {got}'s cumulative probability is not within {TOL} of u"))
+}
+
+#[test]
+fn sampling_matches_the_cpu_twin() {
+    let Some((gpu, cpu, seed, mut rng)) = setup("sample") else { return };
+    let shapes = [
+        (1, 152_064),
+        (64, 152_064),
+        (7, 152_064),
+        (1, 49_152),
+        (33, 49_152),
+        (5, 4097),
+        (9, 513),
+        (4, 7),
+        (2, 1),
+    ];
+    let (mut total_rows, mut mismatches) = (0, 0);
+    for (rows, cols) in shapes {
+        for _ in 0..3 {
+            let values: Vec<f32> = (0..rows).flat_map(|_| sample_logits(&mut rng, cols)).collect();
+            let meta: Vec<RowSampling> = (0..rows).map(|_| sample_params(&mut rng, cols)).collect();
+            let expected = cpu.sample_rows(&CpuTensor::from_vec(values.clone(), rows, cols), &meta);
+            let logits = gpu.tensor_from_host(&values, rows, cols);
+            // Best-effort poison: free a NaN buffer the ids allocation may reuse.
+            drop(gpu.tensor_from_host(&vec![f32::NAN; 2 * rows], rows, 2));
+            let got = gpu.sample_rows(&logits, &meta);
+            assert_eq!(got.len(), rows, "[{rows}, {cols}]: one id per row");
+            for (r, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+                assert!((g as usize) < cols, "seed {seed}, [{rows}, {cols}] row {r}: id {g}");
+                total_rows += 1;
+                if g == e {
+                    continue;
+                }
+                mismatches += 1;
+                let row = &values[r * cols..(r + 1) * cols];
+                if let Err(why) = explained(row, &meta[r], g) {
+                    panic!(
+                        "seed {seed}, [{rows}, {cols}] row {r} {:?}: GPU chose {g}, the twin {e}: \
+                         {why}",
+                        meta[r]
+                    );
+                }
+            }
+        }
+        eprintln!("[{rows}, {cols}]: done");
+    }
+    eprintln!("{total_rows} rows, {mismatches} different tokens, each within tolerance");
+}
+
+/// The tolerance check itself, without a GPU: the twin's own token is always explained,
+/// and a token far from `u` is not.
+#[test]
+fn tolerance_check_accepts_the_twin_and_rejects_others() {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rejected = 0;
+    for cols in [513usize, 4097, 49_152] {
+        for _ in 0..20 {
+            let row = sample_logits(&mut rng, cols);
+            let mut r = sample_params(&mut rng, cols);
+            r.temperature = 0.8;
+            let e = cpu.sample_rows(&CpuTensor::from_vec(row.clone(), 1, cols), &[r])[0];
+            if row.iter().all(|&v| v == f32::NEG_INFINITY) {
+                continue;
+            }
+            explained(&row, &r, e).unwrap_or_else(|why| panic!("{r:?}: twin's {e}: {why}"));
+            // The same row drawn at the other end of [0, 1): usually another token.
+            let far = RowSampling { u: (r.u + 0.5) % 1.0, ..r };
+            let other = cpu.sample_rows(&CpuTensor::from_vec(row.clone(), 1, cols), &[far])[0];
+            if other != e && explained(&row, &r, other).is_err() {
+                rejected += 1;
+            }
+        }
+    }
+    assert!(rejected > 10, "only {rejected} far tokens rejected");
 }

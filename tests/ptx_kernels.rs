@@ -259,6 +259,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
+        entry: "qilin_sample_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "sample_rows",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
         entry: "qilin_attention_decode_mma_hd128_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -518,17 +524,22 @@ fn gemv_module_entries_and_params_match_the_rust_side() {
 
 #[test]
 fn sampling_module_entries_and_params_match_the_rust_side() {
-    use qilin::backend::abi::QilinArgmaxParams;
+    use qilin::backend::abi::{QilinArgmaxParams, QilinSampleParams};
     if !ptx_available() {
         return;
     }
     let entries: BTreeSet<&str> = entry_names(ptx::SAMPLING_PTX).into_iter().collect();
-    assert_eq!(entries, [ptx::ARGMAX_BF16.entry].into_iter().collect());
+    assert_eq!(entries, [ptx::ARGMAX_BF16.entry, ptx::SAMPLE_BF16.entry].into_iter().collect());
     let text = module_ptx(ptx::ARGMAX_BF16.module).expect("module embedded");
     assert_eq!(
         byte_param(text, ptx::ARGMAX_BF16.entry, 0),
         Some((align_of::<QilinArgmaxParams>(), size_of::<QilinArgmaxParams>())),
         "qilin_argmax_bf16: params struct as nvcc sees it vs as Rust sees it"
+    );
+    assert_eq!(
+        byte_param(text, ptx::SAMPLE_BF16.entry, 0),
+        Some((align_of::<QilinSampleParams>(), size_of::<QilinSampleParams>())),
+        "qilin_sample_bf16: params struct as nvcc sees it vs as Rust sees it"
     );
 }
 

@@ -37,6 +37,8 @@ pub const QILIN_ATTN_PREFILL_BLOCK_N: u32 = 64;
 pub const QILIN_ATTN_PREFILL_THREADS: u32 = 128;
 pub const QILIN_ATTN_SIMPLE_THREADS: u32 = 32;
 pub const QILIN_ARGMAX_THREADS: u32 = 512;
+pub const QILIN_SAMPLE_THREADS: u32 = 512;
+pub const QILIN_SAMPLE_WALK_ITEMS: u32 = 8;
 #[doc = " Launch parameters of qilin_fused_add_rms_norm_bf16 and qilin_rms_norm_bf16."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -265,6 +267,53 @@ const _: () = {
         [::core::mem::offset_of!(QilinArgmaxParams, rows) - 0usize];
     ["Offset of field: QilinArgmaxParams::cols"]
         [::core::mem::offset_of!(QilinArgmaxParams, cols) - 4usize];
+};
+#[doc = " Launch parameters of qilin_sample_bf16."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinSampleParams {
+    #[doc = " Rows of logits; the grid's size."]
+    pub rows: u32,
+    #[doc = " Row length: the vocabulary."]
+    pub cols: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinSampleParams"][::core::mem::size_of::<QilinSampleParams>() - 8usize];
+    ["Alignment of QilinSampleParams"][::core::mem::align_of::<QilinSampleParams>() - 4usize];
+    ["Offset of field: QilinSampleParams::rows"]
+        [::core::mem::offset_of!(QilinSampleParams, rows) - 0usize];
+    ["Offset of field: QilinSampleParams::cols"]
+        [::core::mem::offset_of!(QilinSampleParams, cols) - 4usize];
+};
+#[doc = " How one row of qilin_sample_bf16 is sampled (Rust: backend::RowSampling, converted)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinSampleRow {
+    #[doc = " The step's uniform draw, in [0, 1)."]
+    pub u: f64,
+    #[doc = " 1/T as the host computes it (engine::sampler::inv_temperature); 0: greedy."]
+    pub inv_t: f32,
+    #[doc = " 0 or >= cols: off."]
+    pub top_k: u32,
+    #[doc = " >= 1: off; the kernel raises it to at least FLT_MIN as the host does."]
+    pub top_p: f32,
+    #[doc = " <= 0: off; above 1 counts as 1."]
+    pub min_p: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinSampleRow"][::core::mem::size_of::<QilinSampleRow>() - 24usize];
+    ["Alignment of QilinSampleRow"][::core::mem::align_of::<QilinSampleRow>() - 8usize];
+    ["Offset of field: QilinSampleRow::u"][::core::mem::offset_of!(QilinSampleRow, u) - 0usize];
+    ["Offset of field: QilinSampleRow::inv_t"]
+        [::core::mem::offset_of!(QilinSampleRow, inv_t) - 8usize];
+    ["Offset of field: QilinSampleRow::top_k"]
+        [::core::mem::offset_of!(QilinSampleRow, top_k) - 12usize];
+    ["Offset of field: QilinSampleRow::top_p"]
+        [::core::mem::offset_of!(QilinSampleRow, top_p) - 16usize];
+    ["Offset of field: QilinSampleRow::min_p"]
+        [::core::mem::offset_of!(QilinSampleRow, min_p) - 20usize];
 };
 #[doc = " Launch parameters of every qilin_attention_* kernel."]
 #[repr(C)]

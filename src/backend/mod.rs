@@ -149,11 +149,62 @@ pub trait Backend: Send + Sync {
     /// Rows `rows` of x, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Self::Tensor;
 
-    /// Copies a `[n, cols]` tensor to the host as f32, row-major.
-    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+    /// Copies a `[n, cols]` tensor to the host as f32, row-major, into `out` (its contents
+    /// replaced). Reusing `out` matters for `[batch, vocab]` logits: faulting in fresh
+    /// pages costs more than the copy.
+    fn to_host_into(&self, x: &Self::Tensor, out: &mut Vec<f32>);
+
+    /// `to_host_into` a new vector.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.to_host_into(x, &mut out);
+        out
+    }
 
     /// The greedy choice of each row of `logits [n, vocab]`, exactly as the host sampler
     /// makes it: NaN counts as -inf, +inf as f32::MAX, and the first of equal maxima
     /// wins (0 for a row of nothing but -inf). Only `n` ids cross to the host.
     fn argmax_rows(&self, logits: &Self::Tensor) -> Vec<u32>;
+
+    /// The sampled token of each row of `logits [n, vocab]` (`rows.len() == n`), exactly
+    /// as the host sampler chooses it for a request without penalties or logprobs, given
+    /// that step's uniform `u` (`engine::sampler::sample_row`, the CPU twin): NaN counts
+    /// as -inf and +inf as f32::MAX; temperature, top-k (every tie of the k-th value),
+    /// top-p over what top-k kept, min-p, then the first survivor in token-id order whose
+    /// cumulative probability exceeds `u` (greedy argmax for a temperature of 0). Only `n`
+    /// ids cross to the host. The default copies the logits to the host and runs the twin.
+    fn sample_rows(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Vec<u32> {
+        let host = self.to_host(logits);
+        let vocab = host.len() / rows.len().max(1);
+        sample_rows_host(&host, vocab, rows)
+    }
+}
+
+/// How one row of `Backend::sample_rows` is sampled: a request's parameters and the
+/// uniform draw of this step from its own RNG (`Sampler::device_row`), so that a seed
+/// gives the same tokens wherever the sampling runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    /// <= 0 (or so small that 1/T overflows): greedy, `u` unused.
+    pub temperature: f32,
+    /// 0: off; >= vocab: off.
+    pub top_k: u32,
+    /// In (0, 1]; 1: off.
+    pub top_p: f32,
+    /// In [0, 1]; 0: off.
+    pub min_p: f32,
+    /// The step's draw, in [0, 1).
+    pub u: f64,
+}
+
+/// The host twin of `sample_rows` over `[rows.len(), vocab]` row-major f32 logits.
+pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &[RowSampling]) -> Vec<u32> {
+    let mut buf = Vec::with_capacity(vocab);
+    (rows.iter().enumerate())
+        .map(|(r, row)| {
+            buf.clear();
+            buf.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+            crate::engine::sampler::sample_row(&mut buf, row)
+        })
+        .collect()
 }

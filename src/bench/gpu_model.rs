@@ -405,12 +405,14 @@ fn median(values: &[f64]) -> f64 {
 pub struct DecodePoint {
     pub batch: usize,
     pub context: usize,
-    /// Median wall time of one step (forward + logits to the host), milliseconds.
+    /// Median wall time of one greedy step (forward + the device argmax; only the ids
+    /// cross to the host, as in the engine's greedy and device-sampled paths), ms.
     pub step_ms: f64,
     pub step_ms_all: Vec<f64>,
     /// batch / step time.
     pub tokens_per_s: f64,
-    /// Median time of copying `[batch, vocab]` logits to the host as f32 alone.
+    /// Median time of copying `[batch, vocab]` logits to the host as f32 into a reused
+    /// buffer: what a step costs more when a request needs the host sampler.
     pub logits_to_host_ms: f64,
     /// Weight bytes read per step over the step time (the batch-1 roofline's numerator).
     pub weight_gb_per_s: f64,
@@ -456,10 +458,10 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                 batch.push_seq(&[token], args.context + step, &table, true);
             }
             let started = Instant::now();
-            let logits = model.forward(&batch, &mut cache);
+            let ids = model.forward_argmax(&batch, &mut cache);
             let elapsed = started.elapsed().as_secs_f64() * 1e3;
-            if logits.len() != batch_size * vocab as usize {
-                bail!("forward returned {} logits for {batch_size} sequences", logits.len());
+            if ids.len() != batch_size {
+                bail!("forward returned {} tokens for {batch_size} sequences", ids.len());
             }
             if step >= args.model.warmup {
                 times.push(elapsed);
@@ -469,10 +471,13 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             let b = &model.backend;
             let t = DeviceRandom::new(&b.dev, 1).tensor(batch_size, vocab as usize, 1.0);
             b.dev.synchronize();
+            let mut host = Vec::new();
+            b.to_host_into(&t, &mut host);
             let runs: Vec<f64> = (0..3)
                 .map(|_| {
                     let started = Instant::now();
-                    std::hint::black_box(b.to_host(&t));
+                    b.to_host_into(&t, &mut host);
+                    std::hint::black_box(&host);
                     started.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();
@@ -489,7 +494,7 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             step_ms_all: times,
         };
         println!(
-            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; logits to host {:.2} ms of it)",
+            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; host-sampled steps add {:.2} ms of logits to host)",
             point.batch,
             point.context,
             point.step_ms,

@@ -26,7 +26,7 @@ use serde::Serialize;
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::GEMV_MAX_TOKENS;
 use crate::backend::cuda::{CudaBackend, Device};
-use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape};
+use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
 use crate::kv::block_manager::blocks_for;
@@ -405,14 +405,26 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("argmax", format!("[{n}, {}]", c.vocab_size), bytes, 0.0, &mut || {
             drop(b.argmax_rows(&logits));
         });
+        // Sampling on the device (qilin_sample_bf16): each row is read once per search pass.
+        let samplings = [
+            ("sample (T 0.7)", 0, 1.0),
+            ("sample (top_p 0.9, T 0.7)", 0, 0.9),
+            ("sample (top_k 50, top_p 0.9, T 0.7)", 50, 0.9),
+        ];
+        for (op, top_k, top_p) in samplings {
+            let rows = vec![RowSampling { temperature: 0.7, top_k, top_p, min_p: 0.0, u: 0.5 }; n];
+            bench.measure(op, format!("[{n}, {}]", c.vocab_size), bytes, 0.0, &mut || {
+                drop(b.sample_rows(&logits, &rows));
+            });
+        }
+        // Into a reused buffer, as the engine copies them.
+        let mut host = Vec::new();
         bench.measure(
             "to_host (logits)",
             format!("[{n}, {}]", c.vocab_size),
             bytes,
             0.0,
-            &mut || {
-                drop(b.to_host(&logits));
-            },
+            &mut || b.to_host_into(&logits, &mut host),
         );
     }
 

@@ -11,7 +11,7 @@ use super::sampling_params::InvalidParam;
 use super::sampling_params::SamplingParams;
 use super::scheduler::{AddError, Scheduler, SchedulerConfig};
 use super::sequence::{SeqId, Sequence};
-use crate::backend::{Backend, BackendError, KvCacheShape};
+use crate::backend::{Backend, BackendError, KvCacheShape, RowSampling};
 use crate::kv::BlockManager;
 use crate::model::forward::Model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -60,6 +60,8 @@ pub struct Engine<B: Backend> {
     eos_ids: Vec<u32>,
     max_model_len: usize,
     next_id: SeqId,
+    /// The host sampler's logits, `[n, vocab]`, kept between steps (`forward_into`).
+    host_logits: Vec<f32>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -88,6 +90,7 @@ impl<B: Backend> Engine<B> {
             eos_ids,
             max_model_len,
             next_id: 0,
+            host_logits: Vec::new(),
         })
     }
 
@@ -158,22 +161,41 @@ impl<B: Backend> Engine<B> {
             }
         }
         let batch = build_batch(&plan, &self.scheduler);
-        // When every sampling sequence takes the plain argmax, the backend chooses where
-        // the logits are and only the ids come back (on a GPU, `[n, vocab]` logits to the
-        // host cost more than the step itself at large batches).
-        let argmax_only = plan.chunks.iter().filter(|c| c.want_logits).all(|c| {
-            match (self.states.get(&c.seq), self.scheduler.sequence(c.seq)) {
-                (Some(state), Some(seq)) => {
-                    state.output.wants_only_argmax(&seq.tokens[..seq.prompt_len])
+        // When every sampling sequence needs nothing but its token (no logprobs, no
+        // penalties), the backend chooses where the logits are and only the ids come back
+        // (on a GPU, `[n, vocab]` logits to the host cost more than the step itself at large
+        // batches): the plain argmax when all are greedy, else `sample_rows` with each
+        // request's draw taken here from its own RNG. One sequence needing the host sampler
+        // sends the whole step there.
+        let wants = |pred: &dyn Fn(&SeqOutput, &[u32]) -> bool| {
+            plan.chunks.iter().filter(|c| c.want_logits).all(|c| {
+                match (self.states.get(&c.seq), self.scheduler.sequence(c.seq)) {
+                    (Some(state), Some(seq)) => pred(&state.output, &seq.tokens[..seq.prompt_len]),
+                    _ => true, // gone: its row is skipped below
                 }
-                _ => true, // gone: its row is skipped below
-            }
-        });
+            })
+        };
+        let argmax_only = wants(&|output, prompt| output.wants_only_argmax(prompt));
+        let on_device = argmax_only || wants(&|output, prompt| output.device_eligible(prompt));
         let vocab = self.model.config.vocab_size;
         let (mut logits, ids) = if argmax_only {
             (Vec::new(), self.model.forward_argmax(&batch, &mut self.cache))
+        } else if on_device {
+            let rows: Vec<RowSampling> = (plan.chunks.iter().filter(|c| c.want_logits))
+                .map(|c| match self.states.get_mut(&c.seq) {
+                    Some(state) => state.output.device_row(),
+                    None => {
+                        RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 }
+                    }
+                })
+                .collect();
+            (Vec::new(), self.model.forward_sample(&batch, &mut self.cache, &rows))
         } else {
-            (self.model.forward(&batch, &mut self.cache), Vec::new())
+            // One buffer across steps: `[n, vocab]` fresh pages per step cost more than
+            // the copy into them.
+            let mut logits = std::mem::take(&mut self.host_logits);
+            self.model.forward_into(&batch, &mut self.cache, &mut logits);
+            (logits, Vec::new())
         };
         let mut rows = logits.chunks_mut(vocab);
         let mut ids = ids.into_iter();
@@ -183,7 +205,7 @@ impl<B: Backend> Engine<B> {
         for chunk in wanting {
             // One logits row (or id) per wanting chunk, in order, whether or not its
             // sequence is still here.
-            let (row, id) = if argmax_only { (None, ids.next()) } else { (rows.next(), None) };
+            let (row, id) = if on_device { (None, ids.next()) } else { (rows.next(), None) };
             let (Some(state), Some(seq)) =
                 (self.states.get_mut(&chunk.seq), self.scheduler.sequence(chunk.seq))
             else {
@@ -200,7 +222,7 @@ impl<B: Backend> Engine<B> {
                 )?,
                 (None, Some(id)) => {
                     debug_assert!(
-                        state.output.wants_only_argmax(prompt),
+                        !argmax_only || state.output.wants_only_argmax(prompt),
                         "argmax for a sampling step"
                     );
                     state.output.on_token(
@@ -220,6 +242,7 @@ impl<B: Backend> Engine<B> {
             }
             events.push(EngineEvent::Token { seq: chunk.seq, step });
         }
+        self.host_logits = logits;
         self.scheduler.complete_step(&plan, &sampled);
         for seq in finished {
             let (Some(mut sequence), Some(state)) =

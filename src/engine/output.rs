@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::sampler::{Sampler, TokenLogprob};
 use super::sampling_params::SamplingParams;
 use super::stop::StopMatcher;
+use crate::backend::RowSampling;
 use crate::tokenizer::{DecodeState, Tokenizer, TokenizerError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -121,6 +122,19 @@ impl SeqOutput {
     /// `argmax_rows` choice does what `on_logits` would.
     pub fn wants_only_argmax(&self, prompt: &[u32]) -> bool {
         self.sampler.is_plain_argmax(prompt, &self.output_ids)
+    }
+
+    /// Whether the next token may be sampled wherever the logits are, from a uniform
+    /// drawn here (`Sampler::device_eligible`): then `on_token` with the backend's
+    /// `sample_rows` choice for `device_row()` does what `on_logits` would.
+    pub fn device_eligible(&self, prompt: &[u32]) -> bool {
+        self.sampler.device_eligible(prompt, &self.output_ids)
+    }
+
+    /// This step's `Backend::sample_rows` row; consumes the step's draw
+    /// (`Sampler::device_row`).
+    pub fn device_row(&mut self) -> RowSampling {
+        self.sampler.device_row()
     }
 
     /// Appends the chosen token and decides whether the sequence is finished: the rest

@@ -426,8 +426,8 @@ impl Backend for Recorder<'_> {
         self.inner.gather_rows(x, rows)
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
-        self.inner.to_host(x)
+    fn to_host_into(&self, x: &CpuTensor, out: &mut Vec<f32>) {
+        self.inner.to_host_into(x, out)
     }
 
     fn argmax_rows(&self, logits: &CpuTensor) -> Vec<u32> {

@@ -5,7 +5,7 @@
 use super::rope::RopeTable;
 use super::weights::ModelWeights;
 use super::ModelConfig;
-use crate::backend::{AttentionShape, Backend, Batch};
+use crate::backend::{AttentionShape, Backend, Batch, RowSampling};
 
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -32,11 +32,18 @@ impl<B: Backend> Model<B> {
 
     /// Runs one step: writes the batch's K/V into `cache` and returns the logits of
     /// `batch.logits_rows`, `[n_logits, vocab]` row-major on the host.
-    /// Runs `batch` and returns the logits `[logits_rows.len(), vocab]` on the host.
     pub fn forward(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Vec<f32> {
+        let mut logits = Vec::new();
+        self.forward_into(batch, cache, &mut logits);
+        logits
+    }
+
+    /// `forward` into `logits` (contents replaced, capacity reused: a caller that keeps
+    /// one buffer across steps saves faulting in `[batch, vocab]` fresh pages per step).
+    pub fn forward_into(&mut self, batch: &Batch, cache: &mut B::KvCache, logits: &mut Vec<f32>) {
         match self.logits(batch, cache) {
-            Some(logits) => self.backend.to_host(&logits),
-            None => Vec::new(),
+            Some(device_logits) => self.backend.to_host_into(&device_logits, logits),
+            None => logits.clear(),
         }
     }
 
@@ -45,6 +52,20 @@ impl<B: Backend> Model<B> {
     pub fn forward_argmax(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Vec<u32> {
         match self.logits(batch, cache) {
             Some(logits) => self.backend.argmax_rows(&logits),
+            None => Vec::new(),
+        }
+    }
+
+    /// Runs `batch` and returns the token of each `logits_rows` row sampled as `rows` says
+    /// (`Backend::sample_rows`, one `RowSampling` per row), chosen where the logits are.
+    pub fn forward_sample(
+        &mut self,
+        batch: &Batch,
+        cache: &mut B::KvCache,
+        rows: &[RowSampling],
+    ) -> Vec<u32> {
+        match self.logits(batch, cache) {
+            Some(logits) => self.backend.sample_rows(&logits, rows),
             None => Vec::new(),
         }
     }

@@ -10,7 +10,7 @@ pub use attention::CpuKvCache;
 pub use linear::CpuLinear;
 pub use norm::add_rms_norm_rows;
 
-use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart};
+use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart, RowSampling};
 use crate::model::quant::dequantize_row;
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -211,12 +211,18 @@ impl Backend for CpuBackend {
         CpuTensor::from_vec(data, rows.len(), x.cols)
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
-        x.data.clone()
+    fn to_host_into(&self, x: &CpuTensor, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&x.data);
     }
 
     fn argmax_rows(&self, logits: &CpuTensor) -> Vec<u32> {
         logits.data.chunks(logits.cols.max(1)).take(logits.rows).map(argmax_row).collect()
+    }
+
+    fn sample_rows(&self, logits: &CpuTensor, rows: &[RowSampling]) -> Vec<u32> {
+        assert_eq!(rows.len(), logits.rows, "sample_rows: one RowSampling per logits row");
+        crate::backend::sample_rows_host(&logits.data, logits.cols, rows)
     }
 }
 

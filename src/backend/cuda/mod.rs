@@ -24,7 +24,7 @@ pub use device::Device;
 pub use quant_linear::reserve_dequant_scratch;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
-use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart};
+use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart, RowSampling};
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
 
@@ -175,11 +175,15 @@ impl Backend for CudaBackend {
         elementwise::gather_rows(&self.dev, x, rows)
     }
 
-    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
-        self.dev.download(&x.data, x.rows * x.cols).iter().map(|v| v.to_f32()).collect()
+    fn to_host_into(&self, x: &CudaTensor, out: &mut Vec<f32>) {
+        self.dev.download_f32_into(&x.data, x.rows * x.cols, out);
     }
 
     fn argmax_rows(&self, logits: &CudaTensor) -> Vec<u32> {
         sampling::argmax_rows(&self.dev, logits)
+    }
+
+    fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Vec<u32> {
+        sampling::sample_rows(&self.dev, logits, rows)
     }
 }

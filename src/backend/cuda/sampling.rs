@@ -1,15 +1,27 @@
 //! Sampling on the device: greedy argmax of each logits row (kernels/sampling.cu,
 //! `qilin_argmax_bf16`; CPU twin `backend::cpu::argmax_row` through
-//! `CpuBackend::argmax_rows`). The engine uses it when every sequence of a step samples
-//! greedily without logprobs or penalties, so only one u32 per sequence crosses to the
-//! host instead of `[n, vocab]` logits.
+//! `CpuBackend::argmax_rows`) and temperature / top-k / top-p / min-p sampling with a
+//! uniform drawn on the host (`qilin_sample_bf16`; CPU twin `CpuBackend::sample_rows`,
+//! i.e. `engine::sampler::sample_row`). The engine uses them when every sequence of a step
+//! needs nothing but its token (no logprobs, no penalties), so only one u32 per sequence
+//! crosses to the host instead of `[n, vocab]` logits.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::device::{check, Device};
 use super::tensor::CudaTensor;
-use crate::backend::abi::{QilinArgmaxParams, QILIN_ARGMAX_THREADS};
-use crate::backend::ptx;
+use crate::backend::abi::{
+    QilinArgmaxParams, QilinSampleParams, QilinSampleRow, QILIN_ARGMAX_THREADS,
+    QILIN_SAMPLE_THREADS,
+};
+use crate::backend::{ptx, RowSampling};
+use crate::engine::sampler::inv_temperature;
+
+// SAFETY: #[repr(C)] plain old data from kernels/abi.h (bindgen), passed by value.
+unsafe impl cudarc::driver::DeviceRepr for QilinSampleParams {}
+// SAFETY: #[repr(C)] plain old data from kernels/abi.h (bindgen), copied to the device as
+// an array the kernel reads.
+unsafe impl cudarc::driver::DeviceRepr for QilinSampleRow {}
 
 /// `ids [n]`: the greedy choice of each row of `logits [n, vocab]`.
 pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
@@ -33,5 +45,44 @@ pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
     // SAFETY: argument order and types follow qilin_argmax_bf16; ids holds n u32, logits
     // n * vocab bf16 (asserted above); one block per row writes that row's id.
     check(unsafe { launch.launch(cfg) }, "launching qilin_argmax_bf16");
+    dev.download(&ids, n)
+}
+
+/// The kernel's form of a row: 1/T computed as the host sampler does (0 for greedy).
+fn device_row(row: &RowSampling) -> QilinSampleRow {
+    QilinSampleRow {
+        u: row.u,
+        inv_t: inv_temperature(row.temperature).unwrap_or(0.0),
+        top_k: row.top_k,
+        top_p: row.top_p,
+        min_p: row.min_p,
+    }
+}
+
+/// `ids [n]`: the sampled token of each row of `logits [n, vocab]` (`Backend::sample_rows`).
+pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> Vec<u32> {
+    let (n, vocab) = (logits.rows, logits.cols);
+    assert_eq!(rows.len(), n, "sample_rows: one RowSampling per logits row");
+    if n == 0 {
+        return Vec::new();
+    }
+    assert!(logits.data.len() >= n * vocab, "sample: logits buffer shorter than [{n}, {vocab}]");
+    let params = QilinSampleParams {
+        rows: u32::try_from(n).expect("sample: rows fit u32"),
+        cols: u32::try_from(vocab).expect("sample: vocab fits u32"),
+    };
+    let meta: Vec<QilinSampleRow> = rows.iter().map(device_row).collect();
+    let meta = dev.upload(&meta); // [n]
+    let mut ids = dev.alloc_output::<u32>(n); // [n]
+    let cfg = LaunchConfig {
+        grid_dim: (params.rows, 1, 1),
+        block_dim: (QILIN_SAMPLE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = dev.stream.launch_builder(dev.function(ptx::SAMPLE_BF16));
+    launch.arg(&params).arg(&mut ids).arg(&meta).arg(&logits.data);
+    // SAFETY: argument order and types follow qilin_sample_bf16; ids and meta hold n
+    // entries, logits n * vocab bf16 (asserted above); one block per row writes that row's id.
+    check(unsafe { launch.launch(cfg) }, "launching qilin_sample_bf16");
     dev.download(&ids, n)
 }
