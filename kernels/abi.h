@@ -100,6 +100,13 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMV_ROWS_PER_WARP 4
 #define QILIN_QGEMV_ROWS_PER_BLOCK 16
 #define QILIN_QGEMV_VALUES_PER_LANE 32
+/* Batches of up to QILIN_QGEMV_SMALL_MAX_TOKENS rows (batch-1 decode) take
+ * qilin_qgemv_small_w{4,8}_bf16, compiled for at least QILIN_QGEMV_SMALL_MIN_BLOCKS_W{4,8}
+ * resident blocks per multiprocessor (a register cap: 96 and 168 registers, the most
+ * each fits without spilling) so that enough levels stream in. */
+#define QILIN_QGEMV_SMALL_MAX_TOKENS 2
+#define QILIN_QGEMV_SMALL_MIN_BLOCKS_W4 5
+#define QILIN_QGEMV_SMALL_MIN_BLOCKS_W8 3
 
 /* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens): a block
  * computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N output channels, walking the

@@ -7,7 +7,8 @@
 //! and Q6_K as random super-blocks; stacked parts of mixed formats (a Q4_K_M file's
 //! Q4_K q/k with a Q6_K v). Shapes of Qwen2.5-7B and SmolLM2-135M and edge shapes
 //! (one chunk, a partial tile, a partial block of rows), at n in 1..=9, 64 and 513.
-//! For n <= 8 both paths run (GEMV, and cuBLAS forced), and the tensor-core GEMM
+//! For n <= 8 both paths run (GEMV, and cuBLAS forced), for n <= 2 the small-batch GEMV
+//! (qilin_qgemv_small_w{4,8}_bf16, opt-in in the dispatch), and the tensor-core GEMM
 //! (qilin_qgemm_w{4,8}_bf16, not yet in the dispatch) at every n; outputs are poisoned
 //! with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
 //! `PackedQuant::dequantize_row` rounded to bf16.
@@ -31,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use half::bf16;
 use qilin::backend::abi::{
     dequant_blocks, qgemv_geometry, quant_layout_ok, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS,
-    QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_THREADS,
+    QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
 use qilin::backend::cuda::{CudaBackend, CudaLinear, CudaTensor, LinearWeight};
@@ -309,6 +310,15 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let got = gpu.to_host(&out);
                 let worst = compare(&label("cublas"), &got, &want, &s, m, dequant_extra);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("cublas"));
+            }
+            // The small-batch GEMV (opt-in in the dispatch until this passes on a GPU): f32
+            // arithmetic on exact levels, the GEMV's tolerance.
+            if n <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize {
+                let mut out = poisoned(&gpu, n, m);
+                gpu.linear_qgemv_small_into(&x_gpu, &layer.gpu, &mut out);
+                let got = gpu.to_host(&out);
+                let worst = compare(&label("qgemv small"), &got, &want, &s, m, 0.0);
+                eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv small"));
             }
             // The tensor-core GEMM (any n): the weight rounded to bf16 in shared memory,
             // the cuBLAS path's tolerance.

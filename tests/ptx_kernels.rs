@@ -217,6 +217,18 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_quant_linear.rs",
     },
     Coverage {
+        entry: "qilin_qgemv_small_w4_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
+        entry: "qilin_qgemv_small_w8_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
         entry: "qilin_dequant_w4_bf16",
         launcher: "src/backend/cuda/quant_linear.rs",
         twin: "linear",
@@ -247,6 +259,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_sampling.rs",
     },
     Coverage {
+        entry: "qilin_sample_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "sample_rows",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
         entry: "qilin_attention_decode_g4_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -257,12 +275,6 @@ const COVERAGE: &[Coverage] = &[
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
-    },
-    Coverage {
-        entry: "qilin_sample_bf16",
-        launcher: "src/backend/cuda/sampling.rs",
-        twin: "sample_rows",
-        parity: "tests/gpu_sampling.rs",
     },
     Coverage {
         entry: "qilin_attention_decode_mma_hd128_bf16",

@@ -69,6 +69,12 @@ pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
 pub const QGEMV_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemv_w4_bf16" };
 /// W8A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
 pub const QGEMV_W8_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemv_w8_bf16" };
+/// W4A16 GEMV for batches of up to QILIN_QGEMV_SMALL_MAX_TOKENS rows (batch-1 decode).
+pub const QGEMV_SMALL_W4_BF16: Kernel =
+    Kernel { module: "quant_linear", entry: "qilin_qgemv_small_w4_bf16" };
+/// W8A16 GEMV for batches of up to QILIN_QGEMV_SMALL_MAX_TOKENS rows.
+pub const QGEMV_SMALL_W8_BF16: Kernel =
+    Kernel { module: "quant_linear", entry: "qilin_qgemv_small_w8_bf16" };
 /// W4A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
 pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w4_bf16" };
 /// W8A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
@@ -103,6 +109,8 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_PREFILL_SIMPLE_BF16,
     QGEMV_W4_BF16,
     QGEMV_W8_BF16,
+    QGEMV_SMALL_W4_BF16,
+    QGEMV_SMALL_W8_BF16,
     DEQUANT_W4_BF16,
     DEQUANT_W8_BF16,
     QGEMM_W4_BF16,

@@ -24,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
-use crate::backend::abi::GEMV_MAX_TOKENS;
+use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
 use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
@@ -361,6 +361,14 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                 bench.measure(&op, shape.clone(), bytes, flops, &mut || {
                     drop(b.linear(&x, &w));
                 });
+                // The small-batch GEMV (opt-in until verified) against the dispatch's.
+                if n <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize {
+                    let mut y = rand.tensor(n, out, 1.0);
+                    let op = format!("{name} {} (qgemv small)", method.name());
+                    bench.measure(&op, shape.clone(), bytes, flops, &mut || {
+                        b.linear_qgemv_small_into(&x, &w, &mut y);
+                    });
+                }
                 // The tensor-core GEMM (not yet in the dispatch) where cuBLAS serves now.
                 if n > GEMV_MAX_TOKENS {
                     let mut y = rand.tensor(n, out, 1.0);

@@ -2,6 +2,8 @@
 //! the dequantization of weight rows to bf16 for the cuBLAS path (linear.rs dispatches;
 //! the CPU twin of both is `CpuLinear::forward` on the original weight).
 
+use std::sync::OnceLock;
+
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -10,18 +12,29 @@ use super::tensor::{CudaLinear, CudaTensor, QuantWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
     dequant_blocks, qgemm_geometry, qgemv_geometry, quant_layout_ok, QilinDequantParams,
-    QilinQuantGemvParams, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_VALUES_PER_LANE,
+    QilinQuantGemvParams, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_SMALL_MAX_TOKENS,
+    QILIN_QGEMV_VALUES_PER_LANE,
 };
 use crate::backend::ptx;
 
-/// Largest bf16 scratch (values) the cuBLAS path of a quantized layer dequantizes into:
-/// 128 MiB. Qwen2.5-7B's gate_up (37888 x 3584) takes three chunks of ~12.6K rows, each
-/// still a GEMM large enough for cuBLAS's best tiles.
+/// About the largest bf16 scratch (values) the cuBLAS path of a quantized layer
+/// dequantizes into: 128 MiB (plus under 128 rows of rounding, see `dequant_chunk_rows`).
 const DEQUANT_SCRATCH_MAX_VALUES: usize = 64 << 20;
 
-/// Output rows dequantized per chunk for a `[m, k]` weight.
+/// Chunks' rows are a multiple of this: each chunk's GEMM writes output columns from
+/// row0 on, and an unaligned column offset (12629 rows of gate_up before) leaves cuBLAS
+/// only its unvectorized kernels (H200, 2026-11-26: int4 gate_up at 2048 tokens took
+/// 2232 us against bf16's 685).
+const DEQUANT_CHUNK_ALIGN: usize = 128;
+
+/// Output rows dequantized per chunk for a `[m, k]` weight: as few chunks as the scratch
+/// bound allows, balanced, each a multiple of DEQUANT_CHUNK_ALIGN rows (but the last).
+/// Qwen2.5-7B's gate_up (37888 x 3584) runs as 12672 + 12672 + 12544 rows.
 pub fn dequant_chunk_rows(k: usize, m: usize) -> usize {
-    (DEQUANT_SCRATCH_MAX_VALUES / k.max(1)).clamp(1, m.max(1))
+    let m = m.max(1);
+    let most = (DEQUANT_SCRATCH_MAX_VALUES / k.max(1)).max(1);
+    let chunks = m.div_ceil(most);
+    m.div_ceil(chunks).next_multiple_of(DEQUANT_CHUNK_ALIGN).min(m)
 }
 
 /// Grows the device's bf16 scratch to what a `[m, k]` quantized layer's cuBLAS path needs,
@@ -33,6 +46,8 @@ pub fn reserve_dequant_scratch(dev: &Device, k: usize, m: usize) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
     Gemv,
+    /// The GEMV compiled for up to QILIN_QGEMV_SMALL_MAX_TOKENS rows.
+    GemvSmall,
     Gemm,
     Dequant,
 }
@@ -41,6 +56,8 @@ fn kernel_for(bits: u32, op: Op) -> ptx::Kernel {
     match (bits, op) {
         (4, Op::Gemv) => ptx::QGEMV_W4_BF16,
         (8, Op::Gemv) => ptx::QGEMV_W8_BF16,
+        (4, Op::GemvSmall) => ptx::QGEMV_SMALL_W4_BF16,
+        (8, Op::GemvSmall) => ptx::QGEMV_SMALL_W8_BF16,
         (4, Op::Gemm) => ptx::QGEMM_W4_BF16,
         (8, Op::Gemm) => ptx::QGEMM_W8_BF16,
         (4, Op::Dequant) => ptx::DEQUANT_W4_BF16,
@@ -89,11 +106,46 @@ fn launch_matmul(
     check(unsafe { launch.launch(cfg) }, kernel.entry);
 }
 
-/// qilin_qgemv_w{4,8}_bf16: `out [n, m] = x [n, k] W^T + b`; panics when the kernel cannot
-/// take the shape (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group).
-/// linear.rs's `check_shapes` has checked every buffer against the shapes.
+/// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_w{4,8}_bf16, or with
+/// QILIN_CUDA_QGEMV_SMALL=1 qilin_qgemv_small_w{4,8}_bf16 up to
+/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (compiles, unverified on hardware: opt-in until a GPU
+/// run of tests/gpu_quant_linear.rs passes). Panics when the kernel cannot take the shape
+/// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
+/// `check_shapes` has checked every buffer against the shapes.
 pub fn qgemv_into(
     dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    static SMALL: OnceLock<bool> = OnceLock::new();
+    let small_enabled =
+        *SMALL.get_or_init(|| std::env::var("QILIN_CUDA_QGEMV_SMALL").as_deref() == Ok("1"));
+    let small = small_enabled && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
+    qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
+}
+
+/// qilin_qgemv_small_w{4,8}_bf16 whatever the dispatch would pick (n <= 2): for its parity
+/// test and benchmark.
+pub fn qgemv_small_into(
+    dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    assert!(
+        x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize,
+        "qilin_qgemv_small_*: {} rows, at most {QILIN_QGEMV_SMALL_MAX_TOKENS}",
+        x.rows
+    );
+    qgemv_with(dev, Op::GemvSmall, x, w, q, out);
+}
+
+fn qgemv_with(
+    dev: &Device,
+    op: Op,
     x: &CudaTensor,
     w: &CudaLinear,
     q: &QuantWeight,
@@ -106,13 +158,13 @@ pub fn qgemv_into(
             "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}: it \
              needs 1 <= n <= {GEMV_MAX_TOKENS}, in a multiple of \
              {QILIN_QGEMV_VALUES_PER_LANE} and of the group",
-            kernel_for(bits, Op::Gemv).entry
+            kernel_for(bits, op).entry
         )
     });
     let params = matmul_params(n, k, m, group);
     let cfg =
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-    launch_matmul(dev, Op::Gemv, cfg, params, x, w, q, out);
+    launch_matmul(dev, op, cfg, params, x, w, q, out);
 }
 
 /// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. Not in
@@ -197,6 +249,16 @@ impl CudaBackend {
         qgemm_into(&self.dev, x, w, q, out)
     }
 
+    /// The small-batch GEMV (n <= QILIN_QGEMV_SMALL_MAX_TOKENS) whatever the dispatch
+    /// would pick. Panics as `linear_qgemm_into`, and for more rows.
+    pub fn linear_qgemv_small_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+        let super::LinearWeight::Quant(q) = &w.weight else {
+            panic!("linear_qgemv_small_into: a bf16 layer has no quantized GEMV")
+        };
+        super::linear::check_shapes(x, w, out);
+        qgemv_small_into(&self.dev, x, w, q, out)
+    }
+
     /// The whole weight of a quantized layer dequantized to bf16 on the device, copied
     /// to the host: `[out, in]`, row-major. None for a bf16 layer.
     pub fn dequantized_weight(&self, w: &CudaLinear) -> Option<Vec<bf16>> {
@@ -205,5 +267,27 @@ impl CudaBackend {
         let mut dst = self.dev.alloc_output::<bf16>(m * k);
         dequantize_rows(&self.dev, q, k, 0, m, &mut dst);
         Some(self.dev.download(&dst, m * k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dequant_chunks_are_aligned_balanced_and_bounded() {
+        for (k, m) in [(3584, 37888), (18944, 3584), (3584, 4608), (576, 1536), (64, 1), (32, 7)] {
+            let rows = dequant_chunk_rows(k, m);
+            assert!(rows >= 1 && rows <= m, "k {k} m {m}: {rows} rows");
+            assert!(
+                rows == m || rows.is_multiple_of(DEQUANT_CHUNK_ALIGN),
+                "k {k} m {m}: {rows} rows"
+            );
+            assert!(rows * k <= DEQUANT_SCRATCH_MAX_VALUES + DEQUANT_CHUNK_ALIGN * k);
+            // As few chunks as the bound allows.
+            let fewest = (m * k).div_ceil(DEQUANT_SCRATCH_MAX_VALUES);
+            assert_eq!(m.div_ceil(rows), fewest.max(1), "k {k} m {m}: {rows} rows");
+        }
+        assert_eq!(dequant_chunk_rows(3584, 37888), 12672);
     }
 }
