@@ -21,7 +21,8 @@
 //! kernel forced to 16-key splits (many splits and the reduction pass on every context),
 //! both again with the FMA decode kernels, the prefill kernel on every row, and the
 //! plain-FMA kernel on every row. A failure names the path, so it tells which kernel
-//! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>.
+//! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
+//! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
 //! Inputs and poison. Block tables are scattered over a shuffled pool of physical blocks.
 //! The device cache holds the test's K/V in the slots of positions < context of some
@@ -298,6 +299,24 @@ fn fill_caches(
 
 /// Runs one batch on every path and compares; panics on a mismatch with everything
 /// needed to find it.
+/// `seqs` with every sequence's context cut to QILIN_ATTN_TEST_MAX_CONTEXT positions when
+/// that is set: tools/gpu-check sets it under compute-sanitizer racecheck, which tracks
+/// every shared-memory access and would take hours over the 32K contexts. Cut contexts
+/// still span many blocks and many 16-key splits, so every kernel and path still runs.
+fn capped(seqs: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let cap = std::env::var("QILIN_ATTN_TEST_MAX_CONTEXT").ok().and_then(|s| s.parse().ok());
+    match cap {
+        Some(cap) => {
+            let cut = |(first, len): (usize, usize)| {
+                let len = len.min(cap);
+                (first.min(cap - len), len)
+            };
+            seqs.iter().map(|&s| cut(s)).collect()
+        }
+        None => seqs.to_vec(),
+    }
+}
+
 fn check_batch(
     rng: &mut ChaCha8Rng,
     geometry: Geometry,
@@ -307,6 +326,7 @@ fn check_batch(
 ) {
     let gpu = gpu();
     let shape = geometry.shape();
+    let seqs = &capped(seqs);
     let (batch, num_blocks) = build_batch(rng, seqs, shared_prefix);
     let caches = fill_caches(gpu, rng, shape, &batch, num_blocks);
     let n = batch.n_tokens();
