@@ -49,6 +49,10 @@
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::skip_without_gpu_tests;
+
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -145,10 +149,6 @@ impl Geometry {
 
 /// (largest |q| element, name): mild and peaky queries (module docs).
 const Q_SCALES: &[(f32, &str)] = &[(1.0, "mild q"), (12.0, "peaky q")];
-
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
 
 /// The switches are process-wide: the tests of this file take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -424,8 +424,7 @@ fn geometry_label(seqs: &[(usize, usize)]) -> String {
 
 #[test]
 fn decode_rows_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -449,8 +448,7 @@ fn decode_rows_match_the_cpu_twin() {
 
 #[test]
 fn prefill_chunks_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -468,8 +466,7 @@ fn prefill_chunks_match_the_cpu_twin() {
 
 #[test]
 fn mixed_batches_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -492,8 +489,7 @@ fn mixed_batches_match_the_cpu_twin() {
 
 #[test]
 fn other_head_shapes_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,6 +32,10 @@
 //! `QILIN_SOURCE_DIR` overrides the compile-time source path, for test binaries built
 //! on one machine and run on another.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::skip_without_gpu_tests;
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -47,10 +51,6 @@ use qilin::model::ModelConfig;
 /// move a logit by one step each way, and chosen-token logprobs were seen to differ by up
 /// to 0.18 between CUDA and the bf16 CPU (H200, 2026-11-26). Four steps is clear.
 const MIN_MARGIN: f32 = 0.5;
-
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
 
 fn source_root() -> PathBuf {
     match std::env::var_os("QILIN_SOURCE_DIR") {
@@ -214,8 +214,7 @@ fn check_model(path: &Path, cases: &[common::Case], max_model_len: usize) {
 
 #[test]
 fn cuda_greedy_matches_cpu_on_the_fixture_models() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     for dir in fixture_models() {
@@ -227,8 +226,7 @@ fn cuda_greedy_matches_cpu_on_the_fixture_models() {
 
 #[test]
 fn cuda_greedy_matches_cpu_on_smollm2() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let Some(gguf) = smollm2() else {
@@ -242,8 +240,7 @@ fn cuda_greedy_matches_cpu_on_smollm2() {
 
 #[test]
 fn device_auto_picks_the_gpu() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let dir = fixture_models().swap_remove(0);

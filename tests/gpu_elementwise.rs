@@ -19,28 +19,23 @@
 //! random sign), so an element the kernel never wrote reads 0 where a non-zero value is
 //! expected. (silu_mul's few deliberate special inputs are not zero either.)
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::{open_gpu, skip_without_gpu_tests};
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
 use qilin::backend::cpu::{CpuBackend, CpuTensor};
-use qilin::backend::cuda::CudaBackend;
 use qilin::backend::{Backend, LinearPart};
 use qilin::model::tensor::Bytes;
 use qilin::model::{DType, WeightTensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
-
 /// Panics (fails the test) with the reason: with QILIN_GPU_TESTS=1 a GPU is required.
-fn open_gpu() -> CudaBackend {
-    CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no usable GPU: {e}"))
-}
-
 fn seeded_rng(test: &str) -> ChaCha8Rng {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     eprintln!("{test}: seed {seed}");
@@ -83,8 +78,7 @@ fn assert_bits_equal(label: &str, gpu: &[f32], cpu: &[f32], cols: usize) {
 
 #[test]
 fn embedding_matches_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = open_gpu();
@@ -130,8 +124,7 @@ fn embedding_matches_the_cpu_twin() {
 
 #[test]
 fn gather_rows_matches_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = open_gpu();
@@ -171,8 +164,7 @@ fn gather_rows_matches_the_cpu_twin() {
 
 #[test]
 fn split_cols_matches_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = open_gpu();
@@ -208,8 +200,7 @@ fn split_cols_matches_the_cpu_twin() {
 
 #[test]
 fn silu_mul_matches_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = open_gpu();

@@ -33,8 +33,11 @@
 //! 3584), and a wrong row, column or tile moves it by O(|y|), far above either term.
 //! S is computed by the twin itself: CpuBackend::linear on |x| and |W| without bias.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::{fresh_seed, open_gpu, poisoned, skip_without_gpu_tests};
+
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
 use qilin::backend::abi::{
@@ -42,7 +45,7 @@ use qilin::backend::abi::{
     QILIN_GEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
-use qilin::backend::cuda::{CudaBackend, CudaLinear, CudaTensor};
+use qilin::backend::cuda::{CudaBackend, CudaLinear};
 use qilin::backend::{Backend, LinearPart};
 use qilin::model::tensor::Bytes;
 use qilin::model::{DType, WeightTensor};
@@ -60,21 +63,7 @@ const REL_TOL: f32 = 1.0 / 128.0;
 /// Term in S = sum |x_k w_k|: 1024 f32 ulps (see the header).
 const SUM_TOL: f32 = 1.0 / 16384.0;
 
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
-
 /// Panics (fails the test) with the reason: with QILIN_GPU_TESTS=1 a GPU is required.
-fn open_gpu() -> CudaBackend {
-    CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no usable GPU: {e}"))
-}
-
-fn fresh_seed(test: &str) -> u64 {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    eprintln!("{test}: seed {seed}");
-    seed
-}
-
 /// `len` bf16 values uniform in [-max, max), as bit patterns; chunks of the stream are
 /// drawn in parallel (a 545M-value lm_head would take seconds on one core), each from
 /// its own ChaCha stream, so the result depends only on (seed, stream).
@@ -193,13 +182,8 @@ fn compare(label: &str, gpu: &[f32], want: &Expected, out_features: usize) -> f3
     worst
 }
 
-fn poisoned(gpu: &CudaBackend, rows: usize, cols: usize) -> CudaTensor {
-    CudaTensor { data: gpu.dev.upload(&vec![bf16::NAN; (rows * cols).max(1)]), rows, cols }
-}
-
 fn run_cases(test: &str, cases: &[Case]) {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = open_gpu();

@@ -11,6 +11,10 @@
 //! output rounding (2^-9) and a slightly different inverse RMS (tree-order sum over
 //! rounded values, rsqrtf): |gpu - cpu| <= 2^-7 |cpu| + 1e-6 bounds all three.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::skip_without_gpu_tests;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,10 +47,6 @@ const SHAPES: &[(usize, usize)] = &[
 
 const EPS: f32 = 1e-6;
 const NAN_BITS: u16 = 0x7fc0;
-
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
 
 struct Gpu {
     stream: Arc<CudaStream>,
@@ -182,8 +182,7 @@ fn check_case(gpu: &Gpu, case: &Case, fused: bool, label: &str) -> f32 {
 
 #[test]
 fn norm_kernels_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
     let gpu = Gpu::open();

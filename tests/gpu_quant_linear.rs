@@ -26,8 +26,11 @@
 //!   on top of the GEMV terms. A dropped 8-value vector moves y by ~8 S / K, still 3.7x
 //!   above it at K = 18944 and more at every smaller K.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::{fresh_seed, open_gpu, poisoned, skip_without_gpu_tests};
+
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
 use qilin::backend::abi::{
@@ -35,7 +38,7 @@ use qilin::backend::abi::{
     QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
-use qilin::backend::cuda::{CudaBackend, CudaLinear, CudaTensor, LinearWeight};
+use qilin::backend::cuda::{CudaBackend, CudaLinear, LinearWeight};
 use qilin::backend::packed_quant::PackedQuant;
 use qilin::backend::{Backend, LinearPart};
 use qilin::model::quant::dequantize_row;
@@ -55,16 +58,6 @@ const REL_TOL: f32 = 1.0 / 128.0;
 const SUM_TOL: f32 = 1.0 / 16384.0;
 /// Times S / sqrt(K) on the cuBLAS path (see the header).
 const DEQUANT_TOL: f32 = 1.0 / 64.0;
-
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
-
-fn fresh_seed(test: &str) -> u64 {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    eprintln!("{test}: seed {seed}");
-    seed
-}
 
 type Quantizer = fn(&[f32], &mut [u8]) -> Result<(), QuantizeError>;
 
@@ -268,17 +261,11 @@ fn compare(label: &str, got: &[f32], want: &[f32], s: &[f32], m: usize, extra: f
     worst
 }
 
-fn poisoned(gpu: &CudaBackend, rows: usize, cols: usize) -> CudaTensor {
-    CudaTensor { data: gpu.dev.upload(&vec![bf16::NAN; (rows * cols).max(1)]), rows, cols }
-}
-
 fn run_cases(test: &str, cases: &[Case]) {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
-    let gpu =
-        CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no usable GPU: {e}"));
+    let gpu = open_gpu();
     let cpu = CpuBackend::new();
     let seed = fresh_seed(test);
     for (id, case) in cases.iter().enumerate() {

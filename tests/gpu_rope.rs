@@ -28,6 +28,10 @@
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::{open_gpu, skip_without_gpu_tests};
+
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -61,10 +65,6 @@ const BATCHES: &[(&str, &[(usize, usize)])] = &[
     ("chunk of 255 from a block boundary", &[(16, 255)]),
     ("empty", &[]),
 ];
-
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
 
 struct Geometry {
     name: &'static str,
@@ -288,12 +288,10 @@ fn check_case(gpu: &CudaBackend, rng: &mut ChaCha8Rng, case: &Case) {
 
 #[test]
 fn rope_and_kv_write_match_the_cpu_twin() {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return;
     }
-    let gpu =
-        CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no usable GPU: {e}"));
+    let gpu = open_gpu();
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     eprintln!("seed {seed}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

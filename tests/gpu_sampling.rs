@@ -25,6 +25,10 @@
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+use gpu_common::skip_without_gpu_tests;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use qilin::backend::cpu::{CpuBackend, CpuTensor};
@@ -34,14 +38,9 @@ use qilin::engine::sampler::inv_temperature;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn gpu_tests_enabled() -> bool {
-    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
-}
-
 /// The backends, the seed (printed) and its RNG; None (skipped) without QILIN_GPU_TESTS=1.
 fn setup(name: &str) -> Option<(CudaBackend, CpuBackend, u64, ChaCha8Rng)> {
-    if !gpu_tests_enabled() {
-        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    if skip_without_gpu_tests() {
         return None;
     }
     let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no GPU: {e}"));

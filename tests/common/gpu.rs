@@ -1,0 +1,41 @@
+//! Helpers of the GPU parity suite (tests/gpu_*.rs), included by each with
+//! `#[path = "common/gpu.rs"] mod gpu_common;`: whether the suite is on, the device, the
+//! seed of a run, and outputs poisoned before a launch.
+#![allow(dead_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use half::bf16;
+use qilin::backend::cuda::{CudaBackend, CudaTensor};
+
+/// The GPU tests run only with QILIN_GPU_TESTS=1, and then a missing GPU is a failure.
+pub fn gpu_tests_enabled() -> bool {
+    std::env::var("QILIN_GPU_TESTS").as_deref() == Ok("1")
+}
+
+/// True (after saying so) when the GPU tests are off: the caller returns.
+pub fn skip_without_gpu_tests() -> bool {
+    let skip = !gpu_tests_enabled();
+    if skip {
+        eprintln!("skipped: GPU tests run only with QILIN_GPU_TESTS=1");
+    }
+    skip
+}
+
+/// Device 0; with QILIN_GPU_TESTS=1 its absence fails the test.
+pub fn open_gpu() -> CudaBackend {
+    CudaBackend::new(0).unwrap_or_else(|e| panic!("QILIN_GPU_TESTS=1 but no usable GPU: {e}"))
+}
+
+/// A fresh seed per run, printed so that a failure can be replayed.
+pub fn fresh_seed(test: &str) -> u64 {
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    eprintln!("{test}: seed {seed}");
+    seed
+}
+
+/// A `[rows, cols]` device tensor of NaN: an output element no kernel writes fails the
+/// comparison.
+pub fn poisoned(gpu: &CudaBackend, rows: usize, cols: usize) -> CudaTensor {
+    CudaTensor { data: gpu.dev.upload(&vec![bf16::NAN; (rows * cols).max(1)]), rows, cols }
+}
