@@ -6,8 +6,13 @@
 //! Each op is called through the `Backend` trait, exactly as `model::forward` calls it,
 //! so its time includes what the launcher does around the kernel (allocating and
 //! zeroing the output, uploading batch metadata on the first call of a batch). The
-//! L2 cache is flushed (a 256 MiB memset) before every timed call so weights and KV
-//! blocks come from device memory as they do in a real step. Per op, the roofline: the
+//! L2 cache is flushed before every timed call so weights and KV blocks come from device
+//! memory as they do in a real step: by reading a 128 MiB buffer (the device argmax over
+//! it), which leaves L2 holding clean lines. A 256 MiB memset, the flush before
+//! 2026-11-26 and again with QILIN_BENCH_FLUSH_WRITE=1, leaves it full of dirty lines
+//! that the timed op then writes back: up to L2's size of extra traffic, an overhead that
+//! looked like ~7-14 us per op on an H200 (qkv_proj at batch 1 took 17 us for 7.8 us of
+//! bytes). Per op, the roofline: the
 //! fewest bytes it must move (each input read once, each output written once) over the
 //! copy bandwidth, and its FLOPs over the matrix rate; the larger is the floor, and
 //! "of floor" is floor / measured time. An op that panics (not implemented yet, a
@@ -25,7 +30,7 @@ use serde::Serialize;
 
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
-use crate::backend::cuda::{CudaBackend, Device};
+use crate::backend::cuda::{CudaBackend, CudaTensor, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
@@ -36,6 +41,9 @@ use crate::model::rope::RopeTable;
 /// Bytes written before each timed call to push everything else out of L2 (50 MB on an
 /// H100, 60 MB on an H200).
 const FLUSH_BYTES: usize = 256 << 20;
+/// The read flush's buffer: 128 MiB of bf16, over twice the largest L2 (an H200's 60 MB).
+const FLUSH_ROWS: usize = 1024;
+const FLUSH_COLS: usize = 65536;
 
 #[derive(Debug, Serialize)]
 pub struct OpResult {
@@ -67,14 +75,43 @@ pub struct KernelReport {
     /// cuBLAS bf16 GEMM 8192^3 on random data, TFLOP/s (1e12).
     pub bf16_mm_tflops: f64,
     pub iters: usize,
+    /// How L2 was emptied before each timed call (module docs).
+    pub l2_flush: &'static str,
     pub ops: Vec<OpResult>,
 }
 
 /// Times a closure of stream work with CUDA events.
 struct Timer<'a> {
     dev: &'a Device,
-    flush: CudaSlice<u8>,
+    backend: &'a CudaBackend,
+    flush: Flush,
     iters: usize,
+}
+
+/// How the L2 cache is emptied before a timed call (module docs).
+enum Flush {
+    /// Read: `[FLUSH_ROWS, FLUSH_COLS]` bf16 zeros, swept by the device argmax.
+    Read(CudaTensor),
+    /// Write: a memset of FLUSH_BYTES.
+    Write(CudaSlice<u8>),
+}
+
+impl Flush {
+    fn describe(&self) -> &'static str {
+        match self {
+            Flush::Read(_) => "read of 128 MiB (clean lines)",
+            Flush::Write(_) => "memset of 256 MiB (dirty lines; QILIN_BENCH_FLUSH_WRITE=1)",
+        }
+    }
+
+    fn new(dev: &Device) -> Flush {
+        if std::env::var("QILIN_BENCH_FLUSH_WRITE").as_deref() == Ok("1") {
+            Flush::Write(dev.alloc::<u8>(FLUSH_BYTES))
+        } else {
+            let data = dev.alloc::<bf16>(FLUSH_ROWS * FLUSH_COLS);
+            Flush::Read(CudaTensor { data, rows: FLUSH_ROWS, cols: FLUSH_COLS })
+        }
+    }
 }
 
 impl<'a> Timer<'a> {
@@ -94,7 +131,12 @@ impl<'a> Timer<'a> {
                 let start = new().map_err(|e| format!("creating an event: {e}"))?;
                 let end = new().map_err(|e| format!("creating an event: {e}"))?;
                 if flush {
-                    cuda("flushing L2", self.dev.stream.memset_zeros(&mut self.flush))?;
+                    match &mut self.flush {
+                        Flush::Read(zeros) => drop(self.backend.argmax_rows(zeros)),
+                        Flush::Write(bytes) => {
+                            cuda("flushing L2", self.dev.stream.memset_zeros(bytes))?
+                        }
+                    }
                 }
                 cuda("recording an event", start.record(&self.dev.stream))?;
                 op();
@@ -264,7 +306,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
     let multiprocessors = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
     let l2_bytes = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
     let mut rand = DeviceRandom::new(dev, args.seed);
-    let mut timer = Timer { dev, flush: dev.alloc::<u8>(FLUSH_BYTES), iters: args.iters };
+    let mut timer = Timer { dev, backend: &backend, flush: Flush::new(dev), iters: args.iters };
     let (copy, mm) = ceilings(dev, &mut timer, &mut rand)?;
     println!(
         "{}: {multiprocessors} SMs, {} MiB L2; copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s",
@@ -281,6 +323,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         copy_gb_per_s: copy / 1e9,
         bf16_mm_tflops: mm / 1e12,
         iters: args.iters,
+        l2_flush: timer.flush.describe(),
         ops: Vec::new(),
     };
     let mut bench = Bench {
