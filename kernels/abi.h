@@ -59,6 +59,14 @@ typedef struct QilinRmsNormParams {
 #define QILIN_GEMV_THREADS 256
 #define QILIN_GEMV_ROWS_PER_WARP 2
 #define QILIN_GEMV_VECS_PER_LANE 4
+/* qilin_gemv_mma_bf16 (tensor cores, 1..QILIN_GEMV_MAX_TOKENS rows of x; opt-in until
+ * verified): a block of QILIN_GEMV_MMA_THREADS threads computes
+ * QILIN_GEMV_MMA_ROWS_PER_BLOCK output channels, its warps splitting in_features, each
+ * warp walking its share in steps of 32 values, QILIN_GEMV_MMA_UNROLL steps' loads in
+ * flight at once. */
+#define QILIN_GEMV_MMA_THREADS 256
+#define QILIN_GEMV_MMA_ROWS_PER_BLOCK 32
+#define QILIN_GEMV_MMA_UNROLL 4
 #define QILIN_GEMV_ROWS_PER_BLOCK 16
 
 /* Threads per block of qilin_bias_round_bf16 (grid-stride loop). */

@@ -59,6 +59,7 @@
 //   Napkin: 4 bytes read + 2 written per output, ~3% of a prefill qkv GEMM's time.
 
 #include "common.cuh"
+#include "mma.cuh"
 
 #define GEMV_WARPS (QILIN_GEMV_THREADS / QILIN_WARP_SIZE)
 // 16-byte vectors of one x row (or one W row) in one tile.
@@ -234,5 +235,131 @@ qilin_bias_round_bf16(const QilinBiasParams p,
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         out[i] = __float2bfloat16_rn(acc[i] + __bfloat162float(bias[i % p.out_features]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// qilin_gemv_mma_bf16: the same semantics as qilin_gemv_bf16 (1 <= n_tokens <= 8) on
+// tensor cores, f32 accumulation in the mma (cuBLAS's arithmetic, and its tolerance in
+// tests/gpu_linear.rs). Compiles, unverified on hardware: the dispatch takes it only with
+// QILIN_CUDA_GEMV_MMA=1 until a GPU run of tests/gpu_linear.rs passes.
+//
+// Why: at n = 8 qilin_gemv_bf16 issues ~8 FMAs per weight and reached 22-44% of copy
+// bandwidth on an H200 (qkv_proj 35 us for 7.8 us of bytes); one m16n8k16 mma does 16 x
+// 16 x 8 of them.
+//
+// Design. Grid = ceil(out_features / 32) blocks of 8 warps; every warp of a block owns
+// the block's 32 rows (two m16 tiles) and all 8 token columns, and takes every 8th step
+// of 32 input values (warp w: steps w, w + 8, ...). Per step, lane (g = lane / 4,
+// t = lane % 4) loads one 16-byte vector, input values 8t..8t+7 of the step, of each
+// of rows g, g + 8, g + 16, g + 24 and of token g of x (zero for g >= n_tokens). Those
+// eight values feed two mmas without any shuffle, because a dot product may visit its k
+// in any order so long as A and B agree: mma j (0, 1) takes words 2j and 2j + 1 of the
+// vectors as its fragments (a0/a2 of row g, a1/a3 of row g + 8, b0/b1 of token g), so
+// its logical k (2t, 2t + 1, 2t + 8, 2t + 9) is the actual 8t + 4j + (0, 1, 2, 3) in both.
+// Rows: the four threads of a row read 64 contiguous bytes per step; UNROLL steps of
+// loads are issued before the first mma (4 x 5 vectors per lane in flight). x comes from
+// L2 (n x 64 bytes per warp step against 2 KiB of W).
+// Epilogue: each warp's 32 x 8 partial sums go to shared memory, one barrier, and thread
+// i sums row i / 8, token i % 8 over the 8 warps in a fixed order, adds the bias and
+// rounds to bf16 once.
+
+#define GEMV_MMA_WARPS (QILIN_GEMV_MMA_THREADS / QILIN_WARP_SIZE)
+#define GEMV_MMA_STEP 32  // input values per warp step: 4 lanes x 8
+
+static_assert(QILIN_GEMV_MMA_ROWS_PER_BLOCK == 32, "two m16 tiles per warp");
+static_assert(QILIN_GEMV_MMA_THREADS == QILIN_GEMV_MMA_ROWS_PER_BLOCK * QILIN_GEMV_MAX_TOKENS,
+              "one epilogue thread per (row, token) of the block");
+
+// out:  bf16 [n_tokens, out_features]         (must not overlap x, W or bias)
+// x:    bf16 [n_tokens, in_features]          16-byte aligned
+// w:    bf16 [out_features, in_features]      16-byte aligned, row-major
+// bias: bf16 [out_features], or NULL for none
+extern "C" __global__ void __launch_bounds__(QILIN_GEMV_MMA_THREADS)
+qilin_gemv_mma_bf16(const QilinGemvParams p,
+                    bf16* __restrict__ out,
+                    const bf16* __restrict__ x,
+                    const bf16* __restrict__ w,
+                    const bf16* __restrict__ bias) {
+    __shared__ float partial[GEMV_MMA_WARPS][QILIN_GEMV_MMA_ROWS_PER_BLOCK][QILIN_GEMV_MAX_TOKENS];
+    if (blockDim.x != QILIN_GEMV_MMA_THREADS || p.in_features % QILIN_VEC_ELEMS != 0 ||
+        p.n_tokens == 0 || p.n_tokens > QILIN_GEMV_MAX_TOKENS) {
+        __trap();
+    }
+    constexpr int U = QILIN_GEMV_MMA_UNROLL;
+    const unsigned lane = threadIdx.x % QILIN_WARP_SIZE;
+    const unsigned warp = threadIdx.x / QILIN_WARP_SIZE;
+    const unsigned g = lane / 4;
+    const unsigned t = lane % 4;
+    const unsigned first_row = blockIdx.x * QILIN_GEMV_MMA_ROWS_PER_BLOCK;
+    const unsigned n_vec = p.in_features / QILIN_VEC_ELEMS;  // 16-byte vectors per row
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    // This lane's rows g, g + 8, g + 16, g + 24 of the block and its token g.
+    bool row_ok[4];
+    const uint4* w_row[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = first_row + g + 8 * i;
+        row_ok[i] = row < p.out_features;
+        w_row[i] = reinterpret_cast<const uint4*>(w) + (size_t)(row_ok[i] ? row : 0u) * n_vec;
+    }
+    const bool token_ok = g < p.n_tokens;
+    const uint4* x_row = reinterpret_cast<const uint4*>(x) + (size_t)(token_ok ? g : 0u) * n_vec;
+
+    float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const unsigned n_steps = ceil_div(p.in_features, (unsigned)GEMV_MMA_STEP);
+    for (unsigned first = warp; first < n_steps; first += GEMV_MMA_WARPS * U) {
+        uint4 wv[U][4];
+        uint4 xv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const unsigned step = first + u * GEMV_MMA_WARPS;
+            const unsigned v = step * (GEMV_MMA_STEP / QILIN_VEC_ELEMS) + t;  // vector index
+            const bool in = step < n_steps && v < n_vec;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                wv[u][i] = (in && row_ok[i]) ? load128_stream(w_row[i] + v) : zero;
+            }
+            xv[u] = (in && token_ok) ? load128_readonly(x_row + v) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const uint32_t b0 = j == 0 ? xv[u].x : xv[u].z;
+                const uint32_t b1 = j == 0 ? xv[u].y : xv[u].w;
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const uint4& lo = wv[u][2 * m];      // row g (+ 16m)
+                    const uint4& hi = wv[u][2 * m + 1];  // row g + 8 (+ 16m)
+                    const uint32_t a[4] = {j == 0 ? lo.x : lo.z, j == 0 ? hi.x : hi.z,
+                                           j == 0 ? lo.y : lo.w, j == 0 ? hi.y : hi.w};
+                    mma_bf16_16816(c[m], a, b0, b1);
+                }
+            }
+        }
+    }
+
+    // c[m] = {(row g, token 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)} of tile m.
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        partial[warp][16 * m + g][2 * t] = c[m][0];
+        partial[warp][16 * m + g][2 * t + 1] = c[m][1];
+        partial[warp][16 * m + g + 8][2 * t] = c[m][2];
+        partial[warp][16 * m + g + 8][2 * t + 1] = c[m][3];
+    }
+    __syncthreads();
+    const unsigned r = threadIdx.x / QILIN_GEMV_MAX_TOKENS;
+    const unsigned token = threadIdx.x % QILIN_GEMV_MAX_TOKENS;
+    const unsigned row = first_row + r;
+    if (row < p.out_features && token < p.n_tokens) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < GEMV_MMA_WARPS; ++k) {
+            sum += partial[k][r][token];
+        }
+        const float b = bias != nullptr ? __bfloat162float(bias[row]) : 0.0f;
+        out[(size_t)token * p.out_features + row] = __float2bfloat16_rn(sum + b);
     }
 }

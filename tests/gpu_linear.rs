@@ -8,8 +8,9 @@
 //! 1536 -> 576), with and without bias, at n in {1, 2, 3, 7, 8, 9, 64, 513}; and edge
 //! shapes (a partial tile, a partial block of rows, one vector past a tile, a width
 //! that is not a multiple of 8, which the dispatch sends to cuBLAS) at every n from 1
-//! to 9 (each GEMV instantiation) and 64, 513. For n <= 8 both paths run: the dispatch
-//! (GEMV) and cuBLAS forced. Outputs are poisoned with NaN before every launch; an
+//! to 9 (each GEMV instantiation) and 64, 513. For n <= 8 three paths run: the dispatch
+//! (GEMV), cuBLAS forced, and the tensor-core GEMV qilin_gemv_mma_bf16 (opt-in in the
+//! dispatch until this passes on a GPU; the cuBLAS arithmetic and tolerance). Outputs are poisoned with NaN before every launch; an
 //! element never written fails as NaN. `Backend::linear` itself (own allocation) runs
 //! once per shape.
 //!
@@ -214,6 +215,14 @@ fn run_cases(test: &str, cases: &[Case]) {
                 gpu.linear_cublas_into(&x_gpu, &layer.gpu, &mut out);
                 let worst = compare(&label("cublas"), &gpu.to_host(&out), &want, m);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("cublas"));
+                // The tensor-core GEMV (opt-in in the dispatch until this passes on a GPU):
+                // f32 accumulation in the mma, as cuBLAS's, under the same tolerance.
+                if gemv_geometry(n, k, m).is_some() {
+                    let mut out = poisoned(&gpu, n, m);
+                    gpu.linear_gemv_mma_into(&x_gpu, &layer.gpu, &mut out);
+                    let worst = compare(&label("gemv mma"), &gpu.to_host(&out), &want, m);
+                    eprintln!("{}: worst |diff|/tol {worst:.3}", label("gemv mma"));
+                }
             }
             if i == 0 {
                 // The trait entry point, with its own (uninitialised) allocation.

@@ -199,6 +199,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_linear.rs",
     },
     Coverage {
+        entry: "qilin_gemv_mma_bf16",
+        launcher: "src/backend/cuda/linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_linear.rs",
+    },
+    Coverage {
         entry: "qilin_bias_round_bf16",
         launcher: "src/backend/cuda/linear.rs",
         twin: "linear",
@@ -517,10 +523,13 @@ fn gemv_module_entries_and_params_match_the_rust_side() {
     }
     let gemv: BTreeSet<&str> = entry_names(ptx::GEMV_PTX).into_iter().collect();
     let expected: BTreeSet<&str> =
-        [ptx::GEMV_BF16.entry, ptx::BIAS_ROUND_BF16.entry].into_iter().collect();
+        [ptx::GEMV_BF16.entry, ptx::GEMV_MMA_BF16.entry, ptx::BIAS_ROUND_BF16.entry]
+            .into_iter()
+            .collect();
     assert_eq!(gemv, expected);
     let layouts = [
         (ptx::GEMV_BF16, (align_of::<QilinGemvParams>(), size_of::<QilinGemvParams>())),
+        (ptx::GEMV_MMA_BF16, (align_of::<QilinGemvParams>(), size_of::<QilinGemvParams>())),
         (ptx::BIAS_ROUND_BF16, (align_of::<QilinBiasParams>(), size_of::<QilinBiasParams>())),
     ];
     for (kernel, layout) in layouts {

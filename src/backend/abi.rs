@@ -108,6 +108,14 @@ pub fn gemv_geometry(n: usize, in_features: usize, out_features: usize) -> Optio
     Some((out.div_ceil(QILIN_GEMV_ROWS_PER_BLOCK), QILIN_GEMV_THREADS))
 }
 
+/// Launch geometry `(grid.x, block.x)` of qilin_gemv_mma_bf16: the shapes
+/// `gemv_geometry` accepts, one block per QILIN_GEMV_MMA_ROWS_PER_BLOCK output channels.
+pub fn gemv_mma_geometry(n: usize, in_features: usize, out_features: usize) -> Option<(u32, u32)> {
+    gemv_geometry(n, in_features, out_features)?;
+    let out = u32::try_from(out_features).ok()?;
+    Some((out.div_ceil(QILIN_GEMV_MMA_ROWS_PER_BLOCK), QILIN_GEMV_MMA_THREADS))
+}
+
 /// grid.x of qilin_bias_round_bf16 for `elements` outputs: one element per thread
 /// of `QILIN_BIAS_THREADS`-thread blocks, at least 1 and at most 65535 blocks (the
 /// kernel's grid-stride loop covers any rest).

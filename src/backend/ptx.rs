@@ -65,6 +65,8 @@ pub const ATTENTION_PREFILL_HD128_BF16: Kernel =
 /// kernels/attention_prefill.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_simple_bf16" };
+/// bf16 GEMV on tensor cores (compiles, unverified; opt-in); see kernels/gemv.cu.
+pub const GEMV_MMA_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_gemv_mma_bf16" };
 /// W4A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
 pub const QGEMV_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemv_w4_bf16" };
 /// W8A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
@@ -107,6 +109,7 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_PREFILL_HD64_BF16,
     ATTENTION_PREFILL_HD128_BF16,
     ATTENTION_PREFILL_SIMPLE_BF16,
+    GEMV_MMA_BF16,
     QGEMV_W4_BF16,
     QGEMV_W8_BF16,
     QGEMV_SMALL_W4_BF16,

@@ -379,9 +379,17 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             let values = out * inp + n * inp + n * out + if bias { out } else { 0 };
             let flops = 2.0 * (n * out * inp) as f64;
             let shape = format!("[{n}, {inp}] x [{out}, {inp}]^T");
-            bench.measure(name, shape, values as f64 * bf, flops, &mut || {
+            bench.measure(name, shape.clone(), values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
+            // The tensor-core GEMV (opt-in until verified) beside the dispatch's.
+            if (2..=GEMV_MAX_TOKENS).contains(&n) {
+                let mut y = rand.tensor(n, out, 1.0);
+                let op = format!("{name} (gemv mma)");
+                bench.measure(&op, shape, values as f64 * bf, flops, &mut || {
+                    b.linear_gemv_mma_into(&x, &w, &mut y);
+                });
+            }
         }
     }
 

@@ -19,6 +19,7 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::OnceLock;
 
 use cudarc::cublas::result as cublas_result;
 use cudarc::cublas::sys::{
@@ -35,8 +36,8 @@ use super::quant_linear::{dequant_chunk_rows, dequantize_rows, qgemv_into};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
-    bias_blocks, gemv_geometry, qgemv_geometry, QilinBiasParams, QilinGemvParams, GEMV_MAX_TOKENS,
-    QILIN_BIAS_THREADS, VEC_ELEMS,
+    bias_blocks, gemv_geometry, gemv_mma_geometry, qgemv_geometry, QilinBiasParams,
+    QilinGemvParams, GEMV_MAX_TOKENS, QILIN_BIAS_THREADS, VEC_ELEMS,
 };
 use crate::backend::ptx;
 
@@ -120,15 +121,42 @@ fn gemv_path(n: usize, w: &CudaLinear) -> Option<&'static str> {
 /// multiple of 8, or of 32 for quantized weights).
 pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
     check_shapes(x, w, out);
-    let weight = match &w.weight {
-        LinearWeight::Bf16(weight) => weight,
-        LinearWeight::Quant(q) => return qgemv_into(dev, x, w, q, out),
+    if let LinearWeight::Quant(q) = &w.weight {
+        return qgemv_into(dev, x, w, q, out);
+    }
+    static MMA: OnceLock<bool> = OnceLock::new();
+    let mma = *MMA.get_or_init(|| std::env::var("QILIN_CUDA_GEMV_MMA").as_deref() == Ok("1"));
+    let kernel = if mma && x.rows >= 2 { ptx::GEMV_MMA_BF16 } else { ptx::GEMV_BF16 };
+    launch_gemv(dev, kernel, x, w, out);
+}
+
+/// qilin_gemv_mma_bf16 (tensor cores; opt-in in the dispatch with QILIN_CUDA_GEMV_MMA=1
+/// until verified) for a bf16 W, whatever the dispatch would pick: for its parity test
+/// and benchmark. Panics as `gemv_into`, and for a quantized W.
+pub fn gemv_mma_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+    check_shapes(x, w, out);
+    assert!(matches!(w.weight, LinearWeight::Bf16(_)), "qilin_gemv_mma_bf16: a bf16 W only");
+    launch_gemv(dev, ptx::GEMV_MMA_BF16, x, w, out);
+}
+
+/// qilin_gemv_bf16 or qilin_gemv_mma_bf16 (the same arguments) for a bf16 W.
+fn launch_gemv(
+    dev: &Device,
+    kernel: ptx::Kernel,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    out: &mut CudaTensor,
+) {
+    let LinearWeight::Bf16(weight) = &w.weight else {
+        panic!("{}: a quantized W goes to qgemv", kernel.entry)
     };
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
-    let (grid, threads) = gemv_geometry(n, k, m).unwrap_or_else(|| {
+    let geometry = if kernel == ptx::GEMV_MMA_BF16 { gemv_mma_geometry } else { gemv_geometry };
+    let (grid, threads) = geometry(n, k, m).unwrap_or_else(|| {
         panic!(
-            "qilin_gemv_bf16 cannot take x [{n}, {k}] W [{m}, {k}]^T: it needs 1 <= n <= \
-             {GEMV_MAX_TOKENS} and in a non-zero multiple of {VEC_ELEMS}"
+            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T: it needs 1 <= n <= \
+             {GEMV_MAX_TOKENS} and in a non-zero multiple of {VEC_ELEMS}",
+            kernel.entry
         )
     });
     // gemv_geometry checked that every dimension fits u32.
@@ -137,17 +165,18 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
     let cfg =
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let null: u64 = 0;
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::GEMV_BF16));
+    let mut launch = dev.stream.launch_builder(dev.function(kernel));
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(weight);
     match &w.bias {
         Some(bias) => launch.arg(bias),
         None => launch.arg(&null),
     };
-    // SAFETY: argument order and types follow qilin_gemv_bf16. check_shapes showed out
+    // SAFETY: argument order and types follow qilin_gemv_bf16 and qilin_gemv_mma_bf16
+    // (the same). check_shapes showed out
     // holds n * m values, x n * k, weight m * k, bias (or null) m; out is a separate
     // allocation from the inputs (&mut). Every buffer is a whole cudarc allocation
     // (>= 256-byte aligned) and k % 8 == 0, so every row x and W starts 16-byte aligned.
-    check(unsafe { launch.launch(cfg) }, "launching qilin_gemv_bf16");
+    check(unsafe { launch.launch(cfg) }, kernel.entry);
 }
 
 /// cuBLAS, any n and width (the prefill path and the fallback for widths the GEMV
@@ -361,5 +390,11 @@ impl CudaBackend {
     /// cuBLAS whatever the dispatch would pick.
     pub fn linear_cublas_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
         cublas_into(&self.dev, x, w, out)
+    }
+
+    /// qilin_gemv_mma_bf16 (tensor cores, opt-in in the dispatch) whatever the dispatch
+    /// would pick; panics for a quantized W or a shape the GEMV cannot take.
+    pub fn linear_gemv_mma_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+        gemv_mma_into(&self.dev, x, w, out)
     }
 }
