@@ -271,16 +271,13 @@ static_assert(QILIN_GEMV_MMA_ROWS_PER_BLOCK == 32, "two m16 tiles per warp");
 static_assert(QILIN_GEMV_MMA_THREADS == QILIN_GEMV_MMA_ROWS_PER_BLOCK * QILIN_GEMV_MAX_TOKENS,
               "one epilogue thread per (row, token) of the block");
 
-// out:  bf16 [n_tokens, out_features]         (must not overlap x, W or bias)
-// x:    bf16 [n_tokens, in_features]          16-byte aligned
-// w:    bf16 [out_features, in_features]      16-byte aligned, row-major
-// bias: bf16 [out_features], or NULL for none
+// Arguments as qilin_gemv_bf16's (the same alignment and overlap rules).
 extern "C" __global__ void __launch_bounds__(QILIN_GEMV_MMA_THREADS)
 qilin_gemv_mma_bf16(const QilinGemvParams p,
-                    bf16* __restrict__ out,
-                    const bf16* __restrict__ x,
-                    const bf16* __restrict__ w,
-                    const bf16* __restrict__ bias) {
+                    bf16* __restrict__ out,           // [n_tokens, out_features]
+                    const bf16* __restrict__ x,       // [n_tokens, in_features]
+                    const bf16* __restrict__ w,       // [out_features, in_features]
+                    const bf16* __restrict__ bias) {  // [out_features] or NULL
     __shared__ float partial[GEMV_MMA_WARPS][QILIN_GEMV_MMA_ROWS_PER_BLOCK][QILIN_GEMV_MAX_TOKENS];
     if (blockDim.x != QILIN_GEMV_MMA_THREADS || p.in_features % QILIN_VEC_ELEMS != 0 ||
         p.n_tokens == 0 || p.n_tokens > QILIN_GEMV_MAX_TOKENS) {
