@@ -32,6 +32,27 @@ pub struct Device {
     /// VM, [64, 152064] logits took 24 ms that way; the decode step itself takes 6).
     staging: Mutex<Option<Staging>>,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
+    /// Kernels the dispatch takes only when asked, read from the environment at open.
+    pub opt_in: OptIn,
+}
+
+/// Kernels that compile but no GPU has verified yet: the dispatch takes them only when
+/// their switch is set (README, environment switches); tests and benchmarks call them
+/// directly.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OptIn {
+    /// QILIN_CUDA_GEMV_MMA=1: qilin_gemv_mma_bf16 for bf16 layers at 2..=8 tokens.
+    pub gemv_mma: bool,
+    /// QILIN_CUDA_QGEMV_SMALL=1: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
+    /// 1..=QILIN_QGEMV_SMALL_MAX_TOKENS tokens.
+    pub qgemv_small: bool,
+}
+
+impl OptIn {
+    fn from_env() -> OptIn {
+        let on = |name: &str| std::env::var(name).as_deref() == Ok("1");
+        OptIn { gemv_mma: on("QILIN_CUDA_GEMV_MMA"), qgemv_small: on("QILIN_CUDA_QGEMV_SMALL") }
+    }
 }
 
 impl Device {
@@ -68,7 +89,8 @@ impl Device {
             functions.insert((kernel.module, kernel.entry), function);
         }
         let staging = Mutex::new(None);
-        Ok(Device { ctx, stream, blas, scratch_f32, scratch_bf16, staging, functions })
+        let opt_in = OptIn::from_env();
+        Ok(Device { ctx, stream, blas, scratch_f32, scratch_bf16, staging, functions, opt_in })
     }
 
     pub fn function(&self, kernel: Kernel) -> &CudaFunction {

@@ -19,7 +19,6 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::OnceLock;
 
 use cudarc::cublas::result as cublas_result;
 use cudarc::cublas::sys::{
@@ -124,9 +123,8 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
     if let LinearWeight::Quant(q) = &w.weight {
         return qgemv_into(dev, x, w, q, out);
     }
-    static MMA: OnceLock<bool> = OnceLock::new();
-    let mma = *MMA.get_or_init(|| std::env::var("QILIN_CUDA_GEMV_MMA").as_deref() == Ok("1"));
-    let kernel = if mma && x.rows >= 2 { ptx::GEMV_MMA_BF16 } else { ptx::GEMV_BF16 };
+    let mma = dev.opt_in.gemv_mma && x.rows >= 2;
+    let kernel = if mma { ptx::GEMV_MMA_BF16 } else { ptx::GEMV_BF16 };
     launch_gemv(dev, kernel, x, w, out);
 }
 

@@ -2,8 +2,6 @@
 //! the dequantization of weight rows to bf16 for the cuBLAS path (linear.rs dispatches;
 //! the CPU twin of both is `CpuLinear::forward` on the original weight).
 
-use std::sync::OnceLock;
-
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -119,10 +117,7 @@ pub fn qgemv_into(
     q: &QuantWeight,
     out: &mut CudaTensor,
 ) {
-    static SMALL: OnceLock<bool> = OnceLock::new();
-    let small_enabled =
-        *SMALL.get_or_init(|| std::env::var("QILIN_CUDA_QGEMV_SMALL").as_deref() == Ok("1"));
-    let small = small_enabled && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
+    let small = dev.opt_in.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
     qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
 }
 
