@@ -416,6 +416,7 @@ pub fn load_quantized(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gptq::tests::noise;
 
     fn dequant(dtype: DType, bytes: &[u8], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n];
@@ -423,16 +424,9 @@ mod tests {
         out
     }
 
+    /// `n` values in [offset - spread / 2, offset + spread / 2): gptq's noise, scaled.
     fn row(seed: u64, n: usize, spread: f32, offset: f32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state % 100_001) as f32 / 100_000.0 - 0.5) * spread + offset
-            })
-            .collect()
+        noise(seed, n).into_iter().map(|v| v * spread + offset).collect()
     }
 
     #[test]
