@@ -209,9 +209,13 @@ typedef struct QilinRopeParams {
     /** Rows (positions) of the cos/sin tables; a position >= table_len traps. */
     uint32_t table_len;
     /** Rows of one layer's key/value cache (num_blocks * QILIN_BLOCK_SIZE); a slot >=
-     *  num_slots traps. */
+     *  num_slots traps, except QILIN_NO_SLOT. */
     uint32_t num_slots;
 } QilinRopeParams;
+
+/* A slot_mapping entry whose token is rotated but not stored in the cache: the padding
+ * rows of a decode step replayed through a CUDA graph captured for a larger batch. */
+#define QILIN_NO_SLOT 0xFFFFFFFFu
 
 /* Paged attention (kernels/attention_decode.cu, kernels/attention_prefill.cu). */
 

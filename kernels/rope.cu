@@ -18,7 +18,8 @@
 //   attention factor is already folded into them, so the default, linear, Llama-3 and
 //   YaRN ropes all run this one kernel.
 //   A position >= table_len or a slot >= num_slots traps (the launcher makes sure the
-//   table covers the batch; slots come from the block manager).
+//   table covers the batch; slots come from the block manager), except that a slot of
+//   QILIN_NO_SLOT stores nothing (padding rows of a graph-replayed decode step).
 //
 // Launch (src/backend/cuda/rope.rs checks all of it):
 //   grid  = (n_tokens, 1, 1): one block per token;
@@ -43,7 +44,7 @@
 // cos_table:    f32  [table_len, head_dim / 2]            RopeTable::cos, row = position
 // sin_table:    f32  [table_len, head_dim / 2]            RopeTable::sin, row = position
 // positions:    u32  [n_tokens]                           each < table_len
-// slot_mapping: u32  [n_tokens]                           each < num_slots, distinct
+// slot_mapping: u32  [n_tokens]                           each < num_slots and distinct, or QILIN_NO_SLOT
 // key_cache:    bf16 [num_slots, num_kv_heads * head_dim] one layer; rows slot_mapping written
 // value_cache:  bf16 [num_slots, num_kv_heads * head_dim] one layer; rows slot_mapping written
 extern "C" __global__ void __launch_bounds__(QILIN_ROPE_MAX_THREADS)
@@ -71,7 +72,8 @@ qilin_rope_store_kv_bf16(const QilinRopeParams p,
     }
     const uint32_t pos = __ldg(positions + t);
     const uint32_t slot = __ldg(slot_mapping + t);
-    if (pos >= p.table_len || slot >= p.num_slots) {
+    const bool store = slot != QILIN_NO_SLOT;
+    if (pos >= p.table_len || (store && slot >= p.num_slots)) {
         __trap();
     }
 
@@ -84,13 +86,17 @@ qilin_rope_store_kv_bf16(const QilinRopeParams p,
     bf16* q_row = q + (size_t)t * p.num_heads * p.head_dim;
     bf16* k_row = k + (size_t)t * kv_width;
     const bf16* v_row = v + (size_t)t * kv_width;
-    bf16* k_dst = key_cache + (size_t)slot * kv_width;
-    bf16* v_dst = value_cache + (size_t)slot * kv_width;
+    // Not dereferenced when !store.
+    bf16* k_dst = key_cache + (size_t)(store ? slot : 0) * kv_width;
+    bf16* v_dst = value_cache + (size_t)(store ? slot : 0) * kv_width;
     const float* cos_row = cos_table + (size_t)pos * half;
     const float* sin_row = sin_table + (size_t)pos * half;
 
     for (uint32_t u = threadIdx.x; u < units; u += blockDim.x) {
         if (u >= rot_units) {
+            if (!store) {
+                continue;
+            }
             // v is stored unchanged.
             const size_t at = (size_t)(u - rot_units) * QILIN_VEC_ELEMS;
             store128(v_dst + at, load128_readonly(v_row + at));
@@ -125,7 +131,7 @@ qilin_rope_store_kv_bf16(const QilinRopeParams p,
         const uint4 second = float_to_bf16x8(b);
         store128(x + j, first);
         store128(x + half + j, second);
-        if (is_k) {
+        if (is_k && store) {
             bf16* dst = k_dst + (size_t)(head - p.num_heads) * p.head_dim;
             store128(dst + j, first);
             store128(dst + half + j, second);

@@ -33,6 +33,7 @@ pub const QILIN_QGEMM_THREADS: u32 = 128;
 pub const QILIN_DEQUANT_THREADS: u32 = 256;
 pub const QILIN_ELEMENTWISE_THREADS: u32 = 256;
 pub const QILIN_ROPE_MAX_THREADS: u32 = 256;
+pub const QILIN_NO_SLOT: u32 = 4294967295;
 pub const QILIN_ATTN_MAX_HEAD_DIM: u32 = 256;
 pub const QILIN_ATTN_DECODE_THREADS: u32 = 128;
 pub const QILIN_ATTN_DECODE_MAX_GROUP: u32 = 8;
@@ -236,7 +237,7 @@ pub struct QilinRopeParams {
     pub head_dim: u32,
     #[doc = " Rows (positions) of the cos/sin tables; a position >= table_len traps."]
     pub table_len: u32,
-    #[doc = " Rows of one layer's key/value cache (num_blocks * QILIN_BLOCK_SIZE); a slot >=\n  num_slots traps."]
+    #[doc = " Rows of one layer's key/value cache (num_blocks * QILIN_BLOCK_SIZE); a slot >=\n  num_slots traps, except QILIN_NO_SLOT."]
     pub num_slots: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]

@@ -5,6 +5,11 @@
 /// Tokens per KV-cache block.
 pub const BLOCK_SIZE: usize = 16;
 
+/// A `slot_mapping` entry whose token's K/V is not stored: the padding rows of a decode
+/// step that the CUDA backend replays through a graph captured for a larger batch
+/// (backend/cuda/graph.rs). kernels/abi.h's QILIN_NO_SLOT.
+pub const NO_SLOT: u32 = super::abi::QILIN_NO_SLOT;
+
 /// One sequence's part of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqSlice {
@@ -28,7 +33,7 @@ pub fn slot_of(block_table: &[u32], pos: usize) -> usize {
 pub struct Batch {
     pub token_ids: Vec<u32>,    // [n_tokens]
     pub positions: Vec<u32>,    // [n_tokens]
-    pub slot_mapping: Vec<u32>, // [n_tokens] cache slot each token's K/V is written to
+    pub slot_mapping: Vec<u32>, // [n_tokens] cache slot each token's K/V is written to, or NO_SLOT
     pub seqs: Vec<SeqSlice>,    // [n_seqs], in token order
     /// Rows of the batch whose logits are wanted (usually each sequence's last token).
     pub logits_rows: Vec<u32>, // [n_logits]

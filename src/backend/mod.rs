@@ -12,7 +12,7 @@ pub mod cuda;
 pub mod packed_quant;
 pub mod ptx;
 
-pub use batch::{Batch, SeqSlice, BLOCK_SIZE};
+pub use batch::{Batch, SeqSlice, BLOCK_SIZE, NO_SLOT};
 
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -114,7 +114,8 @@ pub trait Backend: Send + Sync {
 
     /// Rotates q `[n, heads*head_dim]` and k `[n, kv_heads*head_dim]` (rotate-half /
     /// NEOX layout) at `batch.positions`, then writes k and v `[n, kv_heads*head_dim]`
-    /// into layer `layer` of the cache at `batch.slot_mapping`.
+    /// into layer `layer` of the cache at `batch.slot_mapping` (a token at `NO_SLOT` is
+    /// rotated and not stored).
     #[allow(clippy::too_many_arguments)]
     fn rope_and_store_kv(
         &self,

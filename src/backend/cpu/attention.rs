@@ -34,10 +34,13 @@ impl CpuKvCache {
         self.shape.num_kv_heads * self.shape.head_dim
     }
 
-    /// Writes k and v `[n, kv_heads*head_dim]` into `slots` of `layer`.
+    /// Writes k and v `[n, kv_heads*head_dim]` into `slots` of `layer`, skipping `NO_SLOT`.
     pub fn store(&mut self, layer: usize, slots: &[u32], k: &CpuTensor, v: &CpuTensor) {
         let w = self.width();
         for (t, &slot) in slots.iter().enumerate() {
+            if slot == crate::backend::NO_SLOT {
+                continue;
+            }
             let dst = slot as usize * w..(slot as usize + 1) * w;
             self.keys[layer][dst.clone()].copy_from_slice(k.row(t));
             self.values[layer][dst].copy_from_slice(v.row(t));
@@ -322,5 +325,23 @@ mod tests {
         let expected = paged_attention(&q, &plain, &cache, 0, shape);
         let got = paged_attention(&q, &with_empty, &cache, 0, shape);
         assert_eq!(got.data, expected.data);
+    }
+
+    /// A token at NO_SLOT (a padding row of a graph-replayed CUDA step) is not stored;
+    /// the others are, at their own slots.
+    #[test]
+    fn no_slot_rows_are_not_stored() {
+        let kv = KvCacheShape { num_layers: 2, num_blocks: 2, num_kv_heads: 1, head_dim: 4 };
+        let mut cache = CpuKvCache::new(kv).expect("tiny cache");
+        let k = CpuTensor::from_vec((1..=12).map(|v| v as f32).collect(), 3, 4);
+        let v = CpuTensor::from_vec((1..=12).map(|v| -v as f32).collect(), 3, 4);
+        cache.store(1, &[5, crate::backend::NO_SLOT, 17], &k, &v);
+        let mut keys = vec![0.0; 2 * BLOCK_SIZE * 4];
+        keys[5 * 4..6 * 4].copy_from_slice(k.row(0));
+        keys[17 * 4..18 * 4].copy_from_slice(k.row(2));
+        let values: Vec<f32> = keys.iter().map(|&x| -x).collect();
+        assert_eq!(cache.keys[1], keys);
+        assert_eq!(cache.values[1], values); // -0.0 == 0.0 where nothing was stored
+        assert!(cache.keys[0].iter().chain(&cache.values[0]).all(|&x| x == 0.0));
     }
 }
