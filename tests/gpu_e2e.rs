@@ -25,6 +25,9 @@
 //! Where the f32 CPU's greedy output first departs from the bf16 reference is printed,
 //! for the record.
 //!
+//! With `QILIN_CUDA_GRAPHS=1` (tools/gpu-check's e2e_graphs step) the CUDA engine's
+//! decode steps replay through CUDA graphs, and each run must have captured some.
+//!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 //! The SmolLM2 GGUF (93 MB) cannot travel to a GPU machine with the source tree (64 MiB
 //! limit): where it is absent, `QILIN_GPU_E2E_NO_SMOLLM2=1` turns that case into a
@@ -208,6 +211,14 @@ fn check_model(path: &Path, cases: &[common::Case], max_model_len: usize) {
         }
         let blocks = gpu.scheduler().blocks();
         assert_eq!(blocks.num_free_blocks(), blocks.num_blocks(), "{name}: every block is back");
+        let backend = &gpu.model.backend;
+        if backend.dev.opt_in.graphs {
+            // Run again by tools/gpu-check with QILIN_CUDA_GRAPHS=1: the decode steps
+            // above must have gone through graphs, or this run compared nothing new.
+            let graphs = backend.graphs.lock().unwrap_or_else(|e| e.into_inner()).len();
+            assert!(graphs > 0, "{name} ({what}): QILIN_CUDA_GRAPHS=1 but no graph was captured");
+            eprintln!("{name} ({what}): {graphs} CUDA graphs captured");
+        }
     }
     assert!(compared > 0, "{name}: no position had a clear CPU margin; nothing was compared");
 }

@@ -179,6 +179,30 @@ pub trait Backend: Send + Sync {
         let vocab = host.len() / rows.len().max(1);
         sample_rows_host(&host, vocab, rows)
     }
+
+    /// Runs one forward step: `step` issues its ops for a batch and a RoPE table covering
+    /// its positions, and returns the logits. A backend may run it as it is (the default,
+    /// `run_eagerly`) or replay the ops it recorded for an earlier step of the same shape
+    /// (the CUDA backend's graphs), which must give the logits `step` would.
+    fn run_step(
+        &self,
+        batch: &Batch,
+        rope: &mut RopeTable,
+        step: &mut StepFn<'_, Self::Tensor>,
+    ) -> Option<Self::Tensor> {
+        run_eagerly(batch, rope, step)
+    }
+}
+
+/// One forward step's ops over a batch (`Backend::run_step`): the model's layers, from
+/// the token ids to the logits of `batch.logits_rows` (None when no row wants them).
+pub type StepFn<'a, T> = dyn FnMut(&Batch, &RopeTable) -> Option<T> + 'a;
+
+/// Runs `step` on `batch` once, with `rope` grown to cover its positions.
+pub fn run_eagerly<T>(batch: &Batch, rope: &mut RopeTable, step: &mut StepFn<'_, T>) -> Option<T> {
+    let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+    rope.ensure(max_pos + 1);
+    step(batch, rope)
 }
 
 /// How one row of `Backend::sample_rows` is sampled: a request's parameters and the

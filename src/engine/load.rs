@@ -307,7 +307,12 @@ pub fn load_cuda_engine(
         free,
         total,
         utilization: options.gpu_memory_utilization,
-        reserve: cuda_activation_reserve(c, options.max_num_batched_tokens, options.max_num_seqs),
+        reserve: cuda_activation_reserve(
+            c,
+            options.max_num_batched_tokens,
+            options.max_num_seqs,
+            backend.dev.opt_in.graphs,
+        ),
         block_bytes,
         explicit_bytes: options.kv_cache_bytes,
         max_useful_blocks: blocks_for(max_model_len) * options.max_num_seqs,
@@ -360,18 +365,27 @@ fn assemble<B: Backend>(
 /// input, attention output and pending MLP output: 4 x hidden; qkv and its split: 2 x
 /// (q + 2 kv); attention: q; gate_up and silu: 3 x ffn), doubled because the
 /// stream-ordered allocator can hold freed buffers until their reuse; the bf16 logits of
-/// every sequence, doubled likewise; and `CUDA_FIXED_RESERVE_BYTES`.
+/// every sequence, doubled likewise; and `CUDA_FIXED_RESERVE_BYTES`. With CUDA graphs,
+/// also what they hold outside the stream's pool (backend/cuda/graph.rs): the logits
+/// buffer they share and, in the driver's pool for graph allocations, the activations
+/// and logits of the largest captured step.
 pub fn cuda_activation_reserve(
     c: &ModelConfig,
     max_num_batched_tokens: usize,
     max_num_seqs: usize,
+    graphs: bool,
 ) -> usize {
     let q = c.num_heads * c.head_dim;
     let kv = c.num_kv_heads * c.head_dim;
     let per_token = 4 * c.hidden_size + 2 * (q + 2 * kv) + q + 3 * c.intermediate_size;
     let activations = max_num_batched_tokens * per_token * 2 * 2;
     let logits = max_num_seqs * c.vocab_size * 2 * 2;
-    activations + logits + CUDA_FIXED_RESERVE_BYTES
+    let graph_batch = crate::backend::cuda::graph::MAX_GRAPH_BATCH;
+    let graph_memory = match graphs {
+        true => graph_batch * (2 * c.vocab_size + per_token) * 2,
+        false => 0,
+    };
+    activations + logits + graph_memory + CUDA_FIXED_RESERVE_BYTES
 }
 
 /// Everything the CUDA KV sizing looks at, so the arithmetic is testable without a GPU.
@@ -509,11 +523,15 @@ mod tests {
             "num_key_value_heads": 4, "vocab_size": 152064
         });
         let c = ModelConfig::from_hf_json(&json).unwrap();
-        let small = cuda_activation_reserve(&c, 512, 64);
-        let large = cuda_activation_reserve(&c, 8192, 64);
+        let small = cuda_activation_reserve(&c, 512, 64, false);
+        let large = cuda_activation_reserve(&c, 8192, 64, false);
         assert!(small > CUDA_FIXED_RESERVE_BYTES && large > small);
         // 8192 tokens of Qwen2.5-7B intermediates: about 2.5 GB, well under 4 GiB.
         assert!(large < CUDA_FIXED_RESERVE_BYTES + 4 * GIB, "{large}");
+        // Graphs add their shared [256, vocab] logits, a captured step's logits and
+        // activations: 2 x 77.9 MB + 43 MB for Qwen2.5-7B.
+        let graphs = cuda_activation_reserve(&c, 512, 64, true) - small;
+        assert!((190_000_000..210_000_000).contains(&graphs), "{graphs}");
     }
 
     #[test]

@@ -72,38 +72,51 @@ impl<B: Backend> Model<B> {
 
     /// The logits of `batch.logits_rows`, left on the backend; None when none is wanted.
     fn logits(&mut self, batch: &Batch, cache: &mut B::KvCache) -> Option<B::Tensor> {
-        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
-        self.rope.ensure(max_pos + 1);
-        let b = &self.backend;
-        let w = &self.weights;
         let shape = self.attention_shape();
-        let eps = self.config.rms_norm_eps;
-        let q_width = self.config.num_heads * self.config.head_dim;
-        let kv_width = self.config.num_kv_heads * self.config.head_dim;
-
-        let mut residual = b.embedding(&w.embed_tokens, &batch.token_ids);
-        let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
-        for (i, layer) in w.layers.iter().enumerate() {
-            let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
-            let qkv = b.linear(&x, &layer.qkv_proj);
-            let [mut q, mut k, v]: [B::Tensor; 3] = b
-                .split_cols(&qkv, &[q_width, kv_width, kv_width])
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("split_cols returns one tensor per width"));
-            b.rope_and_store_kv(&mut q, &mut k, &v, batch, &self.rope, cache, i, shape);
-            let attn = b.attention(&q, batch, cache, i, shape);
-            let attn_out = b.linear(&attn, &layer.o_proj);
-            let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);
-            let gate_up = b.linear(&x, &layer.gate_up_proj);
-            pending = Some(b.linear(&b.silu_mul(&gate_up), &layer.down_proj));
-        }
-        if batch.logits_rows.is_empty() {
-            return None;
-        }
-        // Only the rows that need logits go through the final norm and lm_head.
-        let mut last = b.gather_rows(&residual, &batch.logits_rows);
-        let pending_last = pending.map(|p| b.gather_rows(&p, &batch.logits_rows));
-        let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
-        Some(b.linear(&x, w.lm_head()))
+        let Model { config, backend, weights, rope } = self;
+        backend.run_step(batch, rope, &mut |batch, rope| {
+            layers(backend, weights, config, shape, rope, batch, cache)
+        })
     }
+}
+
+/// The step itself: embedding, every block, then the final norm and lm_head on the rows
+/// that want logits.
+fn layers<B: Backend>(
+    b: &B,
+    w: &ModelWeights<B>,
+    config: &ModelConfig,
+    shape: AttentionShape,
+    rope: &RopeTable,
+    batch: &Batch,
+    cache: &mut B::KvCache,
+) -> Option<B::Tensor> {
+    let eps = config.rms_norm_eps;
+    let q_width = config.num_heads * config.head_dim;
+    let kv_width = config.num_kv_heads * config.head_dim;
+
+    let mut residual = b.embedding(&w.embed_tokens, &batch.token_ids);
+    let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
+    for (i, layer) in w.layers.iter().enumerate() {
+        let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
+        let qkv = b.linear(&x, &layer.qkv_proj);
+        let [mut q, mut k, v]: [B::Tensor; 3] = b
+            .split_cols(&qkv, &[q_width, kv_width, kv_width])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("split_cols returns one tensor per width"));
+        b.rope_and_store_kv(&mut q, &mut k, &v, batch, rope, cache, i, shape);
+        let attn = b.attention(&q, batch, cache, i, shape);
+        let attn_out = b.linear(&attn, &layer.o_proj);
+        let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);
+        let gate_up = b.linear(&x, &layer.gate_up_proj);
+        pending = Some(b.linear(&b.silu_mul(&gate_up), &layer.down_proj));
+    }
+    if batch.logits_rows.is_empty() {
+        return None;
+    }
+    // Only the rows that need logits go through the final norm and lm_head.
+    let mut last = b.gather_rows(&residual, &batch.logits_rows);
+    let pending_last = pending.map(|p| b.gather_rows(&p, &batch.logits_rows));
+    let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
+    Some(b.linear(&x, w.lm_head()))
 }

@@ -1,13 +1,16 @@
 //! One CUDA device as the backend uses it: context, the stream every op is queued on,
 //! cuBLAS, and every kernel of the embedded PTX loaded once at start-up.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -17,9 +20,14 @@ use crate::backend::ptx::{self, Kernel};
 
 pub struct Device {
     pub ctx: Arc<CudaContext>,
-    /// Every launch and copy goes on this stream, so ops are ordered without events.
+    /// Every launch and copy goes on this stream, so ops are ordered without events. A
+    /// stream of our own, not the legacy default stream, which cannot be captured into a
+    /// CUDA graph.
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// cuBLAS's workspace, set once (`[BLAS_WORKSPACE_BYTES]`): without one, cuBLAS
+    /// would allocate its own, which a captured graph must not do.
+    _blas_workspace: CudaSlice<u8>,
     /// f32 scratch of the cuBLAS path of biased linear layers (linear.rs), grown on
     /// demand and kept: `[up to BIAS_SCRATCH_MAX_VALUES]`.
     scratch_f32: Mutex<CudaSlice<f32>>,
@@ -31,6 +39,14 @@ pub struct Device {
     /// driver anyway, and a fresh `Vec` faults in its pages on every call (on the H200
     /// VM, [64, 152064] logits took 24 ms that way; the decode step itself takes 6).
     staging: Mutex<Option<Staging>>,
+    /// Scratch buffers replaced by larger ones after a graph was captured: a graph keeps
+    /// the addresses it was captured with, so they are kept for the device's lifetime.
+    retired_scratch: Mutex<Vec<Box<dyn Any + Send>>>,
+    /// Set once any graph has been captured (`capture`).
+    graphs_exist: AtomicBool,
+    /// While a graph is being captured: copies to or from the host and synchronisation,
+    /// which a capture cannot contain, panic instead of corrupting it.
+    capturing: AtomicBool,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
     /// Kernels the dispatch takes only when asked, read from the environment at open.
     pub opt_in: OptIn,
@@ -46,14 +62,24 @@ pub struct OptIn {
     /// QILIN_CUDA_QGEMV_SMALL=1: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
     /// 1..=QILIN_QGEMV_SMALL_MAX_TOKENS tokens.
     pub qgemv_small: bool,
+    /// QILIN_CUDA_GRAPHS=1: decode steps replayed through CUDA graphs (graph.rs).
+    pub graphs: bool,
 }
 
 impl OptIn {
     fn from_env() -> OptIn {
         let on = |name: &str| std::env::var(name).as_deref() == Ok("1");
-        OptIn { gemv_mma: on("QILIN_CUDA_GEMV_MMA"), qgemv_small: on("QILIN_CUDA_QGEMV_SMALL") }
+        OptIn {
+            gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
+            qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
+            graphs: on("QILIN_CUDA_GRAPHS"),
+        }
     }
 }
+
+/// Bytes of cuBLAS's workspace: what NVIDIA recommends for Hopper (32 MiB), more than
+/// earlier architectures use.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Device {
     /// Opens device `ordinal` and loads every kernel in `ptx::KERNELS`; fails with the
@@ -68,9 +94,16 @@ impl Device {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| CudaError::Driver(format!("opening CUDA device {ordinal}: {e}")))?;
-        let stream = ctx.default_stream();
+        // SAFETY: every op, copy and free goes on the one stream below, which orders them;
+        // cudarc's per-buffer events (two created per allocation) would only add work, and
+        // waits on events recorded before a capture would invalidate it.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError::Driver(format!("creating a CUDA stream: {e}")))?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| CudaError::Driver(format!("starting cuBLAS: {e}")))?;
+        let blas_workspace = set_blas_workspace(&stream, &blas)?;
         let scratch_f32 = empty_scratch(&stream)?;
         let scratch_bf16 = empty_scratch(&stream)?;
         let mut modules = HashMap::new();
@@ -88,9 +121,57 @@ impl Device {
             })?;
             functions.insert((kernel.module, kernel.entry), function);
         }
-        let staging = Mutex::new(None);
-        let opt_in = OptIn::from_env();
-        Ok(Device { ctx, stream, blas, scratch_f32, scratch_bf16, staging, functions, opt_in })
+        Ok(Device {
+            ctx,
+            stream,
+            blas,
+            _blas_workspace: blas_workspace,
+            scratch_f32,
+            scratch_bf16,
+            staging: Mutex::new(None),
+            retired_scratch: Mutex::new(Vec::new()),
+            graphs_exist: AtomicBool::new(false),
+            capturing: AtomicBool::new(false),
+            functions,
+            opt_in: OptIn::from_env(),
+        })
+    }
+
+    /// Records what `body` queues on the stream into a graph instead of running it. Host
+    /// copies and synchronisation inside `body` panic (they cannot be captured); device
+    /// memory `body` allocates must be freed by it, and memory it frees must have been
+    /// allocated by it (a graph would free it again at every launch).
+    pub fn capture<R>(&self, body: impl FnOnce() -> R) -> Result<(R, CudaGraph), DriverError> {
+        assert!(!self.capturing.swap(true, Ordering::SeqCst), "nested CUDA graph capture");
+        // Ends a capture that `body` left by panicking, so the stream stays usable.
+        struct Abandon<'a>(&'a Device);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if self.0.capturing.swap(false, Ordering::SeqCst) {
+                    let _ = self.0.stream.end_capture(CUgraphInstantiate_flags(0));
+                }
+            }
+        }
+        let abandon = Abandon(self);
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let result = body();
+        self.capturing.store(false, Ordering::SeqCst);
+        std::mem::forget(abandon);
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0))?;
+        let graph = graph.ok_or(DriverError(
+            cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+        ))?;
+        self.graphs_exist.store(true, Ordering::SeqCst);
+        Ok((result, graph))
+    }
+
+    /// Panics while a graph is being captured: `what` cannot be part of one.
+    fn not_capturing(&self, what: &str) {
+        assert!(
+            !self.capturing.load(Ordering::SeqCst),
+            "CUDA graph capture: {what} cannot be captured (a launcher bug; set \
+             QILIN_CUDA_GRAPHS=0 to run without graphs)"
+        );
     }
 
     pub fn function(&self, kernel: Kernel) -> &CudaFunction {
@@ -130,20 +211,28 @@ impl Device {
     }
 
     /// `slot`'s buffer, re-allocated to `n` values when it is shorter (and kept).
-    fn grown<'a, T: DeviceRepr>(
+    fn grown<'a, T: DeviceRepr + Send + 'static>(
         &self,
         slot: &'a Mutex<CudaSlice<T>>,
         n: usize,
     ) -> MutexGuard<'a, CudaSlice<T>> {
         let mut scratch = slot.lock().unwrap_or_else(|e| e.into_inner());
         if scratch.len() < n {
+            self.not_capturing(
+                "growing a scratch buffer (the eager run before a capture grows it)",
+            );
             // SAFETY: callers of the scratch accessors write the buffer before reading it.
-            *scratch = check(unsafe { self.stream.alloc::<T>(n) }, "allocating scratch");
+            let grown = check(unsafe { self.stream.alloc::<T>(n) }, "allocating scratch");
+            let old = std::mem::replace(&mut *scratch, grown);
+            if self.graphs_exist.load(Ordering::SeqCst) {
+                self.retired_scratch.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(old));
+            }
         }
         scratch
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaSlice<T> {
+        self.not_capturing("a copy to the device");
         if host.is_empty() {
             // cudarc refuses zero-length copies; a one-element buffer is never read.
             // SAFETY: the value is overwritten before any read (it never is read).
@@ -157,6 +246,7 @@ impl Device {
         dev: &CudaSlice<T>,
         n: usize,
     ) -> Vec<T> {
+        self.not_capturing("a copy to the host");
         let mut host = check(self.stream.clone_dtoh(dev), "copying to the host");
         host.truncate(n);
         host
@@ -166,6 +256,7 @@ impl Device {
     /// reused). Chunks alternate between the two pinned staging buffers, so the host
     /// converts one chunk while the next is copied.
     pub fn download_f32_into(&self, dev: &CudaSlice<bf16>, n: usize, out: &mut Vec<f32>) {
+        self.not_capturing("a copy to the host");
         out.clear();
         if n == 0 {
             return;
@@ -201,7 +292,52 @@ impl Device {
         }
     }
 
+    /// Copies `host` into the start of `dev` (which must hold at least `host.len()`
+    /// values), in stream order; the host slice may be reused once this returns.
+    pub fn upload_into<T: DeviceRepr>(&self, host: &[T], dev: &mut CudaSlice<T>) {
+        self.not_capturing("a copy to the device");
+        assert!(host.len() <= dev.len(), "upload of {} values into {}", host.len(), dev.len());
+        if host.is_empty() {
+            return;
+        }
+        let (dst, _record) = dev.device_ptr_mut(&self.stream);
+        // SAFETY: dst holds at least host.len() values (checked); a copy from pageable
+        // host memory returns once the source has been read.
+        let copied = unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst, host, self.stream.cu_stream())
+        };
+        check(copied, "copying to the device");
+    }
+
+    /// Copies the first `n` values of `src` into the start of `dst`, in stream order
+    /// (also inside a capture).
+    pub fn copy_within_device<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+        n: usize,
+    ) {
+        assert!(n <= src.len() && n <= dst.len(), "device copy of {n} values");
+        if n == 0 {
+            return;
+        }
+        let (from, _read) = src.device_ptr(&self.stream);
+        let (to, _write) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: both buffers hold at least n values (checked) and are distinct (one is
+        // borrowed mutably).
+        let copied = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                to,
+                from,
+                n * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        };
+        check(copied, "copying on the device");
+    }
+
     pub fn synchronize(&self) {
+        self.not_capturing("synchronising the stream");
         check(self.stream.synchronize(), "synchronizing the stream");
     }
 }
@@ -236,6 +372,31 @@ impl Staging {
 /// Values per pinned staging buffer of `Device::download_f32_into` (2 MiB of bf16): large
 /// enough that a chunk's copy outlasts its launch, small enough to pin at start-up cost.
 const STAGING_VALUES: usize = 1 << 20;
+
+/// Gives cuBLAS a workspace of its own (kept by the caller as long as the handle lives).
+fn set_blas_workspace(
+    stream: &Arc<CudaStream>,
+    blas: &CudaBlas,
+) -> Result<CudaSlice<u8>, CudaError> {
+    let mut workspace = stream
+        .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+        .map_err(|e| CudaError::Driver(format!("allocating cuBLAS's workspace: {e}")))?;
+    let (ptr, record) = workspace.device_ptr_mut(stream);
+    // SAFETY: ptr addresses BLAS_WORKSPACE_BYTES bytes that the Device keeps for as long
+    // as the handle (declared before it, so dropped first).
+    let status = unsafe {
+        cudarc::cublas::sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            ptr as *mut std::ffi::c_void,
+            BLAS_WORKSPACE_BYTES,
+        )
+    };
+    if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(CudaError::Driver(format!("setting cuBLAS's workspace: {status:?}")));
+    }
+    drop(record);
+    Ok(workspace)
+}
 
 /// A one-value scratch buffer, grown on first use (`Device::grown`).
 fn empty_scratch<T: DeviceRepr>(

@@ -2,7 +2,7 @@
 //! SiLU-and-multiply. CPU twins: `CpuBackend::{embedding, gather_rows, split_cols,
 //! silu_mul}` (backend/cpu/mod.rs).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{check, Device};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
@@ -38,21 +38,42 @@ fn copy_units(len: usize, vectorised: bool) -> usize {
     }
 }
 
+/// The row indices of a gather: on the host (checked, then uploaded), or already on the
+/// device, where a captured graph reads them.
+#[derive(Clone, Copy)]
+pub enum RowIndex<'a> {
+    Host(&'a [u32]),
+    /// The first `n` values of the buffer; the caller has checked every one is in range
+    /// (the kernels index without a check).
+    Device(&'a CudaSlice<u32>, usize),
+}
+
 /// `out[r] = src[index[r]]` with qilin_embedding_bf16 or qilin_gather_rows_bf16; every
-/// index must be < `src_rows` (checked here, on the host).
+/// index must be < `src_rows` (checked here, on the host, for a host index).
 fn gather(
     dev: &Device,
     kernel: Kernel,
-    src: &cudarc::driver::CudaSlice<half::bf16>, // [src_rows, cols]
+    src: &CudaSlice<half::bf16>, // [src_rows, cols]
     src_rows: usize,
     cols: usize,
-    index: &[u32], // [n]
+    index: RowIndex<'_>, // [n]
     what: &str,
 ) -> CudaTensor {
-    if let Some((i, &bad)) = index.iter().enumerate().find(|(_, &r)| r as usize >= src_rows) {
-        panic!("{what}: index {bad} at position {i} is out of range (only {src_rows} rows)");
-    }
-    let n = index.len();
+    let n = match index {
+        RowIndex::Host(rows) => {
+            if let Some((i, &bad)) = rows.iter().enumerate().find(|(_, &r)| r as usize >= src_rows)
+            {
+                panic!(
+                    "{what}: index {bad} at position {i} is out of range (only {src_rows} rows)"
+                );
+            }
+            rows.len()
+        }
+        RowIndex::Device(rows, n) => {
+            assert!(n <= rows.len(), "{what}: {n} indices in a buffer of {}", rows.len());
+            n
+        }
+    };
     let mut out = CudaTensor { data: dev.alloc_output(n * cols), rows: n, cols };
     if n == 0 || cols == 0 {
         return out;
@@ -63,9 +84,16 @@ fn gather(
         src_rows: as_u32(src_rows, "source rows"),
     };
     let cfg = row_config(n, copy_units(cols, cols.is_multiple_of(VEC_ELEMS)));
-    let index = dev.upload(index);
+    let uploaded;
+    let index = match index {
+        RowIndex::Host(rows) => {
+            uploaded = dev.upload(rows);
+            &uploaded
+        }
+        RowIndex::Device(rows, _) => rows,
+    };
     let mut launch = dev.stream.launch_builder(dev.function(kernel));
-    launch.arg(&params).arg(&mut out.data).arg(src).arg(&index);
+    launch.arg(&params).arg(&mut out.data).arg(src).arg(index);
     // SAFETY: argument order and types follow the kernel (params, out, src, index); out
     // holds n * cols bf16, src src_rows * cols bf16, index n u32, each < src_rows
     // (checked above).
@@ -75,7 +103,7 @@ fn gather(
 
 /// Rows `ids` of the embedding table `[vocab, hidden]` -> `[ids.len(), hidden]`.
 /// Panics on an id outside the vocabulary (the engine validates prompts before this).
-pub fn embedding(dev: &Device, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
+pub fn embedding(dev: &Device, table: &CudaLinear, ids: RowIndex<'_>) -> CudaTensor {
     let (vocab, hidden) = (table.out_features, table.in_features);
     let LinearWeight::Bf16(weight) = &table.weight else {
         panic!("embedding tables are bf16 on the device (Backend::upload_embedding)")
@@ -134,7 +162,7 @@ pub fn split_cols(dev: &Device, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTen
 }
 
 /// Rows `rows` of x, in that order (repeats allowed).
-pub fn gather_rows(dev: &Device, x: &CudaTensor, rows: &[u32]) -> CudaTensor {
+pub fn gather_rows(dev: &Device, x: &CudaTensor, rows: RowIndex<'_>) -> CudaTensor {
     gather(dev, ptx::GATHER_ROWS_BF16, &x.data, x.rows, x.cols, rows, "gather_rows")
 }
 

@@ -9,6 +9,7 @@ mod attention;
 mod batch_meta;
 mod device;
 mod elementwise;
+pub mod graph;
 mod linear;
 mod norm;
 mod quant_linear;
@@ -24,9 +25,14 @@ pub use device::Device;
 pub use quant_linear::reserve_dequant_scratch;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
-use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart, RowSampling};
+use super::{
+    run_eagerly, AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart,
+    RowSampling, StepFn,
+};
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
+use elementwise::RowIndex;
+use graph::{GraphInputs, StepGraphs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -44,11 +50,39 @@ pub struct CudaBackend {
     pub dev: Device,
     /// The last batch's metadata on the device, reused by every layer of a step.
     batch_cache: Mutex<Option<(Batch, Arc<DeviceBatch>)>>,
+    /// Decode steps captured as CUDA graphs (graph.rs), when `dev.opt_in.graphs`.
+    pub graphs: Mutex<StepGraphs>,
+    /// While a step runs for a graph (its eager first run and its capture): the inputs
+    /// the graph reads, which the ops take instead of uploading the step's own.
+    bound: Mutex<Option<Arc<GraphInputs>>>,
 }
 
 impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
-        Ok(CudaBackend { dev: Device::open(ordinal)?, batch_cache: Mutex::new(None) })
+        Ok(CudaBackend {
+            dev: Device::open(ordinal)?,
+            batch_cache: Mutex::new(None),
+            graphs: Mutex::new(StepGraphs::default()),
+            bound: Mutex::new(None),
+        })
+    }
+
+    /// Makes the ops read `inputs` (a graph's) until `unbind`.
+    fn bind(&self, inputs: GraphInputs) {
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(bound.is_none(), "CUDA graphs: a step is already bound");
+        *bound = Some(Arc::new(inputs));
+    }
+
+    fn unbind(&self) -> GraphInputs {
+        let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let bound = bound.expect("CUDA graphs: unbind without bind");
+        Arc::try_unwrap(bound)
+            .unwrap_or_else(|_| panic!("CUDA graphs: a graph's inputs outlived its step"))
+    }
+
+    fn bound(&self) -> Option<Arc<GraphInputs>> {
+        self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A device tensor holding `data` (`[rows, cols]`, f32 on the host) rounded to bf16;
@@ -59,8 +93,17 @@ impl CudaBackend {
         CudaTensor { data: self.dev.upload(&bf), rows, cols }
     }
 
-    /// The batch metadata on the device, uploaded once per distinct batch.
+    /// The batch metadata on the device, uploaded once per distinct batch (a bound
+    /// graph's own while a graph's step runs).
     pub fn device_batch(&self, batch: &Batch) -> Arc<DeviceBatch> {
+        if let Some(bound) = self.bound() {
+            assert_eq!(
+                batch.n_tokens(),
+                bound.n,
+                "CUDA graphs: the step's batch is not the bound one"
+            );
+            return bound.meta.clone();
+        }
         let mut cache = self.batch_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((host, dev)) = cache.as_ref() {
             if host == batch {
@@ -119,7 +162,23 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
-        elementwise::embedding(&self.dev, table, ids)
+        match self.bound() {
+            Some(bound) => {
+                assert_eq!(
+                    ids.len(),
+                    bound.n,
+                    "CUDA graphs: the step's ids are not the bound ones"
+                );
+                // The bound buffer holds these ids (GraphInputs); checked here as the
+                // host path checks them, since the kernel does not.
+                let vocab = table.out_features;
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    panic!("embedding: token id {bad} is out of range (vocabulary of {vocab})");
+                }
+                elementwise::embedding(&self.dev, table, RowIndex::Device(&bound.ids, bound.n))
+            }
+            None => elementwise::embedding(&self.dev, table, RowIndex::Host(ids)),
+        }
     }
 
     fn add_rms_norm(
@@ -172,7 +231,19 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> CudaTensor {
-        elementwise::gather_rows(&self.dev, x, rows)
+        match self.bound() {
+            Some(bound) => {
+                // A bound step gathers only its logits rows, which are 0..n.
+                let identity = rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+                assert!(
+                    rows.len() == bound.n && identity && x.rows >= bound.n,
+                    "CUDA graphs: a bound step gathers rows 0..{} only",
+                    bound.n
+                );
+                elementwise::gather_rows(&self.dev, x, RowIndex::Device(&bound.rows, bound.n))
+            }
+            None => elementwise::gather_rows(&self.dev, x, RowIndex::Host(rows)),
+        }
     }
 
     fn to_host_into(&self, x: &CudaTensor, out: &mut Vec<f32>) {
@@ -185,5 +256,18 @@ impl Backend for CudaBackend {
 
     fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Vec<u32> {
         sampling::sample_rows(&self.dev, logits, rows)
+    }
+
+    fn run_step(
+        &self,
+        batch: &Batch,
+        rope: &mut RopeTable,
+        step: &mut StepFn<'_, CudaTensor>,
+    ) -> Option<CudaTensor> {
+        if self.dev.opt_in.graphs {
+            graph::run_step(self, batch, rope, step)
+        } else {
+            run_eagerly(batch, rope, step)
+        }
     }
 }

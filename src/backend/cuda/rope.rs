@@ -31,8 +31,26 @@ struct DeviceTable {
     half: usize,
     /// cos and sin rows 1 and len - 1 of the table that was uploaded.
     fingerprint: Vec<u32>,
-    cos: CudaSlice<f32>, // [len, half]
-    sin: CudaSlice<f32>, // [len, half]
+    /// Shared with the CUDA graphs captured while this was the table (`pin_table`).
+    cos: Arc<CudaSlice<f32>>, // [len, half]
+    sin: Arc<CudaSlice<f32>>, // [len, half]
+}
+
+/// A device table kept alive by a captured graph that reads it, after the engine's table
+/// has grown and the entry here was replaced.
+pub struct PinnedTable {
+    _cos: Arc<CudaSlice<f32>>,
+    _sin: Arc<CudaSlice<f32>>,
+}
+
+/// The device copy of `rope` that `rope_and_store_kv` reads now, kept alive for as long as
+/// the result is; None when it has not been uploaded yet.
+pub fn pin_table(dev: &Device, rope: &RopeTable) -> Option<PinnedTable> {
+    let ctx = Arc::as_ptr(&dev.ctx) as usize;
+    let print = fingerprint(rope);
+    let tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    let table = tables.iter().find(|t| t.matches(ctx, rope, &print))?;
+    Some(PinnedTable { _cos: table.cos.clone(), _sin: table.sin.clone() })
 }
 
 /// At most this many contexts keep a table (tests open several backends; production one
@@ -139,8 +157,8 @@ pub fn rope_and_store_kv(
         .arg(&mut q.data)
         .arg(&mut k.data)
         .arg(&v.data)
-        .arg(&table.cos)
-        .arg(&table.sin)
+        .arg(table.cos.as_ref())
+        .arg(table.sin.as_ref())
         .arg(&batch.positions)
         .arg(&batch.slot_mapping)
         .arg(keys)
@@ -175,8 +193,8 @@ fn device_table<'a>(
         len: rope.len(),
         half: rope.half_dim(),
         fingerprint: print,
-        cos: dev.upload(&rope.cos),
-        sin: dev.upload(&rope.sin),
+        cos: Arc::new(dev.upload(&rope.cos)),
+        sin: Arc::new(dev.upload(&rope.sin)),
     });
     tables.last().expect("just pushed")
 }
