@@ -239,6 +239,12 @@ typedef struct QilinRopeParams {
 #define QILIN_ATTN_PREFILL_BLOCK_M 64
 #define QILIN_ATTN_PREFILL_BLOCK_N 64
 #define QILIN_ATTN_PREFILL_THREADS 128
+/* The wide prefill kernels (32 query rows per warp): rows per query tile; the head_dim-128
+ * one's keys per tile and dynamic shared memory (Q, K and V tiles of 136-bf16 rows:
+ * (128 + 2 * 32) * 136 * 2 bytes). */
+#define QILIN_ATTN_PREFILL_WIDE_BLOCK_M 128
+#define QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N 32
+#define QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES 52224
 
 /* Plain-FMA fallback kernel: one warp per (query row, head). */
 #define QILIN_ATTN_SIMPLE_THREADS 32

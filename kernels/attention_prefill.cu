@@ -38,6 +38,13 @@
 //   GQA: each block reads its KV head's tiles; the group's other heads read the same
 //   tiles, mostly from L2.
 //
+// qilin_attention_prefill_wide_hd{64,128}_bf16 (opt-in, QILIN_ATTN_PREFILL_WIDE=1, until a
+//   GPU run of tests/gpu_attention.rs passes): the same kernel with 128-row query tiles,
+//   each warp owning two m16 tiles (32 rows), so every K and V fragment loaded from shared
+//   memory feeds twice the mma work; grid.y counts tiles of
+//   QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows. head_dim 128 keeps Q in dynamic shared memory
+//   and loads its fragments per key tile (O alone takes 128 registers), with 32-key tiles.
+//
 // qilin_attention_prefill_simple_bf16 (fallback, any D % 8 == 0 up to 256): one warp per
 //   (row, head), keys one at a time: warp-reduced dot product, online softmax with expf,
 //   no shared memory. The launcher uses it for head sizes without a tensor-core kernel,
@@ -52,7 +59,8 @@
 //
 // Launch contract (checked by the Rust launcher; violations trap):
 //   hd kernels: head_dim == 64 / 128, blockDim.x == QILIN_ATTN_PREFILL_THREADS, static
-//   shared memory only (2 * 64 * (D + 8) * 2 B = 34,816 B for D = 128, 18,432 B for 64);
+//   shared memory only (2 * 64 * (D + 8) * 2 B = 34,816 B for D = 128, 18,432 B for 64),
+//   except wide_hd128: QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES of dynamic shared memory;
 //   simple kernel: D % 8 == 0, D <= QILIN_ATTN_MAX_HEAD_DIM, blockDim.x == 32;
 //   both: num_heads % num_kv_heads == 0, seq_starts[0] == 0 and non-decreasing, and
 //   len <= ctx for every sequence; q/out rows 16-byte aligned.
@@ -60,20 +68,24 @@
 #include "attention_common.cuh"
 #include "mma.cuh"
 
-static constexpr int BLOCK_M = QILIN_ATTN_PREFILL_BLOCK_M;
-static constexpr int BLOCK_N = QILIN_ATTN_PREFILL_BLOCK_N;
 static constexpr int PREFILL_THREADS = QILIN_ATTN_PREFILL_THREADS;
+static constexpr int PREFILL_WARPS = PREFILL_THREADS / QILIN_WARP_SIZE;
 static constexpr int SMEM_PAD = 8;  // bf16 per shared row beyond D
 
-static_assert(BLOCK_M == 16 * (PREFILL_THREADS / QILIN_WARP_SIZE), "16 query rows per warp");
-static_assert(BLOCK_N % 16 == 0 && BLOCK_N % QILIN_BLOCK_SIZE == 0, "BLOCK_N in whole blocks");
+static_assert(QILIN_ATTN_PREFILL_BLOCK_M == 16 * PREFILL_WARPS, "16 query rows per warp");
+static_assert(QILIN_ATTN_PREFILL_WIDE_BLOCK_M == 32 * PREFILL_WARPS, "32 query rows per warp");
+static_assert(QILIN_ATTN_PREFILL_BLOCK_N % 16 == 0 &&
+                  QILIN_ATTN_PREFILL_BLOCK_N % QILIN_BLOCK_SIZE == 0,
+              "BLOCK_N in whole blocks");
 
 // ---------------------------------------------------------------------------------------
 // Tensor-core kernel.
 
-// The sequence and query tile of tile slot b (see the header); false: nothing to do.
+// The sequence and query tile of tile slot b (see the header) for query tiles of
+// `block_m` rows; false: nothing to do.
 QILIN_DEVICE bool prefill_tile_of(const QilinAttentionParams& p,
                                   const uint32_t* __restrict__ seq_starts,
+                                  unsigned block_m,
                                   unsigned b,
                                   unsigned& seq,
                                   unsigned& tile) {
@@ -84,13 +96,13 @@ QILIN_DEVICE bool prefill_tile_of(const QilinAttentionParams& p,
     unsigned hi = p.n_seqs - 1;
     while (lo < hi) {
         const unsigned mid = (lo + hi + 1) / 2;
-        if (seq_starts[mid] / BLOCK_M + mid <= b) {
+        if (seq_starts[mid] / block_m + mid <= b) {
             lo = mid;
         } else {
             hi = mid - 1;
         }
     }
-    const unsigned first = seq_starts[lo] / BLOCK_M + lo;
+    const unsigned first = seq_starts[lo] / block_m + lo;
     if (first > b) {
         return false;  // only if seq_starts[0] != 0 (a broken batch)
     }
@@ -99,7 +111,11 @@ QILIN_DEVICE bool prefill_tile_of(const QilinAttentionParams& p,
     return true;
 }
 
-template <int D>
+// D: head_dim. MT: m16 tiles of query rows per warp (1: 64-row block tiles; 2: 128-row
+// tiles, each K/V fragment read from shared memory feeding twice the mma work). BN: keys
+// per tile. QS: Q stays in shared memory (dynamic, prefill_smem_bytes) and its fragments
+// are loaded per key tile, instead of living in registers for the whole kernel.
+template <int D, int MT, int BN, bool QS>
 QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
                                         bf16* __restrict__ out,
                                         const bf16* __restrict__ q,
@@ -109,10 +125,29 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
                                         const uint32_t* __restrict__ context_lens,
                                         const uint32_t* __restrict__ block_tables) {
     static_assert(D % 32 == 0 && D <= QILIN_ATTN_MAX_HEAD_DIM, "pairs of 16-dim k-steps");
+    static_assert(BN % 16 == 0 && BN % QILIN_BLOCK_SIZE == 0, "BN in whole blocks");
+    constexpr int BLOCK_M = 16 * MT * PREFILL_WARPS;
     constexpr int LD = D + SMEM_PAD;  // shared row stride in bf16 (16-byte multiple)
     constexpr int VECS = D / QILIN_VEC_ELEMS;
-    __shared__ __align__(128) bf16 s_k[BLOCK_N * LD];  // [BLOCK_N keys][D (+ pad)]
-    __shared__ __align__(128) bf16 s_v[BLOCK_N * LD];  // [BLOCK_N keys][D (+ pad)]
+    bf16* s_q = nullptr;  // [BLOCK_M rows][D (+ pad)] when QS
+    bf16* s_k;            // [BN keys][D (+ pad)]
+    bf16* s_v;            // [BN keys][D (+ pad)]
+    if constexpr (QS) {
+        extern __shared__ __align__(128) unsigned char prefill_dynamic_smem[];
+        unsigned dynamic_bytes;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+        if (dynamic_bytes < (BLOCK_M + 2 * BN) * LD * sizeof(bf16)) {
+            __trap();
+        }
+        s_q = reinterpret_cast<bf16*>(prefill_dynamic_smem);
+        s_k = s_q + BLOCK_M * LD;
+        s_v = s_k + BN * LD;
+    } else {
+        __shared__ __align__(128) bf16 static_k[BN * LD];
+        __shared__ __align__(128) bf16 static_v[BN * LD];
+        s_k = static_k;
+        s_v = static_v;
+    }
 
     if (blockDim.x != PREFILL_THREADS || p.head_dim != D || p.num_kv_heads == 0 ||
         p.num_heads % p.num_kv_heads != 0) {
@@ -120,7 +155,7 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
     }
     unsigned s;
     unsigned tile;
-    if (!prefill_tile_of(p, seq_starts, gridDim.y - 1 - blockIdx.y, s, tile)) {
+    if (!prefill_tile_of(p, seq_starts, BLOCK_M, gridDim.y - 1 - blockIdx.y, s, tile)) {
         return;
     }
     const unsigned start = seq_starts[s];
@@ -140,57 +175,89 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
     const unsigned first_pos = ctx - len + tile * BLOCK_M;  // position of the tile's row 0
     const unsigned rows = min((unsigned)BLOCK_M, len - tile * BLOCK_M);
     const unsigned n_keys = first_pos + rows;  // keys 0 .. n_keys - 1 are visible to some row
-    const unsigned n_tiles = ceil_div(n_keys, (unsigned)BLOCK_N);
+    const unsigned n_tiles = ceil_div(n_keys, (unsigned)BN);
 
     const unsigned warp = threadIdx.x / QILIN_WARP_SIZE;
     const unsigned lane = threadIdx.x % QILIN_WARP_SIZE;
-    const unsigned r0 = warp * 16 + lane / 4;  // this lane's two rows of the tile
-    const unsigned r1 = r0 + 8;
+    // This lane's two rows of m-tile mt: r0 + 16 * mt and r0 + 16 * mt + 8.
+    const unsigned r0 = warp * 16 * MT + lane / 4;
     const unsigned c0 = (lane % 4) * 2;  // this lane's first column of every fragment
 
     const size_t q_stride = (size_t)p.num_heads * D;
     const size_t row0 = (size_t)start + tile * BLOCK_M;
     const bf16* q_tile = q + row0 * q_stride + (size_t)head * D;
 
-    // Q as mma A fragments for the D / 16 k-steps; rows past the chunk are zero.
-    uint32_t qa[D / 16][4];
+    // Q as mma A fragments for the D / 16 k-steps, in registers (!QS), or its tile in
+    // shared memory (QS, copied in with K's first tile); rows past the chunk are zero.
+    uint32_t qa[QS ? 1 : MT][QS ? 1 : D / 16][4];
+    if constexpr (QS) {
+        static_assert(BLOCK_M * VECS % PREFILL_THREADS == 0, "whole Q chunks per thread");
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const bf16* p0 = q_tile + r0 * q_stride + kk * 16 + c0;
-        const bf16* p1 = q_tile + r1 * q_stride + kk * 16 + c0;
-        qa[kk][0] = r0 < rows ? *reinterpret_cast<const uint32_t*>(p0) : 0u;
-        qa[kk][1] = r1 < rows ? *reinterpret_cast<const uint32_t*>(p1) : 0u;
-        qa[kk][2] = r0 < rows ? *reinterpret_cast<const uint32_t*>(p0 + 8) : 0u;
-        qa[kk][3] = r1 < rows ? *reinterpret_cast<const uint32_t*>(p1 + 8) : 0u;
-    }
-
-    float o[D / 8][4];  // output accumulators, C layout, 8 dims per n-tile
+        for (int i = 0; i < BLOCK_M * VECS / PREFILL_THREADS; ++i) {
+            const unsigned c = threadIdx.x + i * PREFILL_THREADS;
+            const unsigned r = c / VECS;
+            const unsigned vec = c % VECS;
+            const uint32_t at = smem_u32(s_q + r * LD + vec * QILIN_VEC_ELEMS);
+            const bf16* from = q_tile + (r < rows ? r * q_stride + vec * QILIN_VEC_ELEMS : 0);
+            cp_async_16(at, from, r < rows ? 16 : 0);
+        }
+    } else {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
+        for (int mt = 0; mt < MT; ++mt) {
+            const unsigned ra = r0 + 16 * mt;
+            const unsigned rb = ra + 8;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[dt][i] = 0.0f;
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const bf16* p0 = q_tile + ra * q_stride + kk * 16 + c0;
+                const bf16* p1 = q_tile + rb * q_stride + kk * 16 + c0;
+                qa[mt][kk][0] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0) : 0u;
+                qa[mt][kk][1] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1) : 0u;
+                qa[mt][kk][2] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0 + 8) : 0u;
+                qa[mt][kk][3] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1 + 8) : 0u;
+            }
         }
     }
-    float m0 = -INFINITY;  // running max (log2 domain) of rows r0 and r1
-    float m1 = -INFINITY;
-    float l0 = 0.0f;  // running sum of this lane's columns; the 4 lanes of a row are summed
-    float l1 = 0.0f;  // at the end (they share m, so the partial sums rescale alike)
+
+    float o[MT][D / 8][4];  // output accumulators, C layout, 8 dims per n-tile
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                o[mt][dt][i] = 0.0f;
+            }
+        }
+    }
+    // Running max (log2 domain) of each m-tile's rows r and r + 8, and running sums of this
+    // lane's columns; the 4 lanes of a row are summed at the end (they share m, so the
+    // partial sums rescale alike).
+    float m_lo[MT];
+    float m_hi[MT];
+    float l_lo[MT];
+    float l_hi[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m_lo[mt] = -INFINITY;
+        m_hi[mt] = -INFINITY;
+        l_lo[mt] = 0.0f;
+        l_hi[mt] = 0.0f;
+    }
     const float scale_log2 = p.scale * QILIN_LOG2E;
 
     const size_t kv_stride = (size_t)p.num_kv_heads * D;
     const size_t head_offset = (size_t)kv_head * D;
     const uint32_t* table = block_tables + (size_t)s * p.max_blocks_per_seq;
 
-    // Gathers keys kt*BLOCK_N .. +BLOCK_N of `cache` into `dst`; keys >= n_keys become 0.
-    static_assert(BLOCK_N * VECS % PREFILL_THREADS == 0, "whole chunks per thread");
+    // Gathers keys kt*BN .. +BN of `cache` into `dst`; keys >= n_keys become 0.
+    static_assert(BN * VECS % PREFILL_THREADS == 0, "whole chunks per thread");
     auto load_tile = [&](bf16* dst, const bf16* __restrict__ cache, unsigned kt) {
 #pragma unroll
-        for (int i = 0; i < BLOCK_N * VECS / PREFILL_THREADS; ++i) {
+        for (int i = 0; i < BN * VECS / PREFILL_THREADS; ++i) {
             const unsigned c = threadIdx.x + i * PREFILL_THREADS;
             const unsigned key = c / VECS;
             const unsigned vec = c % VECS;
-            const unsigned j = kt * BLOCK_N + key;
+            const unsigned j = kt * BN + key;
             const uint32_t at = smem_u32(dst + key * LD + vec * QILIN_VEC_ELEMS);
             if (j < n_keys) {
                 const size_t slot = attention_cache_slot(table, j, p);
@@ -209,79 +276,124 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
         cp_async_wait<1>();  // K(kt) has landed (groups complete in order) ...
         __syncthreads();     // ... for every thread's chunks
 
-        // S = Q K^T for this warp's 16 rows x BLOCK_N keys.
-        float sc[BLOCK_N / 8][4];
+        // S = Q K^T for this warp's 16 * MT rows x BN keys.
+        float sc[MT][BN / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                sc[nt][i] = 0.0f;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    sc[mt][nt][i] = 0.0f;
+                }
             }
         }
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk) {
+            // This pair of k-steps' Q fragments: from registers, or (QS) one ldmatrix.x4
+            // per m-tile and k-step (lanes 0-15 address rows 0-15 at column 0, lanes 16-31
+            // the same rows at column 8: the four 8x8 matrices of the A layout).
+            uint32_t q_pair[MT][2][4];
 #pragma unroll
-            for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if constexpr (QS) {
+                        const unsigned r = warp * 16 * MT + mt * 16 + lane % 16;
+                        ldmatrix_x4(q_pair[mt][h],
+                                    smem_u32(s_q + r * LD + (2 * kk + h) * 16 + (lane / 16) * 8));
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            q_pair[mt][h][i] = qa[mt][2 * kk + h][i];
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
                 // Matrices: keys nt*8..+7 x dims kk*32 + {0, 8, 16, 24} .. +7.
                 uint32_t b[4];
                 ldmatrix_x4(b, smem_u32(s_k + (nt * 8 + lane % 8) * LD + kk * 32 + (lane / 8) * 8));
-                mma_bf16_16816(sc[nt], qa[2 * kk], b[0], b[1]);
-                mma_bf16_16816(sc[nt], qa[2 * kk + 1], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(sc[mt][nt], q_pair[mt][0], b[0], b[1]);
+                    mma_bf16_16816(sc[mt][nt], q_pair[mt][1], b[2], b[3]);
+                }
             }
         }
 
         // Scale into the log2 domain and mask keys after each row's own position. Row 0
         // always sees key 0 in tile 0, so every row's max is finite from tile 0 on.
-        const bool needs_mask = kt * BLOCK_N + BLOCK_N - 1 > first_pos;
-        float mx0 = -INFINITY;
-        float mx1 = -INFINITY;
+        const bool needs_mask = kt * BN + BN - 1 > first_pos;
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+        for (int mt = 0; mt < MT; ++mt) {
+            const unsigned ra = r0 + 16 * mt;
+            float mx0 = -INFINITY;
+            float mx1 = -INFINITY;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                float x = sc[nt][i] * scale_log2;
-                if (needs_mask) {
-                    const unsigned key = kt * BLOCK_N + nt * 8 + c0 + (i & 1);
-                    const unsigned r = i < 2 ? r0 : r1;
-                    if (key > first_pos + r) {
-                        x = -INFINITY;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float x = sc[mt][nt][i] * scale_log2;
+                    if (needs_mask) {
+                        const unsigned key = kt * BN + nt * 8 + c0 + (i & 1);
+                        const unsigned r = i < 2 ? ra : ra + 8;
+                        if (key > first_pos + r) {
+                            x = -INFINITY;
+                        }
                     }
+                    sc[mt][nt][i] = x;
                 }
-                sc[nt][i] = x;
+                mx0 = fmaxf(mx0, fmaxf(sc[mt][nt][0], sc[mt][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[mt][nt][2], sc[mt][nt][3]));
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
-        }
-        // The 4 lanes of a quad hold the same two rows.
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float m0_new = fmaxf(m0, mx0);
-        const float m1_new = fmaxf(m1, mx1);
-        const float corr0 = attention_rescale(m0, m0_new);
-        const float corr1 = attention_rescale(m1, m1_new);
-        m0 = m0_new;
-        m1 = m1_new;
-        float sum0 = 0.0f;
-        float sum1 = 0.0f;
+            // The 4 lanes of a quad hold the same two rows.
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float m0_new = fmaxf(m_lo[mt], mx0);
+            const float m1_new = fmaxf(m_hi[mt], mx1);
+            const float corr0 = attention_rescale(m_lo[mt], m0_new);
+            const float corr1 = attention_rescale(m_hi[mt], m1_new);
+            m_lo[mt] = m0_new;
+            m_hi[mt] = m1_new;
+            float sum0 = 0.0f;
+            float sum1 = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-            sc[nt][0] = exp2f(sc[nt][0] - m0);  // masked: exp2(-inf) = 0
-            sc[nt][1] = exp2f(sc[nt][1] - m0);
-            sc[nt][2] = exp2f(sc[nt][2] - m1);
-            sc[nt][3] = exp2f(sc[nt][3] - m1);
-            sum0 += sc[nt][0] + sc[nt][1];
-            sum1 += sc[nt][2] + sc[nt][3];
-        }
-        l0 = l0 * corr0 + sum0;
-        l1 = l1 * corr1 + sum1;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                sc[mt][nt][0] = exp2f(sc[mt][nt][0] - m0_new);  // masked: exp2(-inf) = 0
+                sc[mt][nt][1] = exp2f(sc[mt][nt][1] - m0_new);
+                sc[mt][nt][2] = exp2f(sc[mt][nt][2] - m1_new);
+                sc[mt][nt][3] = exp2f(sc[mt][nt][3] - m1_new);
+                sum0 += sc[mt][nt][0] + sc[mt][nt][1];
+                sum1 += sc[mt][nt][2] + sc[mt][nt][3];
+            }
+            l_lo[mt] = l_lo[mt] * corr0 + sum0;
+            l_hi[mt] = l_hi[mt] * corr1 + sum1;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-            o[dt][0] *= corr0;
-            o[dt][1] *= corr0;
-            o[dt][2] *= corr1;
-            o[dt][3] *= corr1;
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o[mt][dt][0] *= corr0;
+                o[mt][dt][1] *= corr0;
+                o[mt][dt][2] *= corr1;
+                o[mt][dt][3] *= corr1;
+            }
+        }
+
+        // P in bf16 as mma A fragments: the S accumulators of n-tiles 2kc and 2kc+1 are the
+        // A fragment of keys kc*16 .. +15. Packed before K(kt+1)'s copy is issued, so the
+        // f32 scores are dead by then (half the registers).
+        uint32_t pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int kc = 0; kc < BN / 16; ++kc) {
+                pa[mt][kc][0] = pack_bf16x2(sc[mt][2 * kc][0], sc[mt][2 * kc][1]);
+                pa[mt][kc][1] = pack_bf16x2(sc[mt][2 * kc][2], sc[mt][2 * kc][3]);
+                pa[mt][kc][2] = pack_bf16x2(sc[mt][2 * kc + 1][0], sc[mt][2 * kc + 1][1]);
+                pa[mt][kc][3] = pack_bf16x2(sc[mt][2 * kc + 1][2], sc[mt][2 * kc + 1][3]);
+            }
         }
 
         cp_async_wait<0>();  // V(kt) has landed ...
@@ -291,15 +403,9 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
             cp_async_commit();
         }
 
-        // O += P V: the S accumulators of n-tiles 2kc and 2kc+1 are the A fragment of
-        // keys kc*16 .. +15.
+        // O += P V.
 #pragma unroll
-        for (int kc = 0; kc < BLOCK_N / 16; ++kc) {
-            uint32_t a[4];
-            a[0] = pack_bf16x2(sc[2 * kc][0], sc[2 * kc][1]);
-            a[1] = pack_bf16x2(sc[2 * kc][2], sc[2 * kc][3]);
-            a[2] = pack_bf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-            a[3] = pack_bf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+        for (int kc = 0; kc < BN / 16; ++kc) {
 #pragma unroll
             for (int dt = 0; dt < D / 16; ++dt) {
                 // Matrices: keys kc*16 + {0, 8} .. +7 x dims dt*16 + {0, 8} .. +7, transposed.
@@ -307,30 +413,42 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
                 const unsigned dim = dt * 16 + (lane / 16) * 8;
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, smem_u32(s_v + key * LD + dim));
-                mma_bf16_16816(o[2 * dt], a, b[0], b[1]);
-                mma_bf16_16816(o[2 * dt + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(o[mt][2 * dt], pa[mt][kc], b[0], b[1]);
+                    mma_bf16_16816(o[mt][2 * dt + 1], pa[mt][kc], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done reading s_v before V(kt+1) overwrites it
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = 1.0f / l0;  // l >= 1: the row max contributes exp2(0)
-    const float inv1 = 1.0f / l1;
     bf16* out_tile = out + row0 * q_stride + (size_t)head * D;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-        const unsigned col = dt * 8 + c0;
-        if (r0 < rows) {
-            *reinterpret_cast<uint32_t*>(out_tile + r0 * q_stride + col) =
-                pack_bf16x2(o[dt][0] * inv0, o[dt][1] * inv0);
-        }
-        if (r1 < rows) {
-            *reinterpret_cast<uint32_t*>(out_tile + r1 * q_stride + col) =
-                pack_bf16x2(o[dt][2] * inv1, o[dt][3] * inv1);
+    for (int mt = 0; mt < MT; ++mt) {
+        const unsigned ra = r0 + 16 * mt;
+        const unsigned rb = ra + 8;
+        float l0 = l_lo[mt];
+        float l1 = l_hi[mt];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        // l >= 1 for a row of the chunk (its max contributes exp2(0)); a row past the
+        // chunk (all-zero q) is not stored.
+        const float inv0 = 1.0f / l0;
+        const float inv1 = 1.0f / l1;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            const unsigned col = dt * 8 + c0;
+            if (ra < rows) {
+                *reinterpret_cast<uint32_t*>(out_tile + ra * q_stride + col) =
+                    pack_bf16x2(o[mt][dt][0] * inv0, o[mt][dt][1] * inv0);
+            }
+            if (rb < rows) {
+                *reinterpret_cast<uint32_t*>(out_tile + rb * q_stride + col) =
+                    pack_bf16x2(o[mt][dt][2] * inv1, o[mt][dt][3] * inv1);
+            }
         }
     }
 }
@@ -352,8 +470,8 @@ qilin_attention_prefill_hd64_bf16(const QilinAttentionParams p,
                                   const uint32_t* __restrict__ seq_starts,
                                   const uint32_t* __restrict__ context_lens,
                                   const uint32_t* __restrict__ block_tables) {
-    attention_prefill_mma<64>(p, out, q, k_cache, v_cache, seq_starts, context_lens,
-                              block_tables);
+    attention_prefill_mma<64, 1, QILIN_ATTN_PREFILL_BLOCK_N, false>(
+        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
 }
 
 // Same arguments and shapes as qilin_attention_prefill_hd64_bf16, D = 128.
@@ -368,8 +486,52 @@ qilin_attention_prefill_hd128_bf16(const QilinAttentionParams p,
                                    const uint32_t* __restrict__ seq_starts,
                                    const uint32_t* __restrict__ context_lens,
                                    const uint32_t* __restrict__ block_tables) {
-    attention_prefill_mma<128>(p, out, q, k_cache, v_cache, seq_starts, context_lens,
-                               block_tables);
+    attention_prefill_mma<128, 1, QILIN_ATTN_PREFILL_BLOCK_N, false>(
+        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
+}
+
+// The wide variants (opt-in, QILIN_ATTN_PREFILL_WIDE=1, until a GPU verifies them):
+// 128-row query tiles, 32 rows per warp, so each K fragment (ldmatrix) feeds 4 mma
+// instead of 2, and each V fragment 4 instead of 2. The 64-row kernels issue one
+// ldmatrix.x4 (512 B of shared memory, ~4 clocks of an SM's 128 B/clock) per two
+// m16n8k16 mma (~1.5 clocks each at mma.sync's ~2.7 kFLOP/clock/SM on H100): shared
+// memory, not the tensor cores, bounds them (167 TFLOP/s measured at 16K on an H200).
+// Arguments and shapes as qilin_attention_prefill_hd64_bf16; grid.y counts tiles of
+// QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows.
+// D = 64: Q 32, O 64, S 64 registers (64-key tiles).
+extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 2)
+qilin_attention_prefill_wide_hd64_bf16(const QilinAttentionParams p,
+                                       bf16* __restrict__ out,
+                                       const bf16* __restrict__ q,
+                                       const bf16* __restrict__ k_cache,
+                                       const bf16* __restrict__ v_cache,
+                                       const uint32_t* __restrict__ seq_starts,
+                                       const uint32_t* __restrict__ context_lens,
+                                       const uint32_t* __restrict__ block_tables) {
+    attention_prefill_mma<64, 2, QILIN_ATTN_PREFILL_BLOCK_N, false>(
+        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
+}
+
+// D = 128: O 128 and S 64 registers; Q (64 more) would not fit beside them, so it stays
+// in shared memory: (128 + 2 * 64) rows of 136 bf16 = 69,632 B of dynamic shared memory
+// (QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES; the launcher raises the function's limit).
+// One block of 4 warps per SM.
+extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 1)
+qilin_attention_prefill_wide_hd128_bf16(const QilinAttentionParams p,
+                                        bf16* __restrict__ out,
+                                        const bf16* __restrict__ q,
+                                        const bf16* __restrict__ k_cache,
+                                        const bf16* __restrict__ v_cache,
+                                        const uint32_t* __restrict__ seq_starts,
+                                        const uint32_t* __restrict__ context_lens,
+                                        const uint32_t* __restrict__ block_tables) {
+    static_assert((QILIN_ATTN_PREFILL_WIDE_BLOCK_M + 2 * QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N) *
+                          (128 + SMEM_PAD) *
+                          sizeof(bf16) ==
+                      QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+                  "abi.h: the wide head_dim-128 kernel's dynamic shared memory");
+    attention_prefill_mma<128, 2, QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N, true>(
+        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
 }
 
 // ---------------------------------------------------------------------------------------

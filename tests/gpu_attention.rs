@@ -19,8 +19,9 @@
 //! src/backend/cuda/attention.rs): default (the tensor-core decode kernel for one-token
 //! sequences where head_dim is 64 or 128, tensor-core prefill for the rest), the decode
 //! kernel forced to 16-key splits (many splits and the reduction pass on every context),
-//! both again with the FMA decode kernels, the prefill kernel on every row, and the
-//! plain-FMA kernel on every row. A failure names the path, so it tells which kernel
+//! both again with the FMA decode kernels, the prefill kernel on every row, the
+//! 128-row-tile prefill kernels (QILIN_ATTN_PREFILL_WIDE=1) for the prefill rows and on
+//! every row, and the plain-FMA kernel on every row. A failure names the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
@@ -78,6 +79,7 @@ struct Path {
     no_decode: bool,
     decode_fma: bool,
     split_tokens: Option<&'static str>,
+    prefill_wide: bool,
 }
 
 const PATHS: &[Path] = &[
@@ -87,6 +89,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
+        prefill_wide: false,
     },
     Path {
         name: "decode-split-16",
@@ -94,6 +97,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: Some("16"),
+        prefill_wide: false,
     },
     Path {
         name: "decode-fma",
@@ -101,6 +105,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: true,
         split_tokens: None,
+        prefill_wide: false,
     },
     Path {
         name: "decode-fma-split-16",
@@ -108,6 +113,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: true,
         split_tokens: Some("16"),
+        prefill_wide: false,
     },
     Path {
         name: "prefill-kernel-only",
@@ -115,6 +121,23 @@ const PATHS: &[Path] = &[
         no_decode: true,
         decode_fma: false,
         split_tokens: None,
+        prefill_wide: false,
+    },
+    Path {
+        name: "prefill-wide",
+        simple: false,
+        no_decode: false,
+        decode_fma: false,
+        split_tokens: None,
+        prefill_wide: true,
+    },
+    Path {
+        name: "prefill-wide-only",
+        simple: false,
+        no_decode: true,
+        decode_fma: false,
+        split_tokens: None,
+        prefill_wide: true,
     },
     Path {
         name: "simple-fma",
@@ -122,6 +145,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
+        prefill_wide: false,
     },
 ];
 
@@ -169,6 +193,7 @@ fn set_path(path: &Path) {
     set("QILIN_ATTN_NO_DECODE", path.no_decode.then_some("1"));
     set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
     set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
+    set("QILIN_ATTN_PREFILL_WIDE", path.prefill_wide.then_some("1"));
 }
 
 /// The paths to run: all, or the one QILIN_ATTN_TEST_PATH names.

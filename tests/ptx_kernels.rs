@@ -313,6 +313,18 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
+        entry: "qilin_attention_prefill_wide_hd64_bf16",
+        launcher: "src/backend/cuda/attention.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
+        entry: "qilin_attention_prefill_wide_hd128_bf16",
+        launcher: "src/backend/cuda/attention.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
         entry: "qilin_attention_prefill_simple_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -585,6 +597,8 @@ fn attention_module_entries_and_params_match_the_rust_side() {
     let expected: BTreeSet<&str> = [
         ptx::ATTENTION_PREFILL_HD64_BF16.entry,
         ptx::ATTENTION_PREFILL_HD128_BF16.entry,
+        ptx::ATTENTION_PREFILL_WIDE_HD64_BF16.entry,
+        ptx::ATTENTION_PREFILL_WIDE_HD128_BF16.entry,
         ptx::ATTENTION_PREFILL_SIMPLE_BF16.entry,
     ]
     .into_iter()
@@ -599,6 +613,8 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_DECODE_REDUCE_BF16,
         ptx::ATTENTION_PREFILL_HD64_BF16,
         ptx::ATTENTION_PREFILL_HD128_BF16,
+        ptx::ATTENTION_PREFILL_WIDE_HD64_BF16,
+        ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
         ptx::ATTENTION_PREFILL_SIMPLE_BF16,
     ] {
         let text = module_ptx(kernel.module).expect("module embedded");

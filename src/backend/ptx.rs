@@ -61,6 +61,13 @@ pub const ATTENTION_PREFILL_HD64_BF16: Kernel =
 /// Flash-attention prefill on tensor cores, head_dim 128; see kernels/attention_prefill.cu.
 pub const ATTENTION_PREFILL_HD128_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_hd128_bf16" };
+/// Flash-attention prefill, 128-row query tiles (compiles, unverified; opt-in), head_dim
+/// 64; see kernels/attention_prefill.cu.
+pub const ATTENTION_PREFILL_WIDE_HD64_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd64_bf16" };
+/// As ATTENTION_PREFILL_WIDE_HD64_BF16, head_dim 128 (Q in dynamic shared memory).
+pub const ATTENTION_PREFILL_WIDE_HD128_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd128_bf16" };
 /// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
 /// kernels/attention_prefill.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
@@ -108,6 +115,8 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_DECODE_REDUCE_BF16,
     ATTENTION_PREFILL_HD64_BF16,
     ATTENTION_PREFILL_HD128_BF16,
+    ATTENTION_PREFILL_WIDE_HD64_BF16,
+    ATTENTION_PREFILL_WIDE_HD128_BF16,
     ATTENTION_PREFILL_SIMPLE_BF16,
     GEMV_MMA_BF16,
     QGEMV_W4_BF16,

@@ -560,6 +560,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention(&qt, &batch, &cache, 0, shape));
         });
+        // The 128-row-tile kernels (opt-in until verified), on the same batch.
+        let what = format!("prefill (wide tiles): {len} tokens, causal");
+        bench.measure("attention", what, bytes, flops, &mut || {
+            drop(b.attention_prefill_wide(&qt, &batch, &cache, 0, shape));
+        });
     }
 
     let report = &bench.report;

@@ -20,7 +20,9 @@
 //! - `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row, decode rows included;
 //! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
-//!   keys per split, instead of the occupancy-based choice.
+//!   keys per split, instead of the occupancy-based choice;
+//! - `QILIN_ATTN_PREFILL_WIDE=1`: the prefill rows take the 128-row-tile kernels
+//!   (qilin_attention_prefill_wide_hd{64,128}_bf16; opt-in until a GPU verifies them).
 
 use std::sync::Once;
 
@@ -34,8 +36,9 @@ use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{
     QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_DECODE_MAX_GROUP, QILIN_ATTN_DECODE_MMA_MAX_GROUP,
     QILIN_ATTN_DECODE_MMA_THREADS, QILIN_ATTN_DECODE_THREADS, QILIN_ATTN_MAX_HEAD_DIM,
-    QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_SIMPLE_THREADS,
-    QILIN_WARP_SIZE, VEC_ELEMS,
+    QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_PREFILL_WIDE_BLOCK_M,
+    QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES, QILIN_ATTN_SIMPLE_THREADS, QILIN_WARP_SIZE,
+    VEC_ELEMS,
 };
 use crate::backend::ptx::{self, Kernel};
 use crate::backend::AttentionShape;
@@ -55,7 +58,8 @@ const FALLBACK_SM_COUNT: usize = 132;
 const MAX_GRID_YZ: usize = 65535;
 
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
-/// returns `[n_tokens, heads*head_dim]`.
+/// returns `[n_tokens, heads*head_dim]`. `force_wide_prefill`: the 128-row-tile prefill
+/// kernels whatever QILIN_ATTN_PREFILL_WIDE says (their benchmark row).
 pub fn attention(
     dev: &Device,
     q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
@@ -63,7 +67,10 @@ pub fn attention(
     cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
     layer: usize,
     shape: AttentionShape,
+    force_wide_prefill: bool,
 ) -> CudaTensor {
+    let mut switches = Switches::from_env();
+    switches.prefill_wide |= force_wide_prefill;
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
         kv_heads > 0 && heads > 0 && heads % kv_heads == 0,
@@ -114,7 +121,6 @@ pub fn attention(
         group_chunk: 0,
         skip_decode_rows: 0,
     };
-    let switches = Switches::from_env();
     let kv = KvLayer { keys, values };
 
     if switches.simple {
@@ -125,7 +131,7 @@ pub fn attention(
     // A batch whose longest sequence has one token is all decode rows.
     if batch.max_query_len > 1 || !use_decode_kernel {
         let params = QilinAttentionParams { skip_decode_rows: use_decode_kernel as u32, ..params };
-        match prefill_kernel(hd) {
+        match prefill_kernel(hd, switches.prefill_wide) {
             Some(kernel) => launch_prefill(dev, kernel, &mut out, q, batch, kv, params),
             None => launch_simple(dev, &mut out, q, batch, kv, params),
         }
@@ -151,24 +157,44 @@ struct KvLayer<'a> {
     values: &'a CudaSlice<bf16>,
 }
 
-/// The tensor-core prefill kernel for this head size, if there is one.
-fn prefill_kernel(head_dim: usize) -> Option<Kernel> {
-    match head_dim {
-        64 => Some(ptx::ATTENTION_PREFILL_HD64_BF16),
-        128 => Some(ptx::ATTENTION_PREFILL_HD128_BF16),
-        _ => None,
-    }
+/// A tensor-core prefill kernel and how it is launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PrefillKernel {
+    kernel: Kernel,
+    /// Query rows per tile (grid.y counts tiles of this many rows).
+    block_m: usize,
+    /// Dynamic shared memory (the wide head_dim-128 kernel keeps Q there).
+    smem_bytes: u32,
 }
 
-/// grid.y of the tensor-core prefill kernel: `n_tokens / BLOCK_M + n_seqs` query-tile
+/// The tensor-core prefill kernel for this head size, if there is one: the 64-row-tile
+/// kernels, or with `wide` the 128-row-tile ones.
+fn prefill_kernel(head_dim: usize, wide: bool) -> Option<PrefillKernel> {
+    let (narrow_m, wide_m) =
+        (QILIN_ATTN_PREFILL_BLOCK_M as usize, QILIN_ATTN_PREFILL_WIDE_BLOCK_M as usize);
+    let (kernel, block_m, smem_bytes) = match (head_dim, wide) {
+        (64, false) => (ptx::ATTENTION_PREFILL_HD64_BF16, narrow_m, 0),
+        (128, false) => (ptx::ATTENTION_PREFILL_HD128_BF16, narrow_m, 0),
+        (64, true) => (ptx::ATTENTION_PREFILL_WIDE_HD64_BF16, wide_m, 0),
+        (128, true) => (
+            ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
+            wide_m,
+            QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+        ),
+        _ => return None,
+    };
+    Some(PrefillKernel { kernel, block_m, smem_bytes })
+}
+
+/// grid.y of the tensor-core prefill kernel: `n_tokens / block_m + n_seqs` query-tile
 /// slots, enough for every sequence's tiles (see kernels/attention_prefill.cu).
-fn prefill_tile_slots(n_tokens: usize, n_seqs: usize) -> usize {
-    n_tokens / QILIN_ATTN_PREFILL_BLOCK_M as usize + n_seqs
+fn prefill_tile_slots(n_tokens: usize, n_seqs: usize, block_m: usize) -> usize {
+    n_tokens / block_m + n_seqs
 }
 
 fn launch_prefill(
     dev: &Device,
-    kernel: Kernel,
+    prefill: PrefillKernel,
     out: &mut CudaTensor,
     q: &CudaTensor,
     batch: &DeviceBatch,
@@ -177,7 +203,7 @@ fn launch_prefill(
 ) {
     // Heads on x, tile slots on y (walked in reverse by the kernel): the expensive last
     // causal tiles of every head start first.
-    let slots = prefill_tile_slots(batch.n_tokens, batch.n_seqs);
+    let slots = prefill_tile_slots(batch.n_tokens, batch.n_seqs, prefill.block_m);
     assert!(
         (1..=MAX_GRID_YZ).contains(&slots),
         "attention: {slots} query-tile slots exceed grid.y ({} tokens)",
@@ -186,9 +212,11 @@ fn launch_prefill(
     let cfg = LaunchConfig {
         grid_dim: (as_grid_x(params.num_heads as usize), slots as u32, 1),
         block_dim: (QILIN_ATTN_PREFILL_THREADS, 1, 1),
-        shared_mem_bytes: 0, // static: 2 * 64 * (head_dim + 8) * 2 B <= 34,816 B
+        // Static 2 * 64 * (head_dim + 8) * 2 B <= 34,816 B, but for the wide head_dim-128
+        // kernel's dynamic Q, K and V tiles (Device::open raised its limit).
+        shared_mem_bytes: prefill.smem_bytes,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.stream.launch_builder(dev.function(prefill.kernel));
     launch
         .arg(&params)
         .arg(&mut out.data)
@@ -443,6 +471,8 @@ struct Switches {
     /// exists.
     decode_fma: bool,
     split_tokens: Option<usize>,
+    /// `QILIN_ATTN_PREFILL_WIDE=1`: the 128-row-tile prefill kernels.
+    prefill_wide: bool,
 }
 
 impl Switches {
@@ -453,6 +483,7 @@ impl Switches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
+            prefill_wide: on("QILIN_ATTN_PREFILL_WIDE"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }
@@ -557,7 +588,12 @@ mod tests {
     #[test]
     fn prefill_grid_has_a_slot_for_every_query_tile() {
         // Mirror of the kernel's slot -> (sequence, tile) search over random batches.
-        let bm = QILIN_ATTN_PREFILL_BLOCK_M as usize;
+        for bm in [QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_WIDE_BLOCK_M] {
+            check_tile_slots(bm as usize);
+        }
+    }
+
+    fn check_tile_slots(bm: usize) {
         let lens_cases: &[&[usize]] = &[
             &[1],
             &[64],
@@ -579,7 +615,7 @@ mod tests {
             for (s, len) in lens.iter().enumerate() {
                 served[s] = vec![false; len.div_ceil(bm)];
             }
-            for b in 0..prefill_tile_slots(n_tokens, n_seqs) {
+            for b in 0..prefill_tile_slots(n_tokens, n_seqs, bm) {
                 let s = (0..n_seqs).rev().find(|&s| key(s) <= b).expect("key(0) == 0");
                 let tile = b - key(s);
                 if tile * bm < lens[s] {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
@@ -16,6 +16,7 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::CudaError;
+use crate::backend::abi::QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES;
 use crate::backend::ptx::{self, Kernel};
 
 pub struct Device {
@@ -121,6 +122,17 @@ impl Device {
             })?;
             functions.insert((kernel.module, kernel.entry), function);
         }
+        // The wide head_dim-128 prefill kernel's Q, K and V tiles exceed the 48 KiB of
+        // dynamic shared memory a launch gets without asking.
+        let wide = ptx::ATTENTION_PREFILL_WIDE_HD128_BF16;
+        functions[&(wide.module, wide.entry)]
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES as i32,
+            )
+            .map_err(|e| {
+                CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
+            })?;
         Ok(Device {
             ctx,
             stream,

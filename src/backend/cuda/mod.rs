@@ -93,6 +93,20 @@ impl CudaBackend {
         CudaTensor { data: self.dev.upload(&bf), rows, cols }
     }
 
+    /// `Backend::attention` with the 128-row-tile prefill kernels (opt-in in the dispatch
+    /// with QILIN_ATTN_PREFILL_WIDE=1 until verified), for their benchmark.
+    pub fn attention_prefill_wide(
+        &self,
+        q: &CudaTensor,
+        batch: &Batch,
+        cache: &CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CudaTensor {
+        let meta = self.device_batch(batch);
+        attention::attention(&self.dev, q, &meta, cache, layer, shape, true)
+    }
+
     /// The batch metadata on the device, uploaded once per distinct batch (a bound
     /// graph's own while a graph's step runs).
     pub fn device_batch(&self, batch: &Batch) -> Arc<DeviceBatch> {
@@ -219,7 +233,7 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
     ) -> CudaTensor {
         let meta = self.device_batch(batch);
-        attention::attention(&self.dev, q, &meta, cache, layer, shape)
+        attention::attention(&self.dev, q, &meta, cache, layer, shape, false)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> CudaTensor {
