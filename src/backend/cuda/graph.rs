@@ -46,10 +46,12 @@ const MIN_CONTEXT_BUCKET: usize = 512;
 /// Batch buckets above 8 (up to 8, every size has its own graph: the GEMV kernels'
 /// cost grows with the token count, so padding there is not free).
 const LARGE_BATCH_BUCKETS: [usize; 9] = [16, 24, 32, 48, 64, 96, 128, 192, 256];
-/// Graphs kept at once; the least recently used one is dropped first. Each holds its
-/// inputs (block tables up to `MAX_GRAPH_BATCH * MAX_GRAPH_CONTEXT / 16` u32) and the
-/// driver's node data.
-const MAX_GRAPHS: usize = 64;
+/// Graphs kept at once; the least recently used one is dropped first. There are 17 batch
+/// buckets and 9 context buckets; a server's contexts usually span a few, so this keeps
+/// every key in use without churn. Each graph holds its inputs (block tables of
+/// `batch * context / 16` u32: all 153 keys together ~60 MB) and the driver's node data;
+/// the activations of graphs launched on one stream share physical memory.
+const MAX_GRAPHS: usize = 128;
 
 /// Which graph a step replays through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
