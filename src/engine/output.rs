@@ -94,17 +94,10 @@ impl SeqOutput {
         }
     }
 
-    /// Samples the next token from `logits` (`[vocab]`, modified) and decides whether
-    /// the sequence is finished. `context_limit`: the most tokens (prompt + output) the
-    /// sequence may hold.
-    pub fn on_logits(
-        &mut self,
-        tokenizer: &Tokenizer,
-        eos_ids: &[u32],
-        logits: &mut [f32],
-        prompt: &[u32],
-        context_limit: usize,
-    ) -> Result<TokenStep, TokenizerError> {
+    /// The host sampler's next token from `logits` (`[vocab]`, modified), its logprobs
+    /// recorded when asked; `on_token` with it finishes the step. It touches this
+    /// sequence's sampler and logprobs only, so a step's rows may be sampled in parallel.
+    pub fn sample_logits(&mut self, logits: &mut [f32], prompt: &[u32]) -> u32 {
         let sampled = self.sampler.sample(logits, prompt, &self.output_ids);
         let id = sampled.token_id;
         if let Some(lp) = self.logprobs.as_mut() {
@@ -114,19 +107,19 @@ impl SeqOutput {
                 top_logprobs: sampled.top_logprobs,
             });
         }
-        self.on_token(tokenizer, eos_ids, id, prompt, context_limit)
+        id
     }
 
     /// Whether the next token is the plain argmax of the logits with nothing else read
     /// from them (`Sampler::is_plain_argmax`): then `on_token` with the backend's
-    /// `argmax_rows` choice does what `on_logits` would.
+    /// `argmax_rows` choice does what `sample_logits` would.
     pub fn wants_only_argmax(&self, prompt: &[u32]) -> bool {
         self.sampler.is_plain_argmax(prompt, &self.output_ids)
     }
 
     /// Whether the next token may be sampled wherever the logits are, from a uniform
     /// drawn here (`Sampler::device_eligible`): then `on_token` with the backend's
-    /// `sample_rows` choice for `device_row()` does what `on_logits` would.
+    /// `sample_rows` choice for `device_row()` does what `sample_logits` would.
     pub fn device_eligible(&self, prompt: &[u32]) -> bool {
         self.sampler.device_eligible(prompt, &self.output_ids)
     }
@@ -137,9 +130,10 @@ impl SeqOutput {
         self.sampler.device_row()
     }
 
-    /// Appends the chosen token and decides whether the sequence is finished: the rest
-    /// of `on_logits`, and on its own for a token chosen elsewhere (the backend's greedy
-    /// argmax) when `wants_only_argmax` said so.
+    /// Appends the chosen token (`sample_logits`'s, or the backend's argmax or device
+    /// sample when `wants_only_argmax` or `device_eligible` said so) and decides whether
+    /// the sequence is finished. `context_limit`: the most tokens (prompt + output) the
+    /// sequence may hold.
     pub fn on_token(
         &mut self,
         tokenizer: &Tokenizer,
