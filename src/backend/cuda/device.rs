@@ -300,7 +300,10 @@ impl Device {
                 copy(staging, i + 1);
             }
             check(staging.copied[i % 2].synchronize(), "waiting for a copy to the host");
-            out.extend(staging.chunk(i % 2, b - a).iter().map(|v| v.to_f32()));
+            widen_into(staging.chunk(i % 2, b - a), &mut out.spare_capacity_mut()[..b - a]);
+            // SAFETY: widen_into initialised the b - a values after the first a (reserved
+            // above: capacity >= n >= b).
+            unsafe { out.set_len(b) };
         }
     }
 
@@ -352,6 +355,19 @@ impl Device {
         self.not_capturing("synchronising the stream");
         check(self.stream.synchronize(), "synchronizing the stream");
     }
+}
+
+/// `dst[i] = src[i]` as f32, on every core: at batch 64, Qwen2.5's logits are 9.7 M values
+/// (59 MB of memory traffic), milliseconds on one core of the host.
+fn widen_into(src: &[bf16], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    use rayon::prelude::*;
+    assert_eq!(src.len(), dst.len(), "widen_into: lengths differ");
+    const PIECE: usize = 1 << 16;
+    dst.par_chunks_mut(PIECE).zip(src.par_chunks(PIECE)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            d.write(s.to_f32());
+        }
+    });
 }
 
 /// Two page-locked buffers of `[STAGING_VALUES]` bf16 and the event after the last copy
@@ -425,4 +441,23 @@ fn empty_scratch<T: DeviceRepr>(
 /// there means a lost device or a launcher bug, so it ends the process with the reason.
 pub fn check<T>(result: Result<T, DriverError>, what: &str) -> T {
     result.unwrap_or_else(|e| panic!("CUDA error while {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every bf16 bit pattern, then a length that is not a multiple of the pieces.
+    #[test]
+    fn widening_is_to_f32_of_every_value_in_place() {
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let src: Vec<bf16> = all.iter().cycle().take(3 * 65_536 + 12_345).copied().collect();
+        let mut out: Vec<f32> = Vec::with_capacity(src.len());
+        widen_into(&src, &mut out.spare_capacity_mut()[..src.len()]);
+        // SAFETY: widen_into wrote every one of the src.len() values.
+        unsafe { out.set_len(src.len()) };
+        for (i, (&s, &d)) in src.iter().zip(&out).enumerate() {
+            assert_eq!(d.to_bits(), s.to_f32().to_bits(), "value {i} ({:#06x})", s.to_bits());
+        }
+    }
 }
