@@ -414,6 +414,11 @@ pub struct DecodePoint {
     /// Median time of copying `[batch, vocab]` logits to the host as f32 into a reused
     /// buffer: what a step costs more when a request needs the host sampler.
     pub logits_to_host_ms: f64,
+    /// Median time of the host sampler on those rows with Qwen2.5-Instruct's default
+    /// parameters (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05; a
+    /// 1000-token prompt), every row on its own core as the engine samples them: the
+    /// rest of a host-sampled step.
+    pub host_sample_ms: f64,
     /// Weight bytes read per step over the step time (the batch-1 roofline's numerator).
     pub weight_gb_per_s: f64,
 }
@@ -467,9 +472,9 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                 times.push(elapsed);
             }
         }
-        let logits_to_host_ms = {
+        let (logits_to_host_ms, host_sample_ms) = {
             let b = &model.backend;
-            let t = DeviceRandom::new(&b.dev, 1).tensor(batch_size, vocab as usize, 1.0);
+            let t = DeviceRandom::new(&b.dev, 1).tensor(batch_size, vocab as usize, 8.0);
             b.dev.synchronize();
             let mut host = Vec::new();
             b.to_host_into(&t, &mut host);
@@ -481,7 +486,7 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                     started.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();
-            median(&runs)
+            (median(&runs), host_sampling_ms(&host, vocab as usize, args.model.seed))
         };
         let step_ms = median(&times);
         let point = DecodePoint {
@@ -490,23 +495,56 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             step_ms,
             tokens_per_s: batch_size as f64 / (step_ms / 1e3),
             logits_to_host_ms,
+            host_sample_ms,
             weight_gb_per_s: report.model.weight_bytes as f64 / (step_ms / 1e3) / 1e9,
             step_ms_all: times,
         };
         println!(
-            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; host-sampled steps add {:.2} ms of logits to host)",
+            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; host-sampled steps add {:.2} ms of logits to host and {:.2} ms of sampling)",
             point.batch,
             point.context,
             point.step_ms,
             point.tokens_per_s,
             point.weight_gb_per_s,
-            point.logits_to_host_ms
+            point.logits_to_host_ms,
+            point.host_sample_ms
         );
         report.points.push(point);
         // After every point, so a run stopped by its timeout still leaves its figures.
         write_json(&args.model, &report)?;
     }
     Ok(())
+}
+
+/// Median wall time of sampling every `[vocab]` row of `logits` with Qwen2.5-Instruct's
+/// default parameters, rows in parallel as the engine's host path does.
+fn host_sampling_ms(logits: &[f32], vocab: usize, seed: u64) -> f64 {
+    use crate::engine::sampler::Sampler;
+    use crate::engine::SamplingParams;
+    use rayon::prelude::*;
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_k: 20,
+        top_p: 0.8,
+        repetition_penalty: 1.05,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    let rows = logits.len() / vocab.max(1);
+    let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(params.clone())).collect();
+    let prompt: Vec<u32> = (0..1000u32).map(|i| i * 7919 % vocab as u32).collect();
+    let mut work = logits.to_vec();
+    let runs: Vec<f64> = (0..3)
+        .map(|_| {
+            work.copy_from_slice(logits);
+            let started = Instant::now();
+            work.par_chunks_mut(vocab).zip(samplers.par_iter_mut()).for_each(|(row, sampler)| {
+                std::hint::black_box(sampler.sample(row, &prompt, &[]));
+            });
+            started.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(&runs)
 }
 
 #[derive(Debug, Serialize)]
