@@ -112,3 +112,41 @@ impl HostMeta {
         HostMeta { token_seq, seq_starts, context_lens, block_tables }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        let mut batch = Batch::default();
+        batch.push_seq(&[1, 2, 3], 0, &[7], true); // prefill of 3
+        batch.push_seq(&[4], 20, &[8, 9, 10, 11], true); // decode at 20, a table of 4 blocks
+        batch
+    }
+
+    #[test]
+    fn arrays_follow_the_batch_and_tables_are_cut_to_the_stride() {
+        let meta = HostMeta::new(&batch(), 2, 64);
+        assert_eq!(meta.token_seq, [0, 0, 0, 1]);
+        assert_eq!(meta.seq_starts, [0, 3, 4]);
+        assert_eq!(meta.context_lens, [3, 21]);
+        // Two columns: the first sequence's one block then a zero, the second's first two
+        // (its context of 21 needs two; the blocks past them are not read).
+        assert_eq!(meta.block_tables, [7, 0, 8, 9]);
+        // A wider stride pads with zeros.
+        let wide = HostMeta::new(&batch(), 5, 80);
+        assert_eq!(wide.block_tables, [7, 0, 0, 0, 0, 8, 9, 10, 11, 0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "a context of 21 tokens")]
+    fn a_context_past_the_stride_is_refused() {
+        HostMeta::new(&batch(), 1, 64);
+    }
+
+    #[test]
+    #[should_panic(expected = "a context of 21 tokens")]
+    fn a_context_past_the_declared_maximum_is_refused() {
+        HostMeta::new(&batch(), 4, 20);
+    }
+}
