@@ -3,6 +3,7 @@
 
 pub mod gpu_model;
 pub mod kernels;
+pub mod model_steps;
 pub mod perplexity;
 pub mod serve;
 pub mod throughput;

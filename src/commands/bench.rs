@@ -51,10 +51,10 @@ pub fn kernels(args: &crate::config::BenchKernelsArgs) -> anyhow::Result<()> {
 
 /// `qilin bench decode`: see `bench/gpu_model.rs`.
 pub fn decode(args: &crate::config::BenchDecodeArgs) -> anyhow::Result<()> {
-    crate::bench::gpu_model::decode(args)
+    crate::bench::model_steps::decode(args)
 }
 
 /// `qilin bench prefill`: see `bench/gpu_model.rs`.
 pub fn prefill(args: &crate::config::BenchPrefillArgs) -> anyhow::Result<()> {
-    crate::bench::gpu_model::prefill(args)
+    crate::bench::model_steps::prefill(args)
 }

@@ -7,6 +7,7 @@
 
 mod attention;
 mod batch_meta;
+mod decode_plan;
 mod device;
 mod elementwise;
 pub mod graph;
