@@ -1,5 +1,5 @@
-// Helpers shared by the two paged-attention kernel files (attention_decode.cu,
-// attention_prefill.cu): the paged-cache slot lookup and the softmax constants. Nothing
+// Helpers shared by the paged-attention kernel files (attention_decode.cu,
+// attention_prefill.cu, attention_simple.cu): the paged-cache slot lookup and the softmax constants. Nothing
 // here is specific to one kernel's tiling.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Paged causal attention for prefill chunks (any number of new tokens per sequence, decode
-// rows included when asked): flash-attention tiling on tensor cores, plus a plain-FMA
-// fallback kernel. bf16 q and KV cache, f32 softmax and accumulation.
+// rows included when asked): flash-attention tiling on tensor cores. bf16 q and KV cache,
+// f32 softmax and accumulation.
 // CPU twin: backend::cpu::attention::paged_attention (attend / attend_direct).
 //
 // Semantics, for every sequence s (rows t = seq_starts[s] .. seq_starts[s + 1], len rows,
@@ -45,10 +45,8 @@
 //   QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows. head_dim 128 keeps Q in dynamic shared memory
 //   and loads its fragments per key tile (O alone takes 128 registers), with 32-key tiles.
 //
-// qilin_attention_prefill_simple_bf16 (fallback, any D % 8 == 0 up to 256): one warp per
-//   (row, head), keys one at a time: warp-reduced dot product, online softmax with expf,
-//   no shared memory. The launcher uses it for head sizes without a tensor-core kernel,
-//   and for every row with QILIN_ATTN_SIMPLE=1 (bisecting a parity failure).
+// The plain-FMA fallback for other head sizes (and for bisecting) is
+// kernels/attention_simple.cu.
 //
 // Napkin math (H100 SXM): causal prefill of n tokens costs 4 * heads * D * n^2 / 2 flops
 // (Qwen2.5-7B, n = 16K: 1.9 TFLOP per layer). At the issue's 350 TFLOP/s goal that is
@@ -61,8 +59,7 @@
 //   hd kernels: head_dim == 64 / 128, blockDim.x == QILIN_ATTN_PREFILL_THREADS, static
 //   shared memory only (2 * 64 * (D + 8) * 2 B = 34,816 B for D = 128, 18,432 B for 64),
 //   except wide_hd128: QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES of dynamic shared memory;
-//   simple kernel: D % 8 == 0, D <= QILIN_ATTN_MAX_HEAD_DIM, blockDim.x == 32;
-//   both: num_heads % num_kv_heads == 0, seq_starts[0] == 0 and non-decreasing, and
+//   and num_heads % num_kv_heads == 0, seq_starts[0] == 0 and non-decreasing, and
 //   len <= ctx for every sequence; q/out rows 16-byte aligned.
 
 #include "attention_common.cuh"
@@ -532,106 +529,4 @@ qilin_attention_prefill_wide_hd128_bf16(const QilinAttentionParams p,
                   "abi.h: the wide head_dim-128 kernel's dynamic shared memory");
     attention_prefill_mma<128, 2, QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N, true>(
         p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
-}
-
-// ---------------------------------------------------------------------------------------
-// Plain-FMA fallback: grid = (n_tokens, num_heads), block = 32 (one warp). Lane l owns
-// dims l, l + 32, ... of the row; keys are visited in order with an online softmax in the
-// natural-exponent domain (expf), as close to the CPU twin's arithmetic as a warp allows.
-//
-// out, q, k_cache, v_cache, seq_starts, context_lens, block_tables: as above
-// token_seq:    u32  [n_tokens]  sequence index of each row
-extern "C" __global__ void __launch_bounds__(QILIN_ATTN_SIMPLE_THREADS)
-qilin_attention_prefill_simple_bf16(const QilinAttentionParams p,
-                                    bf16* __restrict__ out,
-                                    const bf16* __restrict__ q,
-                                    const bf16* __restrict__ k_cache,
-                                    const bf16* __restrict__ v_cache,
-                                    const uint32_t* __restrict__ seq_starts,
-                                    const uint32_t* __restrict__ context_lens,
-                                    const uint32_t* __restrict__ block_tables,
-                                    const uint32_t* __restrict__ token_seq) {
-    constexpr int PER_LANE = QILIN_ATTN_MAX_HEAD_DIM / QILIN_WARP_SIZE;
-    const unsigned D = p.head_dim;
-    if (blockDim.x != QILIN_WARP_SIZE || D == 0 || D % QILIN_VEC_ELEMS != 0 ||
-        D > QILIN_ATTN_MAX_HEAD_DIM || p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0) {
-        __trap();
-    }
-    const unsigned t = blockIdx.x;
-    const unsigned head = blockIdx.y;
-    if (t >= p.n_tokens || head >= p.num_heads) {
-        return;
-    }
-    const unsigned s = token_seq[t];
-    if (s >= p.n_seqs) {
-        __trap();
-    }
-    const unsigned start = seq_starts[s];
-    const unsigned len = seq_starts[s + 1] - start;
-    if (t < start || t - start >= len) {
-        __trap();  // token_seq and seq_starts disagree
-    }
-    if (len == 1 && p.skip_decode_rows != 0) {
-        return;
-    }
-    const unsigned ctx = context_lens[s];
-    if (ctx < len) {
-        __trap();
-    }
-    const unsigned pos = ctx - len + (t - start);
-    const unsigned kv_head = head / (p.num_heads / p.num_kv_heads);
-    const unsigned lane = threadIdx.x;
-
-    const size_t q_stride = (size_t)p.num_heads * D;
-    const bf16* q_row = q + (size_t)t * q_stride + (size_t)head * D;
-    float qf[PER_LANE];
-    float acc[PER_LANE];
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-        const unsigned d = lane + i * QILIN_WARP_SIZE;
-        qf[i] = d < D ? __bfloat162float(q_row[d]) : 0.0f;
-        acc[i] = 0.0f;
-    }
-    float m = -INFINITY;
-    float l = 0.0f;
-    const size_t kv_stride = (size_t)p.num_kv_heads * D;
-    const uint32_t* table = block_tables + (size_t)s * p.max_blocks_per_seq;
-    for (unsigned j = 0; j <= pos; ++j) {
-        const size_t at = attention_cache_slot(table, j, p) * kv_stride + (size_t)kv_head * D;
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) {
-            const unsigned d = lane + i * QILIN_WARP_SIZE;
-            if (d < D) {
-                dot = fmaf(qf[i], __bfloat162float(k_cache[at + d]), dot);
-            }
-        }
-        const float score = warp_reduce_sum(dot) * p.scale;
-        if (score > m) {
-            const float c = expf(m - score);  // m = -inf: 0
-            l *= c;
-#pragma unroll
-            for (int i = 0; i < PER_LANE; ++i) {
-                acc[i] *= c;
-            }
-            m = score;
-        }
-        const float pr = expf(score - m);
-        l += pr;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) {
-            const unsigned d = lane + i * QILIN_WARP_SIZE;
-            if (d < D) {
-                acc[i] = fmaf(pr, __bfloat162float(v_cache[at + d]), acc[i]);
-            }
-        }
-    }
-    bf16* out_row = out + (size_t)t * q_stride + (size_t)head * D;
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-        const unsigned d = lane + i * QILIN_WARP_SIZE;
-        if (d < D) {
-            out_row[d] = __float2bfloat16_rn(acc[i] / l);
-        }
-    }
 }

@@ -1,5 +1,5 @@
 //! Parity of the paged-attention kernels (kernels/attention_decode.cu,
-//! kernels/attention_prefill.cu) with their CPU twin, `CpuBackend::attention`, through the
+//! kernels/attention_prefill.cu, kernels/attention_simple.cu) with their CPU twin, `CpuBackend::attention`, through the
 //! `Backend` trait: CudaBackend against CpuBackend on identical inputs (rounded to bf16
 //! first), fresh random values and block tables each run (the seed is printed).
 //!

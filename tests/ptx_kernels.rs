@@ -272,25 +272,25 @@ const COVERAGE: &[Coverage] = &[
     },
     Coverage {
         entry: "qilin_attention_decode_g4_bf16",
-        launcher: "src/backend/cuda/attention.rs",
+        launcher: "src/backend/cuda/decode_plan.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
         entry: "qilin_attention_decode_g8_bf16",
-        launcher: "src/backend/cuda/attention.rs",
+        launcher: "src/backend/cuda/decode_plan.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
         entry: "qilin_attention_decode_mma_hd128_bf16",
-        launcher: "src/backend/cuda/attention.rs",
+        launcher: "src/backend/cuda/decode_plan.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
         entry: "qilin_attention_decode_mma_hd64_bf16",
-        launcher: "src/backend/cuda/attention.rs",
+        launcher: "src/backend/cuda/decode_plan.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
     },
@@ -599,11 +599,12 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_PREFILL_HD128_BF16.entry,
         ptx::ATTENTION_PREFILL_WIDE_HD64_BF16.entry,
         ptx::ATTENTION_PREFILL_WIDE_HD128_BF16.entry,
-        ptx::ATTENTION_PREFILL_SIMPLE_BF16.entry,
     ]
     .into_iter()
     .collect();
     assert_eq!(prefill, expected);
+    let simple: BTreeSet<&str> = entry_names(ptx::ATTENTION_SIMPLE_PTX).into_iter().collect();
+    assert_eq!(simple, BTreeSet::from([ptx::ATTENTION_PREFILL_SIMPLE_BF16.entry]));
     let layout = (align_of::<QilinAttentionParams>(), size_of::<QilinAttentionParams>());
     for kernel in [
         ptx::ATTENTION_DECODE_G4_BF16,

@@ -69,9 +69,9 @@ pub const ATTENTION_PREFILL_WIDE_HD64_BF16: Kernel =
 pub const ATTENTION_PREFILL_WIDE_HD128_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd128_bf16" };
 /// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
-/// kernels/attention_prefill.cu.
+/// kernels/attention_simple.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
-    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_simple_bf16" };
+    Kernel { module: "attention_simple", entry: "qilin_attention_prefill_simple_bf16" };
 /// bf16 GEMV on tensor cores (compiles, unverified; opt-in); see kernels/gemv.cu.
 pub const GEMV_MMA_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_gemv_mma_bf16" };
 /// W4A16 GEMV for decode-sized batches; see kernels/quant_linear.cu.
