@@ -1,13 +1,16 @@
-//! Launcher of kernels/attention_decode.cu and kernels/attention_prefill.cu: causal paged
-//! attention over a batch mixing prefill chunks and decode tokens. CPU twin:
-//! `backend::cpu::attention::paged_attention` (behind `CpuBackend::attention`).
+//! Launcher of kernels/attention_decode.cu, kernels/attention_prefill.cu and
+//! kernels/attention_simple.cu: causal paged attention over a batch mixing prefill chunks
+//! and decode tokens. CPU twin: `backend::cpu::attention::paged_attention` (behind
+//! `CpuBackend::attention`).
 //!
 //! Which kernel writes which rows:
-//! - sequences with exactly one new token (decode): qilin_attention_decode_g{4,8}_bf16,
-//!   split-K over the context, then qilin_attention_decode_reduce_bf16 when the plan has
-//!   more than one split;
-//! - every other sequence: qilin_attention_prefill_hd{64,128}_bf16 (tensor cores), or
-//!   qilin_attention_prefill_simple_bf16 for head sizes without a tensor-core kernel.
+//! - sequences with exactly one new token (decode): the decode kernel decode_plan.rs
+//!   picks (tensor-core qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
+//!   qilin_attention_decode_g{4,8}_bf16), split-K over the context, then
+//!   qilin_attention_decode_reduce_bf16 when the plan has more than one split;
+//! - every other sequence: qilin_attention_prefill_hd{64,128}_bf16 (tensor cores; the
+//!   _wide_ ones with QILIN_ATTN_PREFILL_WIDE=1), or qilin_attention_prefill_simple_bf16
+//!   for head sizes without a tensor-core kernel.
 //!
 //! Both kernels are launched over the whole `DeviceBatch` and skip the sequences the other
 //! one owns, so the host needs no per-sequence lengths (the step's metadata stays on the
