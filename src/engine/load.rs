@@ -329,6 +329,11 @@ pub fn load_cuda_engine(
         shape.bytes_per_token(CUDA_KV_BYTES_PER_VALUE),
         num_blocks * BLOCK_SIZE
     );
+    let opt_in = backend.dev.opt_in;
+    if opt_in.graphs || opt_in.gemv_mma || opt_in.qgemv_small {
+        // Kernels and graphs no GPU run has verified yet (README, environment switches).
+        tracing::warn!("unverified CUDA paths switched on: {opt_in:?}");
+    }
     assemble(loaded, backend, weights, options, max_model_len, num_blocks)
 }
 
