@@ -144,6 +144,9 @@ pub struct DecodePoint {
     pub host_sample_ms: f64,
     /// Weight bytes read per step over the step time (the batch-1 roofline's numerator).
     pub weight_gb_per_s: f64,
+    /// CUDA graphs captured so far (QILIN_CUDA_GRAPHS=1): 0 there means the steps ran
+    /// eagerly (a capture failed, or the batch is not one graphs take).
+    pub graphs_captured: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,6 +223,7 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             logits_to_host_ms,
             host_sample_ms,
             weight_gb_per_s: report.model.weight_bytes as f64 / (step_ms / 1e3) / 1e9,
+            graphs_captured: model.backend.graphs.lock().unwrap_or_else(|e| e.into_inner()).len(),
             step_ms_all: times,
         };
         println!(
