@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtrMut,
+    DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -164,11 +164,10 @@ impl Device {
                 }
             }
         }
-        let abandon = Abandon(self);
+        let _abandon = Abandon(self);
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let result = body();
         self.capturing.store(false, Ordering::SeqCst);
-        std::mem::forget(abandon);
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0))?;
         let graph = graph.ok_or(DriverError(
             cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
@@ -277,21 +276,14 @@ impl Device {
         out.reserve(n);
         let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
         let staging = staging.get_or_insert_with(|| Staging::new(&self.ctx));
-        let (src, _src_sync) = dev.device_ptr(&self.stream);
         let chunks: Vec<(usize, usize)> =
             (0..n).step_by(STAGING_VALUES).map(|a| (a, (a + STAGING_VALUES).min(n))).collect();
+        // Each copy is as long as its source view (b - a values), into the front of a
+        // staging buffer that nothing reads until the event recorded after it completes.
         let copy = |staging: &mut Staging, i: usize| {
             let (a, b) = chunks[i];
             let host = staging.chunk(i % 2, b - a);
-            let from = src + (a * std::mem::size_of::<bf16>()) as u64;
-            // SAFETY: `host` is b - a values of page-locked memory that nothing reads until
-            // the event recorded below has completed; `from` holds b - a values of `dev`
-            // (b <= n <= dev.len()), kept alive by the borrow of `dev`. cudarc's own
-            // memcpy_dtoh copies the whole destination, which is the staging buffer.
-            let copied = unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(host, from, self.stream.cu_stream())
-            };
-            check(copied, "copying to the host");
+            check(self.stream.memcpy_dtoh(&dev.slice(a..b), host), "copying to the host");
             check(staging.copied[i % 2].record(&self.stream), "recording a copy");
         };
         copy(staging, 0);
@@ -315,13 +307,8 @@ impl Device {
         if host.is_empty() {
             return;
         }
-        let (dst, _record) = dev.device_ptr_mut(&self.stream);
-        // SAFETY: dst holds at least host.len() values (checked); a copy from pageable
-        // host memory returns once the source has been read.
-        let copied = unsafe {
-            cudarc::driver::result::memcpy_htod_async(dst, host, self.stream.cu_stream())
-        };
-        check(copied, "copying to the device");
+        // A copy from pageable host memory returns once the source has been read.
+        check(self.stream.memcpy_htod(host, dev), "copying to the device");
     }
 
     /// Copies the first `n` values of `src` into the start of `dst`, in stream order
@@ -336,18 +323,7 @@ impl Device {
         if n == 0 {
             return;
         }
-        let (from, _read) = src.device_ptr(&self.stream);
-        let (to, _write) = dst.device_ptr_mut(&self.stream);
-        // SAFETY: both buffers hold at least n values (checked) and are distinct (one is
-        // borrowed mutably).
-        let copied = unsafe {
-            cudarc::driver::result::memcpy_dtod_async(
-                to,
-                from,
-                n * std::mem::size_of::<T>(),
-                self.stream.cu_stream(),
-            )
-        };
+        let copied = self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n));
         check(copied, "copying on the device");
     }
 
