@@ -199,9 +199,7 @@ impl StepGraphs {
     /// The first `n` rows of the shared logits, copied out (the next step overwrites it).
     fn output(&self, dev: &Device, n: usize) -> CudaTensor {
         let (buffer, vocab) = self.logits.as_ref().expect("a graph was captured");
-        let mut data = dev.alloc_output(n * vocab);
-        dev.copy_within_device(buffer, &mut data, n * vocab);
-        CudaTensor { data, rows: n, cols: *vocab }
+        copy_rows(dev, buffer, n, *vocab)
     }
 
     fn evict_to(&mut self, keep: usize) {
@@ -279,9 +277,14 @@ fn first_rows(dev: &Device, x: CudaTensor, n: usize) -> CudaTensor {
     if x.rows == n {
         return x;
     }
-    let mut data = dev.alloc_output(n * x.cols);
-    dev.copy_within_device(&x.data, &mut data, n * x.cols);
-    CudaTensor { data, rows: n, cols: x.cols }
+    copy_rows(dev, &x.data, n, x.cols)
+}
+
+/// A new `[n, cols]` tensor holding the first `n` rows of `src` (`[>= n, cols]`).
+fn copy_rows(dev: &Device, src: &CudaSlice<bf16>, n: usize, cols: usize) -> CudaTensor {
+    let mut data = dev.alloc_output(n * cols);
+    dev.copy_within_device(src, &mut data, n * cols);
+    CudaTensor { data, rows: n, cols }
 }
 
 #[cfg(test)]
