@@ -38,14 +38,16 @@ fn copy_units(len: usize, vectorised: bool) -> usize {
     }
 }
 
-/// The row indices of a gather: on the host (checked, then uploaded), or already on the
-/// device, where a captured graph reads them.
+/// The row indices of a gather, checked on the host either way: uploaded for the launch,
+/// or already on the device, where a captured graph reads them.
 #[derive(Clone, Copy)]
 pub enum RowIndex<'a> {
     Host(&'a [u32]),
-    /// The first `n` values of the buffer; the caller has checked every one is in range
-    /// (the kernels index without a check).
-    Device(&'a CudaSlice<u32>, usize),
+    /// `host`'s values, held in the first `host.len()` values of `on_device`.
+    Device {
+        on_device: &'a CudaSlice<u32>,
+        host: &'a [u32],
+    },
 }
 
 /// `out[r] = src[index[r]]` with qilin_embedding_bf16 or qilin_gather_rows_bf16; every
@@ -59,21 +61,13 @@ fn gather(
     index: RowIndex<'_>, // [n]
     what: &str,
 ) -> CudaTensor {
-    let n = match index {
-        RowIndex::Host(rows) => {
-            if let Some((i, &bad)) = rows.iter().enumerate().find(|(_, &r)| r as usize >= src_rows)
-            {
-                panic!(
-                    "{what}: index {bad} at position {i} is out of range (only {src_rows} rows)"
-                );
-            }
-            rows.len()
-        }
-        RowIndex::Device(rows, n) => {
-            assert!(n <= rows.len(), "{what}: {n} indices in a buffer of {}", rows.len());
-            n
-        }
+    let host = match index {
+        RowIndex::Host(rows) | RowIndex::Device { host: rows, .. } => rows,
     };
+    if let Some((i, &bad)) = host.iter().enumerate().find(|(_, &r)| r as usize >= src_rows) {
+        panic!("{what}: index {bad} at position {i} is out of range (only {src_rows} rows)");
+    }
+    let n = host.len();
     let mut out = CudaTensor { data: dev.alloc_output(n * cols), rows: n, cols };
     if n == 0 || cols == 0 {
         return out;
@@ -90,7 +84,10 @@ fn gather(
             uploaded = dev.upload(rows);
             &uploaded
         }
-        RowIndex::Device(rows, _) => rows,
+        RowIndex::Device { on_device, .. } => {
+            assert!(n <= on_device.len(), "{what}: {n} indices in a buffer of {}", on_device.len());
+            on_device
+        }
     };
     let mut launch = dev.stream.launch_builder(dev.function(kernel));
     launch.arg(&params).arg(&mut out.data).arg(src).arg(index);

@@ -179,18 +179,14 @@ impl Backend for CudaBackend {
     fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> CudaTensor {
         match self.bound() {
             Some(bound) => {
+                // The bound buffer holds these ids (GraphInputs::upload / refresh).
                 assert_eq!(
                     ids.len(),
                     bound.n,
                     "CUDA graphs: the step's ids are not the bound ones"
                 );
-                // The bound buffer holds these ids (GraphInputs); checked here as the
-                // host path checks them, since the kernel does not.
-                let vocab = table.out_features;
-                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    panic!("embedding: token id {bad} is out of range (vocabulary of {vocab})");
-                }
-                elementwise::embedding(&self.dev, table, RowIndex::Device(&bound.ids, bound.n))
+                let index = RowIndex::Device { on_device: &bound.ids, host: ids };
+                elementwise::embedding(&self.dev, table, index)
             }
             None => elementwise::embedding(&self.dev, table, RowIndex::Host(ids)),
         }
@@ -248,14 +244,15 @@ impl Backend for CudaBackend {
     fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> CudaTensor {
         match self.bound() {
             Some(bound) => {
-                // A bound step gathers only its logits rows, which are 0..n.
+                // A bound step gathers only its logits rows, 0..n: the bound buffer's.
                 let identity = rows.iter().enumerate().all(|(i, &r)| r as usize == i);
                 assert!(
-                    rows.len() == bound.n && identity && x.rows >= bound.n,
+                    rows.len() == bound.n && identity,
                     "CUDA graphs: a bound step gathers rows 0..{} only",
                     bound.n
                 );
-                elementwise::gather_rows(&self.dev, x, RowIndex::Device(&bound.rows, bound.n))
+                let index = RowIndex::Device { on_device: &bound.rows, host: rows };
+                elementwise::gather_rows(&self.dev, x, index)
             }
             None => elementwise::gather_rows(&self.dev, x, RowIndex::Host(rows)),
         }
