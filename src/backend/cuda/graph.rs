@@ -154,7 +154,7 @@ struct Captured {
     graph: SendGraph,
     inputs: GraphInputs,
     /// The RoPE table it reads, should the engine's grow and replace it.
-    _rope: Option<PinnedTable>,
+    _rope: PinnedTable,
     last_used: u64,
 }
 

@@ -43,14 +43,12 @@ pub struct PinnedTable {
     _sin: Arc<CudaSlice<f32>>,
 }
 
-/// The device copy of `rope` that `rope_and_store_kv` reads now, kept alive for as long as
-/// the result is; None when it has not been uploaded yet.
-pub fn pin_table(dev: &Device, rope: &RopeTable) -> Option<PinnedTable> {
-    let ctx = Arc::as_ptr(&dev.ctx) as usize;
-    let print = fingerprint(rope);
-    let tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-    let table = tables.iter().find(|t| t.matches(ctx, rope, &print))?;
-    Some(PinnedTable { _cos: table.cos.clone(), _sin: table.sin.clone() })
+/// The device copy of `rope` that `rope_and_store_kv` reads (uploaded if it is not yet),
+/// kept alive for as long as the result is.
+pub fn pin_table(dev: &Device, rope: &RopeTable) -> PinnedTable {
+    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    let table = device_table(dev, &mut tables, rope);
+    PinnedTable { _cos: table.cos.clone(), _sin: table.sin.clone() }
 }
 
 /// At most this many contexts keep a table (tests open several backends; production one
