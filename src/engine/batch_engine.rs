@@ -69,8 +69,8 @@ pub struct Engine<B: Backend> {
 /// The host sampler's token for each of `wanting`'s logits rows (`[wanting.len(), vocab]`
 /// in `logits`, modified), in that order; 0 for a sequence no longer here (its row is
 /// skipped). Rows are sampled in parallel: each sequence's sampler and RNG are its own, so
-/// the order changes nothing, and one row of Qwen2.5's 152,064 logits takes ~0.25 ms with
-/// its default top-k, top-p and repetition penalty (benches/sampler.rs): 16 ms at batch
+/// the order changes nothing, and one row of Qwen2.5's 152,064 logits takes ~0.28 ms with
+/// its default top-k, top-p and repetition penalty (benches/sampler.rs): 18 ms at batch
 /// 64 one after another.
 fn sample_on_host(
     states: &mut HashMap<SeqId, SeqState>,
