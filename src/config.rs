@@ -92,6 +92,10 @@ pub struct BenchKernelsArgs {
     pub iters: usize,
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
+    /// Only the ops whose "op shape" text contains one of these (case-sensitive), e.g.
+    /// `--only "gate_up_proj int4,decode: 1 seqs"`: for profiling a few under ncu.
+    #[arg(long, value_name = "TEXT,TEXT,..", value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -20,8 +20,8 @@
 //! sequences where head_dim is 64 or 128, tensor-core prefill for the rest), the decode
 //! kernel forced to 16-key splits (many splits and the reduction pass on every context),
 //! both again with the FMA decode kernels, the prefill kernel on every row, the
-//! 128-row-tile prefill kernels (QILIN_ATTN_PREFILL_WIDE=1) for the prefill rows and on
-//! every row, and the plain-FMA kernel on every row. A failure names the path, so it tells which kernel
+//! 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1; the default takes the 128-row
+//! ones) for the prefill rows and on every row, and the plain-FMA kernel on every row. A failure names the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
@@ -79,7 +79,7 @@ struct Path {
     no_decode: bool,
     decode_fma: bool,
     split_tokens: Option<&'static str>,
-    prefill_wide: bool,
+    prefill_narrow: bool,
 }
 
 const PATHS: &[Path] = &[
@@ -89,7 +89,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
-        prefill_wide: false,
+        prefill_narrow: false,
     },
     Path {
         name: "decode-split-16",
@@ -97,7 +97,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: Some("16"),
-        prefill_wide: false,
+        prefill_narrow: false,
     },
     Path {
         name: "decode-fma",
@@ -105,7 +105,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: true,
         split_tokens: None,
-        prefill_wide: false,
+        prefill_narrow: false,
     },
     Path {
         name: "decode-fma-split-16",
@@ -113,7 +113,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: true,
         split_tokens: Some("16"),
-        prefill_wide: false,
+        prefill_narrow: false,
     },
     Path {
         name: "prefill-kernel-only",
@@ -121,23 +121,23 @@ const PATHS: &[Path] = &[
         no_decode: true,
         decode_fma: false,
         split_tokens: None,
-        prefill_wide: false,
+        prefill_narrow: false,
     },
     Path {
-        name: "prefill-wide",
+        name: "prefill-narrow",
         simple: false,
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
-        prefill_wide: true,
+        prefill_narrow: true,
     },
     Path {
-        name: "prefill-wide-only",
+        name: "prefill-narrow-only",
         simple: false,
         no_decode: true,
         decode_fma: false,
         split_tokens: None,
-        prefill_wide: true,
+        prefill_narrow: true,
     },
     Path {
         name: "simple-fma",
@@ -145,7 +145,7 @@ const PATHS: &[Path] = &[
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
-        prefill_wide: false,
+        prefill_narrow: false,
     },
 ];
 
@@ -193,7 +193,7 @@ fn set_path(path: &Path) {
     set("QILIN_ATTN_NO_DECODE", path.no_decode.then_some("1"));
     set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
     set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
-    set("QILIN_ATTN_PREFILL_WIDE", path.prefill_wide.then_some("1"));
+    set("QILIN_ATTN_PREFILL_NARROW", path.prefill_narrow.then_some("1"));
 }
 
 /// The paths to run: all, or the one QILIN_ATTN_TEST_PATH names.

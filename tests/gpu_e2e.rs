@@ -20,13 +20,15 @@
 //! there is among the reference's top 4, since after a flip the continuations
 //! legitimately differ. Every position before it must carry the same token id, and
 //! every model must compare at least one token. The CUDA engine then runs the cases
-//! again without logprobs, which sends every step through the device argmax
-//! (`qilin_argmax_bf16`) instead of the host sampler: the tokens must be the same.
+//! again on a fresh engine (so no prefix cache changes its shapes) without logprobs,
+//! which sends every step through the device argmax (`qilin_argmax_bf16`) instead of
+//! the host sampler: the tokens must be the same.
 //! Where the f32 CPU's greedy output first departs from the bf16 reference is printed,
 //! for the record.
 //!
-//! With `QILIN_CUDA_GRAPHS=1` (tools/gpu-check's e2e_graphs step) the CUDA engine's
-//! decode steps replay through CUDA graphs, and each run must have captured some.
+//! The CUDA engine's decode steps replay through CUDA graphs, and each run must have
+//! captured some; tools/gpu-check's e2e_eager step runs the test again with
+//! `QILIN_CUDA_GRAPHS=0` (every step eager).
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 //! The SmolLM2 GGUF (93 MB) cannot travel to a GPU machine with the source tree (64 MiB
@@ -220,11 +222,11 @@ fn check_model(path: &Path, cases: &[common::Case], max_model_len: usize) {
         let blocks = gpu.scheduler().blocks();
         assert_eq!(blocks.num_free_blocks(), blocks.num_blocks(), "{name}: every block is back");
         let backend = &gpu.model.backend;
-        if backend.dev.opt_in.graphs {
-            // Run again by tools/gpu-check with QILIN_CUDA_GRAPHS=1: the decode steps
-            // above must have gone through graphs, or this run compared nothing new.
+        if backend.dev.paths.graphs {
+            // The decode steps above must have gone through graphs, or the graph path
+            // was compared with nothing.
             let graphs = backend.graphs.lock().unwrap_or_else(|e| e.into_inner()).len();
-            assert!(graphs > 0, "{name} ({what}): QILIN_CUDA_GRAPHS=1 but no graph was captured");
+            assert!(graphs > 0, "{name} ({what}): CUDA graphs on but none was captured");
             eprintln!("{name} ({what}): {graphs} CUDA graphs captured");
         }
     }

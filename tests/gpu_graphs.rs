@@ -71,7 +71,7 @@ fn decode_step(
 }
 
 fn set_graphs(model: &mut Model<CudaBackend>, on: bool) {
-    model.backend.dev.opt_in.graphs = on;
+    model.backend.dev.paths.graphs = on;
 }
 
 fn graph_count(model: &Model<CudaBackend>) -> usize {

@@ -215,9 +215,14 @@ fn run_cases(test: &str, cases: &[Case]) {
                 gpu.linear_cublas_into(&x_gpu, &layer.gpu, &mut out);
                 let worst = compare(&label("cublas"), &gpu.to_host(&out), &want, m);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("cublas"));
-                // The tensor-core GEMV (opt-in in the dispatch until this passes on a GPU):
-                // f32 accumulation in the mma, as cuBLAS's, under the same tolerance.
+                // Both GEMVs at every n they take, whichever the dispatch picks there: the
+                // tensor-core one accumulates in f32 in the mma, as cuBLAS does, under the
+                // same tolerance.
                 if gemv_geometry(n, k, m).is_some() {
+                    let mut out = poisoned(&gpu, n, m);
+                    gpu.linear_gemv_fma_into(&x_gpu, &layer.gpu, &mut out);
+                    let worst = compare(&label("gemv fma"), &gpu.to_host(&out), &want, m);
+                    eprintln!("{}: worst |diff|/tol {worst:.3}", label("gemv fma"));
                     let mut out = poisoned(&gpu, n, m);
                     gpu.linear_gemv_mma_into(&x_gpu, &layer.gpu, &mut out);
                     let worst = compare(&label("gemv mma"), &gpu.to_host(&out), &want, m);

@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
+use crate::backend::cuda::GEMV_MMA_MIN_TOKENS;
 use crate::backend::cuda::{CudaBackend, CudaTensor, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
@@ -175,10 +176,16 @@ struct Bench<'a> {
     mm_flops_per_s: f64,
     report: KernelReport,
     json: Option<&'a std::path::Path>,
+    /// `--only`: measure just the ops whose "op shape" contains one of these.
+    only: &'a [String],
 }
 
 impl Bench<'_> {
     fn measure(&mut self, op: &str, shape: String, bytes: f64, flops: f64, f: &mut dyn FnMut()) {
+        let name = format!("{op} {shape}");
+        if !self.only.is_empty() && !self.only.iter().any(|o| name.contains(o.as_str())) {
+            return;
+        }
         let t_mem = bytes / self.copy_bytes_per_s;
         let t_math = flops / self.mm_flops_per_s;
         let floor_us = t_mem.max(t_math) * 1e6;
@@ -332,6 +339,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         mm_flops_per_s: mm,
         report,
         json: args.json.as_deref(),
+        only: &args.only,
     };
     let b = &backend;
     let (h, hd, ffn, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
@@ -373,7 +381,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
     for (name, out, inp, bias) in linears {
         let w = rand.linear(out, inp, bias);
         let sizes: &[usize] =
-            if name.ends_with("lm_head") { &[1, 8, 64, 256] } else { &[1, 8, 64, 256, 2048] };
+            if name.ends_with("lm_head") { &[1, 4, 8, 64, 256] } else { &[1, 4, 8, 64, 256, 2048] };
         for &n in sizes {
             let x = rand.tensor(n, inp, 1.0);
             let values = out * inp + n * inp + n * out + if bias { out } else { 0 };
@@ -382,12 +390,18 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             bench.measure(name, shape.clone(), values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
-            // The tensor-core GEMV (opt-in until verified) beside the dispatch's.
+            // The GEMV the dispatch does not take at this n, beside the one it does: where
+            // they cross decides GEMV_MMA_MIN_TOKENS.
             if (2..=GEMV_MAX_TOKENS).contains(&n) {
                 let mut y = rand.tensor(n, out, 1.0);
-                let op = format!("{name} (gemv mma)");
+                let mma = n < GEMV_MMA_MIN_TOKENS;
+                let op = format!("{name} ({})", if mma { "gemv mma" } else { "gemv fma" });
                 bench.measure(&op, shape, values as f64 * bf, flops, &mut || {
-                    b.linear_gemv_mma_into(&x, &w, &mut y);
+                    if mma {
+                        b.linear_gemv_mma_into(&x, &w, &mut y)
+                    } else {
+                        b.linear_gemv_fma_into(&x, &w, &mut y)
+                    }
                 });
             }
         }
@@ -412,7 +426,8 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                 bench.measure(&op, shape.clone(), bytes, flops, &mut || {
                     drop(b.linear(&x, &w));
                 });
-                // The small-batch GEMV (opt-in until verified) against the dispatch's.
+                // The small-batch GEMV called directly (the dispatch's choice up to its
+                // token limit unless QILIN_CUDA_QGEMV_SMALL=0).
                 if n <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize {
                     let mut y = rand.tensor(n, out, 1.0);
                     let op = format!("{name} {} (qgemv small)", method.name());
@@ -560,10 +575,10 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention(&qt, &batch, &cache, 0, shape));
         });
-        // The 128-row-tile kernels (opt-in until verified), on the same batch.
-        let what = format!("prefill (wide tiles): {len} tokens, causal");
+        // The 64-row-tile kernels the 128-row ones replaced, on the same batch.
+        let what = format!("prefill (64-row tiles): {len} tokens, causal");
         bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_prefill_wide(&qt, &batch, &cache, 0, shape));
+            drop(b.attention_prefill_narrow(&qt, &batch, &cache, 0, shape));
         });
     }
 

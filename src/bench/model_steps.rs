@@ -144,7 +144,7 @@ pub struct DecodePoint {
     pub host_sample_ms: f64,
     /// Weight bytes read per step over the step time (the batch-1 roofline's numerator).
     pub weight_gb_per_s: f64,
-    /// CUDA graphs captured so far (QILIN_CUDA_GRAPHS=1): 0 there means the steps ran
+    /// CUDA graphs captured so far: 0 means the steps ran
     /// eagerly (a capture failed, or the batch is not one graphs take).
     pub graphs_captured: usize,
 }

@@ -311,7 +311,7 @@ pub fn load_cuda_engine(
             c,
             options.max_num_batched_tokens,
             options.max_num_seqs,
-            backend.dev.opt_in.graphs,
+            backend.dev.paths.graphs,
         ),
         block_bytes,
         explicit_bytes: options.kv_cache_bytes,
@@ -329,10 +329,10 @@ pub fn load_cuda_engine(
         shape.bytes_per_token(CUDA_KV_BYTES_PER_VALUE),
         num_blocks * BLOCK_SIZE
     );
-    let opt_in = backend.dev.opt_in;
-    if opt_in.graphs || opt_in.gemv_mma || opt_in.qgemv_small {
-        // Kernels and graphs no GPU run has verified yet (README, environment switches).
-        tracing::warn!("unverified CUDA paths switched on: {opt_in:?}");
+    let paths = backend.dev.paths;
+    if paths != crate::backend::cuda::FastPaths::default() {
+        // Slower paths, for bisecting or comparing (README, environment switches).
+        tracing::warn!("CUDA fast paths switched off by the environment: {paths:?}");
     }
     assemble(loaded, backend, weights, options, max_model_len, num_blocks)
 }

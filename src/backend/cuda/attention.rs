@@ -8,9 +8,10 @@
 //!   picks (tensor-core qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
 //!   qilin_attention_decode_g{4,8}_bf16), split-K over the context, then
 //!   qilin_attention_decode_reduce_bf16 when the plan has more than one split;
-//! - every other sequence: qilin_attention_prefill_hd{64,128}_bf16 (tensor cores; the
-//!   _wide_ ones with QILIN_ATTN_PREFILL_WIDE=1), or qilin_attention_prefill_simple_bf16
-//!   for head sizes without a tensor-core kernel.
+//! - every other sequence: qilin_attention_prefill_wide_hd{64,128}_bf16 (tensor cores,
+//!   128-row tiles; the 64-row qilin_attention_prefill_hd{64,128}_bf16 with
+//!   QILIN_ATTN_PREFILL_NARROW=1), or qilin_attention_prefill_simple_bf16 for head sizes
+//!   without a tensor-core kernel.
 //!
 //! Both kernels are launched over the whole `DeviceBatch` and skip the sequences the other
 //! one owns, so the host needs no per-sequence lengths (the step's metadata stays on the
@@ -24,8 +25,9 @@
 //! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
 //!   keys per split, instead of the occupancy-based choice;
-//! - `QILIN_ATTN_PREFILL_WIDE=1`: the prefill rows take the 128-row-tile kernels
-//!   (qilin_attention_prefill_wide_hd{64,128}_bf16; opt-in until a GPU verifies them).
+//! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
+//!   (qilin_attention_prefill_hd{64,128}_bf16), which the 128-row ones replaced (H200,
+//!   16K causal at head_dim 128: 161 against 220 TFLOP/s).
 
 use std::sync::Once;
 
@@ -52,8 +54,8 @@ const FALLBACK_SM_COUNT: usize = 132;
 pub(super) const MAX_GRID_YZ: usize = 65535;
 
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
-/// returns `[n_tokens, heads*head_dim]`. `force_wide_prefill`: the 128-row-tile prefill
-/// kernels whatever QILIN_ATTN_PREFILL_WIDE says (their benchmark row).
+/// returns `[n_tokens, heads*head_dim]`. `force_narrow_prefill`: the 64-row-tile prefill
+/// kernels whatever QILIN_ATTN_PREFILL_NARROW says (their benchmark row).
 pub fn attention(
     dev: &Device,
     q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
@@ -61,10 +63,10 @@ pub fn attention(
     cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
     layer: usize,
     shape: AttentionShape,
-    force_wide_prefill: bool,
+    force_narrow_prefill: bool,
 ) -> CudaTensor {
     let mut switches = Switches::from_env();
-    switches.prefill_wide |= force_wide_prefill;
+    switches.prefill_narrow |= force_narrow_prefill;
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
         kv_heads > 0 && heads > 0 && heads % kv_heads == 0,
@@ -125,7 +127,7 @@ pub fn attention(
     // A batch whose longest sequence has one token is all decode rows.
     if batch.max_query_len > 1 || !use_decode_kernel {
         let params = QilinAttentionParams { skip_decode_rows: use_decode_kernel as u32, ..params };
-        match prefill_kernel(hd, switches.prefill_wide) {
+        match prefill_kernel(hd, !switches.prefill_narrow) {
             Some(kernel) => launch_prefill(dev, kernel, &mut out, q, batch, kv, params),
             None => launch_simple(dev, &mut out, q, batch, kv, params),
         }
@@ -389,8 +391,8 @@ struct Switches {
     /// exists.
     decode_fma: bool,
     split_tokens: Option<usize>,
-    /// `QILIN_ATTN_PREFILL_WIDE=1`: the 128-row-tile prefill kernels.
-    prefill_wide: bool,
+    /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
+    prefill_narrow: bool,
 }
 
 impl Switches {
@@ -401,7 +403,7 @@ impl Switches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
-            prefill_wide: on("QILIN_ATTN_PREFILL_WIDE"),
+            prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }

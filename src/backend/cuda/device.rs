@@ -49,28 +49,36 @@ pub struct Device {
     /// which a capture cannot contain, panic instead of corrupting it.
     capturing: AtomicBool,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
-    /// Kernels the dispatch takes only when asked, read from the environment at open.
-    pub opt_in: OptIn,
+    /// Which verified fast paths the dispatch takes, read from the environment at open.
+    pub paths: FastPaths,
 }
 
-/// Kernels that compile but no GPU has verified yet: the dispatch takes them only when
-/// their switch is set (README, environment switches); tests and benchmarks call them
-/// directly.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OptIn {
-    /// QILIN_CUDA_GEMV_MMA=1: qilin_gemv_mma_bf16 for bf16 layers at 2..=8 tokens.
+/// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
+/// what they replace (bench/notes.md, 2026-11-26 H200 run at 12332f8). Each is on unless
+/// its variable is `0`, which brings back the path it replaced: for bisecting a failure or
+/// comparing speeds, not for production.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPaths {
+    /// `QILIN_CUDA_GEMV_MMA`: qilin_gemv_mma_bf16 for bf16 layers at
+    /// GEMV_MMA_MIN_TOKENS..=8 tokens.
     pub gemv_mma: bool,
-    /// QILIN_CUDA_QGEMV_SMALL=1: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
+    /// `QILIN_CUDA_QGEMV_SMALL`: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
     /// 1..=QILIN_QGEMV_SMALL_MAX_TOKENS tokens.
     pub qgemv_small: bool,
-    /// QILIN_CUDA_GRAPHS=1: decode steps replayed through CUDA graphs (graph.rs).
+    /// `QILIN_CUDA_GRAPHS`: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
 }
 
-impl OptIn {
-    fn from_env() -> OptIn {
-        let on = |name: &str| std::env::var(name).as_deref() == Ok("1");
-        OptIn {
+impl Default for FastPaths {
+    fn default() -> FastPaths {
+        FastPaths { gemv_mma: true, qgemv_small: true, graphs: true }
+    }
+}
+
+impl FastPaths {
+    fn from_env() -> FastPaths {
+        let on = |name: &str| std::env::var(name).as_deref() != Ok("0");
+        FastPaths {
             gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             graphs: on("QILIN_CUDA_GRAPHS"),
@@ -145,7 +153,7 @@ impl Device {
             graphs_exist: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             functions,
-            opt_in: OptIn::from_env(),
+            paths: FastPaths::from_env(),
         })
     }
 

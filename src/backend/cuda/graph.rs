@@ -5,7 +5,8 @@
 //! Which steps: decode-only batches (one new token per sequence, every row wanting
 //! logits, in order) of at most `MAX_GRAPH_BATCH` sequences and `MAX_GRAPH_CONTEXT`
 //! tokens of context. Everything else (prefill, chunked prefill, larger batches) runs
-//! eagerly. Opt-in with QILIN_CUDA_GRAPHS=1 until a GPU run verifies it.
+//! eagerly. On by default (verified on an H200, bench/notes.md); QILIN_CUDA_GRAPHS=0 runs
+//! every step eagerly.
 //!
 //! How: a graph bakes in its launch parameters and pointers, so each is captured for a
 //! key of (batch bucket, context bucket) and reads the step's tokens and metadata from

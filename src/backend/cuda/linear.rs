@@ -14,8 +14,9 @@
 //!
 //! Entry points for tests and benchmarks (inherent methods of `CudaBackend`, so that
 //! code outside this module can call them): `linear_into` (the dispatch above, into a
-//! caller's output, e.g. one poisoned with NaN), `linear_gemv_into` and
-//! `linear_cublas_into` (one path regardless of n).
+//! caller's output, e.g. one poisoned with NaN), `linear_gemv_into`,
+//! `linear_gemv_fma_into`, `linear_gemv_mma_into` and `linear_cublas_into` (one path
+//! regardless of n).
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -123,14 +124,19 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
     if let LinearWeight::Quant(q) = &w.weight {
         return qgemv_into(dev, x, w, q, out);
     }
-    let mma = dev.opt_in.gemv_mma && x.rows >= 2;
+    let mma = dev.paths.gemv_mma && x.rows >= GEMV_MMA_MIN_TOKENS;
     let kernel = if mma { ptx::GEMV_MMA_BF16 } else { ptx::GEMV_BF16 };
     launch_gemv(dev, kernel, x, w, out);
 }
 
-/// qilin_gemv_mma_bf16 (tensor cores; opt-in in the dispatch with QILIN_CUDA_GEMV_MMA=1
-/// until verified) for a bf16 W, whatever the dispatch would pick: for its parity test
-/// and benchmark. Panics as `gemv_into`, and for a quantized W.
+/// Fewest tokens for which the dispatch takes qilin_gemv_mma_bf16 over the FMA GEMV. On the
+/// H200 (12332f8) a Qwen2.5-7B decode step took ~7 ms with the tensor-core GEMV whether 2
+/// or 8 tokens (6.91, 7.15), and 4.83 + 0.59 ms per token past the first with the FMA one
+/// (4.83 at 1, 8.99 at 8): they cross between 4 and 5.
+pub const GEMV_MMA_MIN_TOKENS: usize = 5;
+
+/// qilin_gemv_mma_bf16 (tensor cores) for a bf16 W, whatever the dispatch would pick: for
+/// its parity test and benchmark. Panics as `gemv_into`, and for a quantized W.
 pub fn gemv_mma_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
     check_shapes(x, w, out);
     assert!(matches!(w.weight, LinearWeight::Bf16(_)), "qilin_gemv_mma_bf16: a bf16 W only");
@@ -390,8 +396,16 @@ impl CudaBackend {
         cublas_into(&self.dev, x, w, out)
     }
 
-    /// qilin_gemv_mma_bf16 (tensor cores, opt-in in the dispatch) whatever the dispatch
-    /// would pick; panics for a quantized W or a shape the GEMV cannot take.
+    /// qilin_gemv_bf16 (FMA) whatever the dispatch would pick; panics for a quantized W or
+    /// a shape the GEMV cannot take.
+    pub fn linear_gemv_fma_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+        check_shapes(x, w, out);
+        assert!(matches!(w.weight, LinearWeight::Bf16(_)), "qilin_gemv_bf16: a bf16 W only");
+        launch_gemv(&self.dev, ptx::GEMV_BF16, x, w, out);
+    }
+
+    /// qilin_gemv_mma_bf16 (tensor cores) whatever the dispatch would pick; panics for a
+    /// quantized W or a shape the GEMV cannot take.
     pub fn linear_gemv_mma_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
         gemv_mma_into(&self.dev, x, w, out)
     }

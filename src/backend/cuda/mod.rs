@@ -22,7 +22,8 @@ mod weights;
 use std::sync::{Arc, Mutex};
 
 pub use batch_meta::DeviceBatch;
-pub use device::Device;
+pub use device::{Device, FastPaths};
+pub use linear::GEMV_MMA_MIN_TOKENS;
 pub use quant_linear::reserve_dequant_scratch;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
@@ -51,7 +52,7 @@ pub struct CudaBackend {
     pub dev: Device,
     /// The last batch's metadata on the device, reused by every layer of a step.
     batch_cache: Mutex<Option<(Batch, Arc<DeviceBatch>)>>,
-    /// Decode steps captured as CUDA graphs (graph.rs), when `dev.opt_in.graphs`.
+    /// Decode steps captured as CUDA graphs (graph.rs), when `dev.paths.graphs`.
     pub graphs: Mutex<StepGraphs>,
     /// While a step runs for a graph (its eager first run and its capture): the inputs
     /// the graph reads, which the ops take instead of uploading the step's own.
@@ -94,9 +95,9 @@ impl CudaBackend {
         CudaTensor { data: self.dev.upload(&bf), rows, cols }
     }
 
-    /// `Backend::attention` with the 128-row-tile prefill kernels (opt-in in the dispatch
-    /// with QILIN_ATTN_PREFILL_WIDE=1 until verified), for their benchmark.
-    pub fn attention_prefill_wide(
+    /// `Backend::attention` with the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1
+    /// in the dispatch), for their benchmark row beside the default 128-row ones.
+    pub fn attention_prefill_narrow(
         &self,
         q: &CudaTensor,
         batch: &Batch,
@@ -276,7 +277,7 @@ impl Backend for CudaBackend {
         rope: &mut RopeTable,
         step: &mut StepFn<'_, CudaTensor>,
     ) -> Option<CudaTensor> {
-        if self.dev.opt_in.graphs {
+        if self.dev.paths.graphs {
             graph::run_step(self, batch, rope, step)
         } else {
             run_eagerly(batch, rope, step)

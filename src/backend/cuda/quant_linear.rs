@@ -104,10 +104,9 @@ fn launch_matmul(
     check(unsafe { launch.launch(cfg) }, kernel.entry);
 }
 
-/// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_w{4,8}_bf16, or with
-/// QILIN_CUDA_QGEMV_SMALL=1 qilin_qgemv_small_w{4,8}_bf16 up to
-/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (compiles, unverified on hardware: opt-in until a GPU
-/// run of tests/gpu_quant_linear.rs passes). Panics when the kernel cannot take the shape
+/// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_small_w{4,8}_bf16 up to
+/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0), else
+/// qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot take the shape
 /// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
 /// `check_shapes` has checked every buffer against the shapes.
 pub fn qgemv_into(
@@ -117,7 +116,7 @@ pub fn qgemv_into(
     q: &QuantWeight,
     out: &mut CudaTensor,
 ) {
-    let small = dev.opt_in.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
+    let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
     qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
 }
 
