@@ -234,6 +234,21 @@ typedef struct QilinRopeParams {
 #define QILIN_ATTN_DECODE_MMA_THREADS 128
 #define QILIN_ATTN_DECODE_MMA_MAX_GROUP 16
 
+/* Pipelined tensor-core decode kernel with the split merge folded in
+ * (kernels/attention_decode_pipe.cu; head_dim 64 or 128; opt-in QILIN_ATTN_DECODE_PIPE=1):
+ * threads per block (4 warps, each taking one 16-key cache block per step, as the mma
+ * kernel), 16-key blocks each warp keeps in flight (its ring of shared K/V buffers), and
+ * the dynamic shared memory of the ring: 4 warps * STAGES * 2 (K, V) * 16 keys *
+ * (head_dim + 8) bf16 * 2 bytes. The split merge counts finished splits in one u32 per
+ * (sequence, grid.y block row); the device keeps QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS of
+ * them (zeroed once, each reset by the block that merges). Same group bound as the mma
+ * kernel (QILIN_ATTN_DECODE_MMA_MAX_GROUP). */
+#define QILIN_ATTN_DECODE_PIPE_THREADS 128
+#define QILIN_ATTN_DECODE_PIPE_STAGES 3
+#define QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES 104448
+#define QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES 55296
+#define QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS 8192
+
 /* Prefill (tensor-core) kernel: query rows x keys per tile, threads per block
  * (4 warps x 16 query rows). BLOCK_N is a multiple of QILIN_BLOCK_SIZE. */
 #define QILIN_ATTN_PREFILL_BLOCK_M 64

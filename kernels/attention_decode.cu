@@ -401,7 +401,9 @@ qilin_attention_decode_reduce_bf16(const QilinAttentionParams p,
 
 // ---------------------------------------------------------------------------------------
 // qilin_attention_decode_mma_hd{64,128}_bf16: the tensor-core decode kernel (the default
-// for D = 64 and 128; QILIN_ATTN_DECODE_FMA=1 selects the FMA kernels above instead).
+// for D = 64 and 128; QILIN_ATTN_DECODE_FMA=1 selects the FMA kernels above instead;
+// attention_decode_pipe.cu holds its pipelined variant, opt-in with
+// QILIN_ATTN_DECODE_PIPE=1, which also merges the splits in the same launch).
 //
 // Same semantics, grid, launch contract, partials and reduction pass as the FMA kernels,
 // with group_chunk <= QILIN_ATTN_DECODE_MMA_MAX_GROUP (16) and no dynamic shared memory.

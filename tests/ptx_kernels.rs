@@ -295,6 +295,18 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
+        entry: "qilin_attention_decode_pipe_hd128_bf16",
+        launcher: "src/backend/cuda/decode_plan.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
+        entry: "qilin_attention_decode_pipe_hd64_bf16",
+        launcher: "src/backend/cuda/decode_plan.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
         entry: "qilin_attention_decode_reduce_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -593,6 +605,12 @@ fn attention_module_entries_and_params_match_the_rust_side() {
     .into_iter()
     .collect();
     assert_eq!(decode, expected);
+    let pipe: BTreeSet<&str> = entry_names(ptx::ATTENTION_DECODE_PIPE_PTX).into_iter().collect();
+    let expected: BTreeSet<&str> =
+        [ptx::ATTENTION_DECODE_PIPE_HD128_BF16.entry, ptx::ATTENTION_DECODE_PIPE_HD64_BF16.entry]
+            .into_iter()
+            .collect();
+    assert_eq!(pipe, expected);
     let prefill: BTreeSet<&str> = entry_names(ptx::ATTENTION_PREFILL_PTX).into_iter().collect();
     let expected: BTreeSet<&str> = [
         ptx::ATTENTION_PREFILL_HD64_BF16.entry,
@@ -611,6 +629,8 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_DECODE_G8_BF16,
         ptx::ATTENTION_DECODE_MMA_HD128_BF16,
         ptx::ATTENTION_DECODE_MMA_HD64_BF16,
+        ptx::ATTENTION_DECODE_PIPE_HD128_BF16,
+        ptx::ATTENTION_DECODE_PIPE_HD64_BF16,
         ptx::ATTENTION_DECODE_REDUCE_BF16,
         ptx::ATTENTION_PREFILL_HD64_BF16,
         ptx::ATTENTION_PREFILL_HD128_BF16,

@@ -48,6 +48,14 @@ pub const ATTENTION_DECODE_MMA_HD128_BF16: Kernel =
 /// As ATTENTION_DECODE_MMA_HD128_BF16 for head_dim 64.
 pub const ATTENTION_DECODE_MMA_HD64_BF16: Kernel =
     Kernel { module: "attention_decode", entry: "qilin_attention_decode_mma_hd64_bf16" };
+/// Tensor-core split-K decode with each warp's next cache blocks in flight and the split
+/// merge in the same launch (compiles, unverified; opt-in), head_dim 128; see
+/// kernels/attention_decode_pipe.cu.
+pub const ATTENTION_DECODE_PIPE_HD128_BF16: Kernel =
+    Kernel { module: "attention_decode_pipe", entry: "qilin_attention_decode_pipe_hd128_bf16" };
+/// As ATTENTION_DECODE_PIPE_HD128_BF16 for head_dim 64.
+pub const ATTENTION_DECODE_PIPE_HD64_BF16: Kernel =
+    Kernel { module: "attention_decode_pipe", entry: "qilin_attention_decode_pipe_hd64_bf16" };
 /// Greedy argmax of each logits row; see kernels/sampling.cu.
 pub const ARGMAX_BF16: Kernel = Kernel { module: "sampling", entry: "qilin_argmax_bf16" };
 /// Temperature / top-k / top-p / min-p sampling of each logits row; see kernels/sampling.cu.
@@ -110,6 +118,8 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_DECODE_G8_BF16,
     ATTENTION_DECODE_MMA_HD128_BF16,
     ATTENTION_DECODE_MMA_HD64_BF16,
+    ATTENTION_DECODE_PIPE_HD128_BF16,
+    ATTENTION_DECODE_PIPE_HD64_BF16,
     ARGMAX_BF16,
     SAMPLE_BF16,
     ATTENTION_DECODE_REDUCE_BF16,

@@ -564,6 +564,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention(&qt, &batch, &cache, 0, shape));
         });
+        // The pipelined kernel with its merge in the same launch (opt-in until verified).
+        let what = format!("decode (pipelined): {n_seqs} seqs x {ctx} ctx");
+        bench.measure("attention", what, bytes, flops, &mut || {
+            drop(b.attention_decode_pipe(&qt, &batch, &cache, 0, shape));
+        });
     }
     {
         let len = args.prefill_len;

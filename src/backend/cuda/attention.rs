@@ -7,7 +7,9 @@
 //! - sequences with exactly one new token (decode): the decode kernel decode_plan.rs
 //!   picks (tensor-core qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
 //!   qilin_attention_decode_g{4,8}_bf16), split-K over the context, then
-//!   qilin_attention_decode_reduce_bf16 when the plan has more than one split;
+//!   qilin_attention_decode_reduce_bf16 when the plan has more than one split; or, with
+//!   QILIN_ATTN_DECODE_PIPE=1, qilin_attention_decode_pipe_hd{64,128}_bf16, which merges
+//!   its splits itself (one launch);
 //! - every other sequence: qilin_attention_prefill_wide_hd{64,128}_bf16 (tensor cores,
 //!   128-row tiles; the 64-row qilin_attention_prefill_hd{64,128}_bf16 with
 //!   QILIN_ATTN_PREFILL_NARROW=1), or qilin_attention_prefill_simple_bf16 for head sizes
@@ -23,6 +25,8 @@
 //! - `QILIN_ATTN_SIMPLE=1`: the plain-FMA kernel writes every row;
 //! - `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row, decode rows included;
 //! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
+//! - `QILIN_ATTN_DECODE_PIPE=1`: the pipelined tensor-core decode kernel with the split
+//!   merge in the same launch (opt-in until a GPU verifies it; the FMA switch wins);
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
 //!   keys per split, instead of the occupancy-based choice;
 //! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
@@ -67,6 +71,32 @@ pub fn attention(
 ) -> CudaTensor {
     let mut switches = Switches::from_env();
     switches.prefill_narrow |= force_narrow_prefill;
+    attention_with(dev, q, batch, cache, layer, shape, switches)
+}
+
+/// `attention` with the pipelined decode kernel whatever QILIN_ATTN_DECODE_PIPE says
+/// (its benchmark rows).
+pub fn attention_decode_pipe(
+    dev: &Device,
+    q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
+    batch: &DeviceBatch, // the step's sequences, on the device
+    cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
+    layer: usize,
+    shape: AttentionShape,
+) -> CudaTensor {
+    let switches = Switches { decode_pipe: true, ..Switches::from_env() };
+    attention_with(dev, q, batch, cache, layer, shape, switches)
+}
+
+fn attention_with(
+    dev: &Device,
+    q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
+    batch: &DeviceBatch, // the step's sequences, on the device
+    cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
+    layer: usize,
+    shape: AttentionShape,
+    switches: Switches,
+) -> CudaTensor {
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
         kv_heads > 0 && heads > 0 && heads % kv_heads == 0,
@@ -133,14 +163,21 @@ pub fn attention(
         }
     }
     if use_decode_kernel {
-        let plan = DecodePlan::new(
-            batch.n_seqs,
-            shape,
-            batch.max_context_len,
-            sm_count(dev),
-            switches.split_tokens,
-            switches.decode_fma,
-        );
+        let plan_with = |pipe| {
+            DecodePlan::new(
+                batch.n_seqs,
+                shape,
+                batch.max_context_len,
+                sm_count(dev),
+                switches.split_tokens,
+                switches.decode_fma,
+                pipe,
+            )
+        };
+        let mut plan = plan_with(switches.decode_pipe);
+        if plan.pipe && !dev.launchable(plan.kernel) {
+            plan = plan_with(false); // this device's blocks cannot hold its K/V ring
+        }
         launch_decode(dev, &plan, &mut out, q, batch, kv, params);
     }
     out
@@ -278,8 +315,13 @@ fn launch_decode(
         "attention: decode grid ({grid_y}, {}) exceeds the hardware's limits",
         plan.n_splits
     );
-    // Fits the default 48 KiB without an opt-in: 4 warps * 8 heads * (256 + 2) * 4 B.
-    assert!(plan.smem_bytes <= 48 * 1024, "attention: decode needs {} B", plan.smem_bytes);
+    // Fits the default 48 KiB without an opt-in (4 warps * 8 heads * (256 + 2) * 4 B), but
+    // for the pipelined kernel's K/V ring, whose limit Device::open raised.
+    assert!(
+        plan.smem_bytes <= 48 * 1024 || plan.pipe,
+        "attention: decode needs {} B",
+        plan.smem_bytes
+    );
     let params = QilinAttentionParams {
         split_tokens: as_u32(plan.split_tokens, "split_tokens"),
         n_splits: as_u32(plan.n_splits, "n_splits"),
@@ -293,6 +335,9 @@ fn launch_decode(
         (dev.alloc_output::<f32>(parts * hd), dev.alloc_output::<f32>(parts * 2))
     });
     let null: u64 = 0;
+    // The pipelined kernel's merge counters (one per sequence and grid.y row, fewer than
+    // the device holds: the plan checked), held for the launch.
+    let counters = plan.pipe.then(|| dev.attention_counters());
     let cfg = LaunchConfig {
         grid_dim: (as_grid_x(batch.n_seqs), grid_y as u32, plan.n_splits as u32),
         block_dim: (plan.threads, 1, 1),
@@ -304,6 +349,9 @@ fn launch_decode(
         Some((part_out, part_ml)) => launch.arg(part_out).arg(part_ml),
         None => launch.arg(&null).arg(&null),
     };
+    if let Some(counters) = &counters {
+        launch.arg(&**counters);
+    }
     launch
         .arg(&q.data)
         .arg(kv.keys)
@@ -311,16 +359,22 @@ fn launch_decode(
         .arg(&batch.seq_starts)
         .arg(&batch.context_lens)
         .arg(&batch.block_tables);
-    // SAFETY: argument order and types follow qilin_attention_decode_g{4,8}_bf16. out and
-    // q hold n_tokens * heads * head_dim bf16; part_out n_seqs * heads * n_splits *
-    // head_dim f32 and part_ml n_seqs * heads * n_splits * 2 f32 when n_splits > 1 (the
-    // kernel touches them only then; null otherwise); K/V, seq_starts, context_lens and
-    // block_tables as in launch_prefill. n_splits * split_tokens >= max_context_len, so
-    // every context is covered (the kernel traps otherwise); smem_bytes is the dynamic
-    // shared memory the kernel's merge needs for group_chunk heads of head_dim.
+    // SAFETY: argument order and types follow qilin_attention_decode_g{4,8}_bf16 (and
+    // qilin_attention_decode_pipe_hd{64,128}_bf16, which adds the counters after
+    // part_ml). out and q hold n_tokens * heads * head_dim bf16; part_out n_seqs * heads *
+    // n_splits * head_dim f32 and part_ml n_seqs * heads * n_splits * 2 f32 when n_splits
+    // > 1 (the kernel touches them only then; null otherwise); the counters
+    // QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS u32, all zero (every launch leaves them so),
+    // at least n_seqs * grid.y when n_splits > 1 (the plan checked); K/V, seq_starts, context_lens and block_tables as in
+    // launch_prefill. n_splits * split_tokens >= max_context_len, so every context is
+    // covered (the kernel traps otherwise); smem_bytes is the dynamic shared memory the
+    // kernel needs for group_chunk heads of head_dim (the merge, or the pipelined
+    // kernel's K/V ring).
     check(unsafe { launch.launch(cfg) }, "launching qilin_attention_decode");
+    drop(counters);
 
-    let Some((part_out, part_ml)) = &partials else { return };
+    // The pipelined kernel merged its splits.
+    let Some((part_out, part_ml)) = partials.as_ref().filter(|_| !plan.pipe) else { return };
     let threads = hd.div_ceil(QILIN_WARP_SIZE as usize) * QILIN_WARP_SIZE as usize;
     let cfg = LaunchConfig {
         grid_dim: (as_grid_x(batch.n_seqs), heads as u32, 1),
@@ -390,6 +444,8 @@ struct Switches {
     /// `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels even where a tensor-core one
     /// exists.
     decode_fma: bool,
+    /// `QILIN_ATTN_DECODE_PIPE=1`: the pipelined decode kernel where one exists.
+    decode_pipe: bool,
     split_tokens: Option<usize>,
     /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
     prefill_narrow: bool,
@@ -403,6 +459,7 @@ impl Switches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
+            decode_pipe: on("QILIN_ATTN_DECODE_PIPE"),
             prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }

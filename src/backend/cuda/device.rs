@@ -16,7 +16,10 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::CudaError;
-use crate::backend::abi::QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES;
+use crate::backend::abi::{
+    QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES,
+    QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+};
 use crate::backend::ptx::{self, Kernel};
 
 pub struct Device {
@@ -43,6 +46,14 @@ pub struct Device {
     /// Scratch buffers replaced by larger ones after a graph was captured: a graph keeps
     /// the addresses it was captured with, so they are kept for the device's lifetime.
     retired_scratch: Mutex<Vec<Box<dyn Any + Send>>>,
+    /// Kernels whose dynamic shared memory could not be raised to what they need on this
+    /// device: never launched (`launchable`).
+    smem_refused: Vec<Kernel>,
+    /// The split-merge counters of the pipelined decode-attention kernel
+    /// (`[QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS]` u32): zeroed here, once, and left zero by
+    /// every launch (the merging block resets its counter), so a captured graph can
+    /// replay the kernel without a memset; one stream orders every launch that uses them.
+    attention_counters: Mutex<CudaSlice<u32>>,
     /// Set once any graph has been captured (`capture`).
     graphs_exist: AtomicBool,
     /// While a graph is being captured: copies to or from the host and synchronisation,
@@ -141,6 +152,26 @@ impl Device {
             .map_err(|e| {
                 CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
             })?;
+        // So do the pipelined decode kernels' rings of K/V buffers, which are opt-in: a
+        // device whose blocks cannot have that much (sm_86/sm_89: 99 KiB, under the
+        // head_dim-128 ring's 102 KiB) keeps the mma kernel instead of failing to open.
+        let mut smem_refused = Vec::new();
+        for (kernel, bytes) in [
+            (ptx::ATTENTION_DECODE_PIPE_HD128_BF16, QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES),
+            (ptx::ATTENTION_DECODE_PIPE_HD64_BF16, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES),
+        ] {
+            let raised = functions[&(kernel.module, kernel.entry)].set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            );
+            if let Err(e) = raised {
+                tracing::debug!("{} unavailable: {bytes} B of shared memory: {e}", kernel.entry);
+                smem_refused.push(kernel);
+            }
+        }
+        let attention_counters = stream
+            .alloc_zeros::<u32>(QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS as usize)
+            .map_err(|e| CudaError::Driver(format!("allocating attention counters: {e}")))?;
         Ok(Device {
             ctx,
             stream,
@@ -150,6 +181,8 @@ impl Device {
             scratch_bf16,
             staging: Mutex::new(None),
             retired_scratch: Mutex::new(Vec::new()),
+            smem_refused,
+            attention_counters: Mutex::new(attention_counters),
             graphs_exist: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             functions,
@@ -201,6 +234,12 @@ impl Device {
             .unwrap_or_else(|| panic!("kernel {} is not listed in ptx::KERNELS", kernel.entry))
     }
 
+    /// Whether this device can run `kernel` (false for the opt-in kernels whose shared
+    /// memory it cannot provide).
+    pub fn launchable(&self, kernel: Kernel) -> bool {
+        !self.smem_refused.contains(&kernel)
+    }
+
     pub fn name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
     }
@@ -217,6 +256,12 @@ impl Device {
     /// `n` zeroed values (benchmark inputs are then filled with random data).
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
         check(self.stream.alloc_zeros::<T>(n.max(1)), "allocating device memory")
+    }
+
+    /// The pipelined decode-attention kernel's split-merge counters (field docs): all
+    /// zero between launches.
+    pub fn attention_counters(&self) -> MutexGuard<'_, CudaSlice<u32>> {
+        self.attention_counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The f32 scratch buffer, at least `n` values long; its contents are unspecified.

@@ -109,6 +109,20 @@ impl CudaBackend {
         attention::attention(&self.dev, q, &meta, cache, layer, shape, true)
     }
 
+    /// `Backend::attention` with the pipelined decode kernel (opt-in in the dispatch with
+    /// QILIN_ATTN_DECODE_PIPE=1 until verified), for its benchmark rows.
+    pub fn attention_decode_pipe(
+        &self,
+        q: &CudaTensor,
+        batch: &Batch,
+        cache: &CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CudaTensor {
+        let meta = self.device_batch(batch);
+        attention::attention_decode_pipe(&self.dev, q, &meta, cache, layer, shape)
+    }
+
     /// The batch metadata on the device, uploaded once per distinct batch (a bound
     /// graph's own while a graph's step runs).
     pub fn device_batch(&self, batch: &Batch) -> Arc<DeviceBatch> {
