@@ -63,6 +63,9 @@ pub struct OptIn {
     /// QILIN_CUDA_QGEMV_SMALL=1: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
     /// 1..=QILIN_QGEMV_SMALL_MAX_TOKENS tokens.
     pub qgemv_small: bool,
+    /// QILIN_CUDA_QGEMV_MMA=1: qilin_qgemv_mma_w4_bf16 for 4-bit layers in groups of a
+    /// multiple of 128 at 1..=8 tokens (before QILIN_CUDA_QGEMV_SMALL's kernel).
+    pub qgemv_mma: bool,
     /// QILIN_CUDA_GRAPHS=1: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
 }
@@ -73,6 +76,7 @@ impl OptIn {
         OptIn {
             gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
+            qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
             graphs: on("QILIN_CUDA_GRAPHS"),
         }
     }
