@@ -116,6 +116,18 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMV_SMALL_MIN_BLOCKS_W4 5
 #define QILIN_QGEMV_SMALL_MIN_BLOCKS_W8 3
 
+/* qilin_qgemv_mma_w4_bf16 (kernels/quant_gemv_mma.cu): the 4-bit GEMV of 1..=
+ * QILIN_GEMV_MAX_TOKENS rows on tensor cores, for groups that are a multiple of
+ * QILIN_QGEMV_MMA_STEP input channels. A block of QILIN_QGEMV_MMA_THREADS threads owns
+ * QILIN_QGEMV_MMA_ROWS output channels (one mma tile of rows); its warps split the input
+ * dimension in steps of QILIN_QGEMV_MMA_STEP channels, QILIN_QGEMV_MMA_DEPTH steps of
+ * levels in flight per warp; compiled for QILIN_QGEMV_MMA_MIN_BLOCKS resident blocks. */
+#define QILIN_QGEMV_MMA_THREADS 256
+#define QILIN_QGEMV_MMA_ROWS 16
+#define QILIN_QGEMV_MMA_STEP 128
+#define QILIN_QGEMV_MMA_DEPTH 4
+#define QILIN_QGEMV_MMA_MIN_BLOCKS 2
+
 /* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens): a block
  * computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N output channels, walking the
  * input in steps of QILIN_QGEMM_BLOCK_K channels (one 16-byte vector of 4-bit levels per

@@ -8,7 +8,9 @@
 //! Q4_K q/k with a Q6_K v). Shapes of Qwen2.5-7B and SmolLM2-135M and edge shapes
 //! (one chunk, a partial tile, a partial block of rows), at n in 1..=9, 64 and 513.
 //! For n <= 8 both paths run (GEMV, and cuBLAS forced), for n <= 2 the small-batch GEMV
-//! (qilin_qgemv_small_w{4,8}_bf16, opt-in in the dispatch), and the tensor-core GEMM
+//! (qilin_qgemv_small_w{4,8}_bf16, opt-in in the dispatch), for n <= 8 on 4-bit layers in
+//! groups of 128 the tensor-core GEMV (kernels/quant_gemv_mma.cu's qilin_qgemv_mma_w4_bf16,
+//! opt-in: QILIN_CUDA_QGEMV_MMA=1), and the tensor-core GEMM
 //! (qilin_qgemm_w{4,8}_bf16, not yet in the dispatch) at every n; outputs are poisoned
 //! with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
 //! `PackedQuant::dequantize_row` rounded to bf16.
@@ -34,7 +36,8 @@ use std::sync::Arc;
 
 use half::bf16;
 use qilin::backend::abi::{
-    dequant_blocks, qgemv_geometry, quant_layout_ok, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS,
+    dequant_blocks, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok, quant_layout_ok,
+    GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_ROWS, QILIN_QGEMV_MMA_THREADS,
     QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
@@ -307,6 +310,14 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let worst = compare(&label("qgemv small"), &got, &want, &s, m, 0.0);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv small"));
             }
+            // The tensor-core GEMV (opt-in in the dispatch until this passes on a GPU), where
+            // it takes the layer: exact levels and products, f32 sums, the GEMV's tolerance.
+            let mut out = poisoned(&gpu, n, m);
+            if gpu.linear_qgemv_mma_into(&x_gpu, &layer.gpu, &mut out) {
+                let got = gpu.to_host(&out);
+                let worst = compare(&label("qgemv mma"), &got, &want, &s, m, 0.0);
+                eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv mma"));
+            }
             // The tensor-core GEMM (any n): the weight rounded to bf16 in shared memory,
             // the cuBLAS path's tolerance.
             let mut out = poisoned(&gpu, n, m);
@@ -495,6 +506,16 @@ fn edge_shapes_match_the_cpu_twin() {
                 format: W4_G128,
                 ns: EDGE_NS,
             },
+            // The tensor-core GEMV's edges: 9 steps of 128 over its 8 warps (one warp
+            // takes two), 37 rows (a partial 16-row block).
+            Case {
+                name: "mma partial",
+                parts: &[(I4, 37)],
+                in_features: 1152,
+                bias: true,
+                format: W4_G128,
+                ns: EDGE_NS,
+            },
             // 8-bit levels in groups of 16: a tile + 256 values, 19 rows.
             Case {
                 name: "q6_k partial",
@@ -584,6 +605,29 @@ fn qgemv_and_layout_refuse_what_the_kernels_cannot_take() {
     assert!(!quant_layout_ok(4, 576, 128), "groups divide the row");
     assert!(!quant_layout_ok(2, 3584, 128), "only 4- and 8-bit levels");
     assert!(!quant_layout_ok(8, 0, 16), "no inputs");
+}
+
+/// The tensor-core GEMV takes 4-bit layers in power-of-two groups of 128 or more at 1..=8
+/// tokens, nothing else, and covers every row with whole 16-row blocks.
+#[test]
+fn qgemv_mma_takes_int4_g128_layers_and_covers_every_row() {
+    for n in 1..=GEMV_MAX_TOKENS {
+        for out in [1usize, 15, 16, 17, 37, 3584, 4608, 37888] {
+            let (grid, threads) = qgemv_mma_geometry(n, 4, 3584, out, 128).expect("accepted");
+            assert_eq!(threads, QILIN_QGEMV_MMA_THREADS);
+            let rows = grid as usize * QILIN_QGEMV_MMA_ROWS as usize;
+            assert!(rows >= out && rows - out < QILIN_QGEMV_MMA_ROWS as usize, "n={n} out={out}");
+        }
+    }
+    assert!(qgemv_mma_ok(1, 4, 18944, 128));
+    assert!(qgemv_mma_ok(8, 4, 2560, 256));
+    assert!(!qgemv_mma_ok(0, 4, 3584, 128), "no tokens");
+    assert!(!qgemv_mma_ok(GEMV_MAX_TOKENS + 1, 4, 3584, 128), "more tokens than columns");
+    assert!(!qgemv_mma_ok(1, 8, 3584, 128), "8-bit levels");
+    assert!(!qgemv_mma_ok(1, 4, 3584, 32), "GGUF's 32-value blocks: one group per step");
+    assert!(!qgemv_mma_ok(1, 4, 3840, 384), "a group that is not a power of two");
+    assert!(!qgemv_mma_ok(1, 4, 576, 128), "groups divide the row");
+    assert_eq!(qgemv_mma_geometry(1, 4, 3584, 0, 128), None, "no outputs");
 }
 
 #[test]

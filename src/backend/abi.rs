@@ -176,6 +176,36 @@ pub fn qgemv_geometry(
     Some((out.div_ceil(QILIN_QGEMV_ROWS_PER_BLOCK), QILIN_QGEMV_THREADS))
 }
 
+/// Whether qilin_qgemv_mma_w4_bf16 can take `x [n, in]` against a `[*, in]` weight of
+/// `bits`-bit levels in groups of `group`: 4-bit levels, `n` in `1..=GEMV_MAX_TOKENS`, the
+/// group a power of two and a multiple of `QILIN_QGEMV_MMA_STEP` (one group per step),
+/// and `quant_layout_ok`. Other layers (GGUF's 32-value blocks, 8-bit levels) keep the
+/// FMA GEMVs.
+pub fn qgemv_mma_ok(n: usize, bits: u32, in_features: usize, group: usize) -> bool {
+    bits == 4
+        && (1..=GEMV_MAX_TOKENS).contains(&n)
+        && group.is_power_of_two()
+        && group.is_multiple_of(QILIN_QGEMV_MMA_STEP as usize)
+        && quant_layout_ok(bits, in_features, group)
+}
+
+/// Launch geometry `(grid.x, block.x)` of qilin_qgemv_mma_w4_bf16: one block per
+/// `QILIN_QGEMV_MMA_ROWS` output channels. `None` where `qgemv_mma_ok` says no or `out`
+/// is zero or beyond `u32`.
+pub fn qgemv_mma_geometry(
+    n: usize,
+    bits: u32,
+    in_features: usize,
+    out_features: usize,
+    group: usize,
+) -> Option<(u32, u32)> {
+    if out_features == 0 || !qgemv_mma_ok(n, bits, in_features, group) {
+        return None;
+    }
+    let out = u32::try_from(out_features).ok()?;
+    Some((out.div_ceil(QILIN_QGEMV_MMA_ROWS), QILIN_QGEMV_MMA_THREADS))
+}
+
 /// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemm_w{4,8}_bf16 for
 /// `x [n, in]`: grid.x over output channels in `QILIN_QGEMM_BLOCK_N`, grid.y over tokens
 /// in `QILIN_QGEMM_BLOCK_M`. `None` when `n` or `out` is zero or a grid dimension

@@ -92,6 +92,10 @@ pub const QGEMV_SMALL_W4_BF16: Kernel =
 /// W8A16 GEMV for batches of up to QILIN_QGEMV_SMALL_MAX_TOKENS rows.
 pub const QGEMV_SMALL_W8_BF16: Kernel =
     Kernel { module: "quant_linear", entry: "qilin_qgemv_small_w8_bf16" };
+/// W4A16 GEMV of 1..=8 rows on tensor cores, groups a multiple of 128 (compiles,
+/// unverified; opt-in); see kernels/quant_gemv_mma.cu.
+pub const QGEMV_MMA_W4_BF16: Kernel =
+    Kernel { module: "quant_gemv_mma", entry: "qilin_qgemv_mma_w4_bf16" };
 /// W4A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
 pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w4_bf16" };
 /// W8A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
@@ -133,6 +137,7 @@ pub const KERNELS: &[Kernel] = &[
     QGEMV_W8_BF16,
     QGEMV_SMALL_W4_BF16,
     QGEMV_SMALL_W8_BF16,
+    QGEMV_MMA_W4_BF16,
     DEQUANT_W4_BF16,
     DEQUANT_W8_BF16,
     QGEMM_W4_BF16,

@@ -435,6 +435,14 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemv_small_into(&x, &w, &mut y);
                     });
                 }
+                // The tensor-core GEMV (opt-in until verified) where it takes the layer.
+                let mut y = rand.tensor(n, out, 1.0);
+                let op = format!("{name} {} (qgemv mma)", method.name());
+                if b.linear_qgemv_mma_into(&x, &w, &mut y) {
+                    bench.measure(&op, shape.clone(), bytes, flops, &mut || {
+                        b.linear_qgemv_mma_into(&x, &w, &mut y);
+                    });
+                }
                 // The tensor-core GEMM (not yet in the dispatch) where cuBLAS serves now.
                 if n > GEMV_MAX_TOKENS {
                     let mut y = rand.tensor(n, out, 1.0);

@@ -62,6 +62,8 @@ pub struct Device {
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
     /// Which verified fast paths the dispatch takes, read from the environment at open.
     pub paths: FastPaths,
+    /// Which unverified kernels it takes, likewise.
+    pub opt_in: OptIn,
 }
 
 /// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
@@ -94,6 +96,22 @@ impl FastPaths {
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             graphs: on("QILIN_CUDA_GRAPHS"),
         }
+    }
+}
+
+/// Kernels that compile but no GPU has verified yet: the dispatch takes them only when
+/// their variable is `1` (README, environment switches); tests and benchmarks call them
+/// directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OptIn {
+    /// `QILIN_CUDA_QGEMV_MMA=1`: qilin_qgemv_mma_w4_bf16 for 4-bit layers in groups of a
+    /// multiple of 128 at 1..=8 tokens (before the small-batch kernel).
+    pub qgemv_mma: bool,
+}
+
+impl OptIn {
+    fn from_env() -> OptIn {
+        OptIn { qgemv_mma: std::env::var("QILIN_CUDA_QGEMV_MMA").as_deref() == Ok("1") }
     }
 }
 
@@ -187,6 +205,7 @@ impl Device {
             capturing: AtomicBool::new(false),
             functions,
             paths: FastPaths::from_env(),
+            opt_in: OptIn::from_env(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Launchers of kernels/quant_linear.cu: the W4A16/W8A16 GEMV of decode-sized batches and
 //! the dequantization of weight rows to bf16 for the cuBLAS path (linear.rs dispatches;
-//! the CPU twin of both is `CpuLinear::forward` on the original weight).
+//! the CPU twin of both is `CpuLinear::forward` on the original weight); and of
+//! kernels/quant_gemv_mma.cu's tensor-core W4A16 GEMV (`ptx::QGEMV_MMA_W4_BF16`).
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -9,9 +10,9 @@ use super::device::{check, Device};
 use super::tensor::{CudaLinear, CudaTensor, QuantWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
-    dequant_blocks, qgemm_geometry, qgemv_geometry, quant_layout_ok, QilinDequantParams,
-    QilinQuantGemvParams, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_SMALL_MAX_TOKENS,
-    QILIN_QGEMV_VALUES_PER_LANE,
+    dequant_blocks, qgemm_geometry, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok,
+    quant_layout_ok, QilinDequantParams, QilinQuantGemvParams, GEMV_MAX_TOKENS,
+    QILIN_DEQUANT_THREADS, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_VALUES_PER_LANE,
 };
 use crate::backend::ptx;
 
@@ -46,6 +47,8 @@ enum Op {
     Gemv,
     /// The GEMV compiled for up to QILIN_QGEMV_SMALL_MAX_TOKENS rows.
     GemvSmall,
+    /// The tensor-core GEMV (4-bit levels, groups a multiple of 128, 1..=8 rows).
+    GemvMma,
     Gemm,
     Dequant,
 }
@@ -56,6 +59,7 @@ fn kernel_for(bits: u32, op: Op) -> ptx::Kernel {
         (8, Op::Gemv) => ptx::QGEMV_W8_BF16,
         (4, Op::GemvSmall) => ptx::QGEMV_SMALL_W4_BF16,
         (8, Op::GemvSmall) => ptx::QGEMV_SMALL_W8_BF16,
+        (4, Op::GemvMma) => ptx::QGEMV_MMA_W4_BF16,
         (4, Op::Gemm) => ptx::QGEMM_W4_BF16,
         (8, Op::Gemm) => ptx::QGEMM_W8_BF16,
         (4, Op::Dequant) => ptx::DEQUANT_W4_BF16,
@@ -95,7 +99,8 @@ fn launch_matmul(
         Some(bias) => launch.arg(bias),
         None => launch.arg(&null),
     };
-    // SAFETY: argument order and types follow qilin_qgemv/qgemm_w{4,8}_bf16 (scale_min's
+    // SAFETY: argument order and types follow qilin_qgemv/qgemm_w{4,8}_bf16 and
+    // qilin_qgemv_mma_w4_bf16, which share them (scale_min's
     // f32 pairs are their float2). linear.rs's check_shapes showed out holds n * m values,
     // x n * k, levels m * k * bits / 8 bytes, scale_min m * k / group pairs, bias (or
     // null) m; out is a separate allocation (&mut). Whole cudarc allocations are >= 256-
@@ -104,8 +109,11 @@ fn launch_matmul(
     check(unsafe { launch.launch(cfg) }, kernel.entry);
 }
 
-/// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_small_w{4,8}_bf16 up to
-/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0), else
+/// The GEMV, `out [n, m] = x [n, k] W^T + b`: with QILIN_CUDA_QGEMV_MMA=1
+/// qilin_qgemv_mma_w4_bf16 where it takes the layer (`qgemv_mma_ok`: 4-bit, groups a
+/// multiple of 128; compiles, unverified on hardware: opt-in until a GPU run of
+/// tests/gpu_quant_linear.rs passes); else qilin_qgemv_small_w{4,8}_bf16 up to
+/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0); else
 /// qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot take the shape
 /// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
 /// `check_shapes` has checked every buffer against the shapes.
@@ -116,8 +124,38 @@ pub fn qgemv_into(
     q: &QuantWeight,
     out: &mut CudaTensor,
 ) {
+    let (bits, group) = (q.format.bits, q.format.group);
+    if dev.opt_in.qgemv_mma && qgemv_mma_ok(x.rows, bits, w.in_features, group) {
+        return qgemv_mma_with(dev, x, w, q, out);
+    }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
     qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
+}
+
+/// qilin_qgemv_mma_w4_bf16 (kernels/quant_gemv_mma.cu) whatever the dispatch would pick:
+/// grid of one 256-thread block per 16 output channels. Panics when the kernel cannot
+/// take the layer (`qgemv_mma_ok`).
+fn qgemv_mma_with(
+    dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    let (n, k, m) = (x.rows, w.in_features, w.out_features);
+    let (bits, group) = (q.format.bits, q.format.group);
+    let (grid, threads) = qgemv_mma_geometry(n, bits, k, m, group).unwrap_or_else(|| {
+        panic!(
+            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}: it \
+             needs 4-bit levels, 1 <= n <= {GEMV_MAX_TOKENS} and a power-of-two group that \
+             is a multiple of 128 and divides in",
+            ptx::QGEMV_MMA_W4_BF16.entry
+        )
+    });
+    let params = matmul_params(n, k, m, group);
+    let cfg =
+        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    launch_matmul(dev, Op::GemvMma, cfg, params, x, w, q, out);
 }
 
 /// qilin_qgemv_small_w{4,8}_bf16 whatever the dispatch would pick (n <= 2): for its parity
@@ -251,6 +289,24 @@ impl CudaBackend {
         };
         super::linear::check_shapes(x, w, out);
         qgemv_small_into(&self.dev, x, w, q, out)
+    }
+
+    /// The tensor-core GEMV (qilin_qgemv_mma_w4_bf16) whatever the dispatch would pick;
+    /// false (nothing launched) for a layer it cannot take (`qgemv_mma_ok`: a bf16 layer,
+    /// 8-bit levels, a group not a multiple of 128, n outside 1..=8).
+    pub fn linear_qgemv_mma_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        out: &mut CudaTensor,
+    ) -> bool {
+        let super::LinearWeight::Quant(q) = &w.weight else { return false };
+        if !qgemv_mma_ok(x.rows, q.format.bits, w.in_features, q.format.group) {
+            return false;
+        }
+        super::linear::check_shapes(x, w, out);
+        qgemv_mma_with(&self.dev, x, w, q, out);
+        true
     }
 
     /// The whole weight of a quantized layer dequantized to bf16 on the device, copied
