@@ -16,16 +16,16 @@
 //! dropped, or a split merged wrongly moves the output far beyond the tolerance).
 //!
 //! Every case runs under each launcher path (the bisecting switches of
-//! src/backend/cuda/attention.rs): default (the tensor-core decode kernel for one-token
-//! sequences where head_dim is 64 or 128, tensor-core prefill for the rest), the decode
-//! kernel forced to 16-key splits (many splits and the reduction pass on every context),
-//! both again with the FMA decode kernels, both again with the pipelined decode kernel
-//! that merges its splits in the same launch (QILIN_ATTN_DECODE_PIPE=1; at 16-key splits
-//! every context above 16 goes through its counters and last-block merge, and each case
-//! finds the counters as the launches before it left them), the prefill kernel on every
-//! row, the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1; the default takes
-//! the 128-row ones) for the prefill rows and on every row, and the plain-FMA kernel on
-//! every row. A failure names the path, so it tells which kernel
+//! src/backend/cuda/attention.rs): default (the pipelined tensor-core decode kernel,
+//! which merges its splits in the same launch, for one-token sequences where head_dim is
+//! 64 or 128, tensor-core prefill for the rest), the decode kernel forced to 16-key
+//! splits (every context above 16 goes through the counters and the last-block merge,
+//! and each case finds the counters as the launches before it left them), both again
+//! with the tensor-core decode kernel and its separate reduction pass
+//! (QILIN_ATTN_DECODE_PIPE=0) and with the FMA decode kernels, the prefill kernel on
+//! every row, the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1; the default
+//! takes the 128-row ones) for the prefill rows and on every row, and the plain-FMA kernel
+//! on every row. A failure names the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
@@ -95,7 +95,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "decode-split-16",
@@ -104,7 +104,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: Some("16"),
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "decode-fma",
@@ -113,7 +113,7 @@ const PATHS: &[Path] = &[
         decode_fma: true,
         split_tokens: None,
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "decode-fma-split-16",
@@ -122,25 +122,25 @@ const PATHS: &[Path] = &[
         decode_fma: true,
         split_tokens: Some("16"),
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
-        name: "decode-pipe",
+        name: "decode-mma",
         simple: false,
         no_decode: false,
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
-        decode_pipe: true,
+        decode_pipe: false,
     },
     Path {
-        name: "decode-pipe-split-16",
+        name: "decode-mma-split-16",
         simple: false,
         no_decode: false,
         decode_fma: false,
         split_tokens: Some("16"),
         prefill_narrow: false,
-        decode_pipe: true,
+        decode_pipe: false,
     },
     Path {
         name: "prefill-kernel-only",
@@ -149,7 +149,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "prefill-narrow",
@@ -158,7 +158,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: true,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "prefill-narrow-only",
@@ -167,7 +167,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: true,
-        decode_pipe: false,
+        decode_pipe: true,
     },
     Path {
         name: "simple-fma",
@@ -176,7 +176,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
-        decode_pipe: false,
+        decode_pipe: true,
     },
 ];
 
@@ -225,7 +225,7 @@ fn set_path(path: &Path) {
     set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
     set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
     set("QILIN_ATTN_PREFILL_NARROW", path.prefill_narrow.then_some("1"));
-    set("QILIN_ATTN_DECODE_PIPE", path.decode_pipe.then_some("1"));
+    set("QILIN_ATTN_DECODE_PIPE", (!path.decode_pipe).then_some("0"));
 }
 
 /// The paths to run: all, or the one QILIN_ATTN_TEST_PATH names.

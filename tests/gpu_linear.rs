@@ -9,8 +9,8 @@
 //! shapes (a partial tile, a partial block of rows, one vector past a tile, a width
 //! that is not a multiple of 8, which the dispatch sends to cuBLAS) at every n from 1
 //! to 9 (each GEMV instantiation) and 64, 513. For n <= 8 three paths run: the dispatch
-//! (GEMV), cuBLAS forced, and the tensor-core GEMV qilin_gemv_mma_bf16 (opt-in in the
-//! dispatch until this passes on a GPU; the cuBLAS arithmetic and tolerance). Outputs are poisoned with NaN before every launch; an
+//! (GEMV), cuBLAS forced, and both GEMVs called directly (qilin_gemv_bf16, and the
+//! tensor-core qilin_gemv_mma_bf16 under the cuBLAS arithmetic and tolerance). Outputs are poisoned with NaN before every launch; an
 //! element never written fails as NaN. `Backend::linear` itself (own allocation) runs
 //! once per shape.
 //!

@@ -7,10 +7,10 @@
 //! and Q6_K as random super-blocks; stacked parts of mixed formats (a Q4_K_M file's
 //! Q4_K q/k with a Q6_K v). Shapes of Qwen2.5-7B and SmolLM2-135M and edge shapes
 //! (one chunk, a partial tile, a partial block of rows), at n in 1..=9, 64 and 513.
-//! For n <= 8 both paths run (GEMV, and cuBLAS forced), for n <= 2 the small-batch GEMV
-//! (qilin_qgemv_small_w{4,8}_bf16, opt-in in the dispatch), for n <= 8 on 4-bit layers in
-//! groups of 128 the tensor-core GEMV (kernels/quant_gemv_mma.cu's qilin_qgemv_mma_w4_bf16,
-//! opt-in: QILIN_CUDA_QGEMV_MMA=1), and the tensor-core GEMM
+//! For n <= 8 both paths run (the dispatch's GEMV, and cuBLAS forced), for n <= 2 the
+//! small-batch GEMV (qilin_qgemv_small_w{4,8}_bf16), for n <= 8 on 4-bit layers in groups
+//! of 128 the tensor-core GEMV (kernels/quant_gemv_mma.cu's qilin_qgemv_mma_w4_bf16, the
+//! dispatch's choice there unless QILIN_CUDA_QGEMV_MMA=0), and the tensor-core GEMM
 //! (qilin_qgemm_w{4,8}_bf16, not yet in the dispatch) at every n; outputs are poisoned
 //! with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
 //! `PackedQuant::dequantize_row` rounded to bf16.
@@ -301,8 +301,7 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let worst = compare(&label("cublas"), &got, &want, &s, m, dequant_extra);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("cublas"));
             }
-            // The small-batch GEMV (opt-in in the dispatch until this passes on a GPU): f32
-            // arithmetic on exact levels, the GEMV's tolerance.
+            // The small-batch GEMV, called directly: f32 arithmetic on exact levels, the GEMV's tolerance.
             if n <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize {
                 let mut out = poisoned(&gpu, n, m);
                 gpu.linear_qgemv_small_into(&x_gpu, &layer.gpu, &mut out);
@@ -310,8 +309,7 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let worst = compare(&label("qgemv small"), &got, &want, &s, m, 0.0);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv small"));
             }
-            // The tensor-core GEMV (opt-in in the dispatch until this passes on a GPU), where
-            // it takes the layer: exact levels and products, f32 sums, the GEMV's tolerance.
+            // The tensor-core GEMV, called directly where it takes the layer: exact levels and products, f32 sums, the GEMV's tolerance.
             let mut out = poisoned(&gpu, n, m);
             if gpu.linear_qgemv_mma_into(&x_gpu, &layer.gpu, &mut out) {
                 let got = gpu.to_host(&out);

@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
-use crate::backend::cuda::GEMV_MMA_MIN_TOKENS;
+use crate::backend::cuda::gemv_mma_wins;
 use crate::backend::cuda::{CudaBackend, CudaTensor, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
@@ -183,7 +183,8 @@ struct Bench<'a> {
 impl Bench<'_> {
     fn measure(&mut self, op: &str, shape: String, bytes: f64, flops: f64, f: &mut dyn FnMut()) {
         let name = format!("{op} {shape}");
-        if !self.only.is_empty() && !self.only.iter().any(|o| name.contains(o.as_str())) {
+        let mut only = self.only.iter().filter(|o| !o.is_empty()).peekable();
+        if only.peek().is_some() && !only.any(|o| name.contains(o.as_str())) {
             return;
         }
         let t_mem = bytes / self.copy_bytes_per_s;
@@ -390,11 +391,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             bench.measure(name, shape.clone(), values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
-            // The GEMV the dispatch does not take at this n, beside the one it does: where
-            // they cross decides GEMV_MMA_MIN_TOKENS.
+            // The GEMV the dispatch does not take at this n and shape, beside the one it
+            // does: they decide `gemv_mma_wins`.
             if (2..=GEMV_MAX_TOKENS).contains(&n) {
                 let mut y = rand.tensor(n, out, 1.0);
-                let mma = n < GEMV_MMA_MIN_TOKENS;
+                let mma = !gemv_mma_wins(n, inp, out);
                 let op = format!("{name} ({})", if mma { "gemv mma" } else { "gemv fma" });
                 bench.measure(&op, shape, values as f64 * bf, flops, &mut || {
                     if mma {
@@ -435,7 +436,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemv_small_into(&x, &w, &mut y);
                     });
                 }
-                // The tensor-core GEMV (opt-in until verified) where it takes the layer.
+                // The tensor-core GEMV called directly, where it takes the layer.
                 let mut y = rand.tensor(n, out, 1.0);
                 let op = format!("{name} {} (qgemv mma)", method.name());
                 if b.linear_qgemv_mma_into(&x, &w, &mut y) {
@@ -572,10 +573,10 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention(&qt, &batch, &cache, 0, shape));
         });
-        // The pipelined kernel with its merge in the same launch (opt-in until verified).
-        let what = format!("decode (pipelined): {n_seqs} seqs x {ctx} ctx");
+        // The kernel and reduction pass that the pipelined one replaced.
+        let what = format!("decode (mma + reduce): {n_seqs} seqs x {ctx} ctx");
         bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_decode_pipe(&qt, &batch, &cache, 0, shape));
+            drop(b.attention_decode_unpiped(&qt, &batch, &cache, 0, shape));
         });
     }
     {

@@ -5,11 +5,12 @@
 //!
 //! Which kernel writes which rows:
 //! - sequences with exactly one new token (decode): the decode kernel decode_plan.rs
-//!   picks (tensor-core qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
-//!   qilin_attention_decode_g{4,8}_bf16), split-K over the context, then
-//!   qilin_attention_decode_reduce_bf16 when the plan has more than one split; or, with
-//!   QILIN_ATTN_DECODE_PIPE=1, qilin_attention_decode_pipe_hd{64,128}_bf16, which merges
-//!   its splits itself (one launch);
+//!   picks: qilin_attention_decode_pipe_hd{64,128}_bf16 (tensor cores, three cache blocks
+//!   in flight per warp, split-K over the context merged by the last split in the same
+//!   launch), or with QILIN_ATTN_DECODE_PIPE=0 (or where its shared memory is refused)
+//!   qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
+//!   qilin_attention_decode_g{4,8}_bf16, split-K then qilin_attention_decode_reduce_bf16
+//!   when the plan has more than one split;
 //! - every other sequence: qilin_attention_prefill_wide_hd{64,128}_bf16 (tensor cores,
 //!   128-row tiles; the 64-row qilin_attention_prefill_hd{64,128}_bf16 with
 //!   QILIN_ATTN_PREFILL_NARROW=1), or qilin_attention_prefill_simple_bf16 for head sizes
@@ -25,8 +26,9 @@
 //! - `QILIN_ATTN_SIMPLE=1`: the plain-FMA kernel writes every row;
 //! - `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row, decode rows included;
 //! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
-//! - `QILIN_ATTN_DECODE_PIPE=1`: the pipelined tensor-core decode kernel with the split
-//!   merge in the same launch (opt-in until a GPU verifies it; the FMA switch wins);
+//! - `QILIN_ATTN_DECODE_PIPE=0`: the tensor-core decode kernel with a separate reduction
+//!   pass instead of the pipelined one (H200, 8 sequences x 8K: 81 against 53 us; the
+//!   FMA switch wins over both);
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
 //!   keys per split, instead of the occupancy-based choice;
 //! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
@@ -74,9 +76,9 @@ pub fn attention(
     attention_with(dev, q, batch, cache, layer, shape, switches)
 }
 
-/// `attention` with the pipelined decode kernel whatever QILIN_ATTN_DECODE_PIPE says
-/// (its benchmark rows).
-pub fn attention_decode_pipe(
+/// `attention` with the decode kernel and reduction pass that the pipelined one replaced,
+/// whatever QILIN_ATTN_DECODE_PIPE says (their benchmark rows).
+pub fn attention_decode_unpiped(
     dev: &Device,
     q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
     batch: &DeviceBatch, // the step's sequences, on the device
@@ -84,7 +86,7 @@ pub fn attention_decode_pipe(
     layer: usize,
     shape: AttentionShape,
 ) -> CudaTensor {
-    let switches = Switches { decode_pipe: true, ..Switches::from_env() };
+    let switches = Switches { decode_pipe: false, ..Switches::from_env() };
     attention_with(dev, q, batch, cache, layer, shape, switches)
 }
 
@@ -444,7 +446,7 @@ struct Switches {
     /// `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels even where a tensor-core one
     /// exists.
     decode_fma: bool,
-    /// `QILIN_ATTN_DECODE_PIPE=1`: the pipelined decode kernel where one exists.
+    /// Unless `QILIN_ATTN_DECODE_PIPE=0`: the pipelined decode kernel where one exists.
     decode_pipe: bool,
     split_tokens: Option<usize>,
     /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
@@ -459,7 +461,7 @@ impl Switches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
-            decode_pipe: on("QILIN_ATTN_DECODE_PIPE"),
+            decode_pipe: std::env::var_os("QILIN_ATTN_DECODE_PIPE").is_none_or(|v| v != "0"),
             prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }

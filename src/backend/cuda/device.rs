@@ -62,29 +62,30 @@ pub struct Device {
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
     /// Which verified fast paths the dispatch takes, read from the environment at open.
     pub paths: FastPaths,
-    /// Which unverified kernels it takes, likewise.
-    pub opt_in: OptIn,
 }
 
 /// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
-/// what they replace (bench/notes.md, 2026-11-26 H200 run at 12332f8). Each is on unless
+/// what they replace (bench/notes.md, 2026-11-26 H200 runs at 12332f8 and 1bf3ca5). Each is on unless
 /// its variable is `0`, which brings back the path it replaced: for bisecting a failure or
 /// comparing speeds, not for production.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastPaths {
     /// `QILIN_CUDA_GEMV_MMA`: qilin_gemv_mma_bf16 for bf16 layers at
-    /// GEMV_MMA_MIN_TOKENS..=8 tokens.
+    /// 4..=8 tokens where it wins (`linear::gemv_mma_wins`).
     pub gemv_mma: bool,
     /// `QILIN_CUDA_QGEMV_SMALL`: qilin_qgemv_small_w{4,8}_bf16 for quantized layers at
     /// 1..=QILIN_QGEMV_SMALL_MAX_TOKENS tokens.
     pub qgemv_small: bool,
+    /// `QILIN_CUDA_QGEMV_MMA`: qilin_qgemv_mma_w4_bf16 for 4-bit layers in groups of a
+    /// power of two >= 128 at 1..=8 tokens (before the small-batch kernel).
+    pub qgemv_mma: bool,
     /// `QILIN_CUDA_GRAPHS`: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
 }
 
 impl Default for FastPaths {
     fn default() -> FastPaths {
-        FastPaths { gemv_mma: true, qgemv_small: true, graphs: true }
+        FastPaths { gemv_mma: true, qgemv_small: true, qgemv_mma: true, graphs: true }
     }
 }
 
@@ -94,24 +95,9 @@ impl FastPaths {
         FastPaths {
             gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
+            qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
             graphs: on("QILIN_CUDA_GRAPHS"),
         }
-    }
-}
-
-/// Kernels that compile but no GPU has verified yet: the dispatch takes them only when
-/// their variable is `1` (README, environment switches); tests and benchmarks call them
-/// directly.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OptIn {
-    /// `QILIN_CUDA_QGEMV_MMA=1`: qilin_qgemv_mma_w4_bf16 for 4-bit layers in groups of a
-    /// multiple of 128 at 1..=8 tokens (before the small-batch kernel).
-    pub qgemv_mma: bool,
-}
-
-impl OptIn {
-    fn from_env() -> OptIn {
-        OptIn { qgemv_mma: std::env::var("QILIN_CUDA_QGEMV_MMA").as_deref() == Ok("1") }
     }
 }
 
@@ -170,7 +156,7 @@ impl Device {
             .map_err(|e| {
                 CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
             })?;
-        // So do the pipelined decode kernels' rings of K/V buffers, which are opt-in: a
+        // So do the pipelined decode kernels' rings of K/V buffers: a
         // device whose blocks cannot have that much (sm_86/sm_89: 99 KiB, under the
         // head_dim-128 ring's 102 KiB) keeps the mma kernel instead of failing to open.
         let mut smem_refused = Vec::new();
@@ -205,7 +191,6 @@ impl Device {
             capturing: AtomicBool::new(false),
             functions,
             paths: FastPaths::from_env(),
-            opt_in: OptIn::from_env(),
         })
     }
 
@@ -253,8 +238,8 @@ impl Device {
             .unwrap_or_else(|| panic!("kernel {} is not listed in ptx::KERNELS", kernel.entry))
     }
 
-    /// Whether this device can run `kernel` (false for the opt-in kernels whose shared
-    /// memory it cannot provide).
+    /// Whether this device can run `kernel` (false for the kernels whose shared memory it
+    /// cannot provide, which the launchers then replace).
     pub fn launchable(&self, kernel: Kernel) -> bool {
         !self.smem_refused.contains(&kernel)
     }

@@ -124,16 +124,25 @@ pub fn gemv_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTen
     if let LinearWeight::Quant(q) = &w.weight {
         return qgemv_into(dev, x, w, q, out);
     }
-    let mma = dev.paths.gemv_mma && x.rows >= GEMV_MMA_MIN_TOKENS;
+    let mma = dev.paths.gemv_mma && gemv_mma_wins(x.rows, w.in_features, w.out_features);
     let kernel = if mma { ptx::GEMV_MMA_BF16 } else { ptx::GEMV_BF16 };
     launch_gemv(dev, kernel, x, w, out);
 }
 
-/// Fewest tokens for which the dispatch takes qilin_gemv_mma_bf16 over the FMA GEMV. On the
-/// H200 (12332f8) a Qwen2.5-7B decode step took ~7 ms with the tensor-core GEMV whether 2
-/// or 8 tokens (6.91, 7.15), and 4.83 + 0.59 ms per token past the first with the FMA one
-/// (4.83 at 1, 8.99 at 8): they cross between 4 and 5.
-pub const GEMV_MMA_MIN_TOKENS: usize = 5;
+/// Fewest tokens for which the dispatch takes qilin_gemv_mma_bf16 over the FMA GEMV, on the
+/// layers where it wins (`gemv_mma_wins`).
+pub const GEMV_MMA_MIN_TOKENS: usize = 4;
+
+/// Whether qilin_gemv_mma_bf16 beats the FMA GEMV at `n` tokens on a layer of this shape.
+/// H200, `qilin bench kernels` at 1bf3ca5, µs at n = 4 and 8 (FMA / mma): qkv_proj
+/// 26.2 / 24.3, 36.6 / 25.6; gate_up 89.5 / 80.4, 146 / 81.5; lm_head 311 / 260, 531 /
+/// 262; but o_proj 19.4 / 22.9, 24.5 / 24.2 and down_proj 56.5 / 91.7, 82.7 / 92.4: the
+/// mma kernel splits k over a block's warps, which leaves too few blocks when the layer
+/// is narrower than it is deep. The whole-step cost at n = 2 (6.91 ms against ~5.4) keeps
+/// the FMA GEMV below 4 tokens.
+pub fn gemv_mma_wins(n: usize, in_features: usize, out_features: usize) -> bool {
+    n >= GEMV_MMA_MIN_TOKENS && out_features > in_features
+}
 
 /// qilin_gemv_mma_bf16 (tensor cores) for a bf16 W, whatever the dispatch would pick: for
 /// its parity test and benchmark. Panics as `gemv_into`, and for a quantized W.

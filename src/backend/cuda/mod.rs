@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 pub use batch_meta::DeviceBatch;
 pub use device::{Device, FastPaths};
-pub use linear::GEMV_MMA_MIN_TOKENS;
+pub use linear::gemv_mma_wins;
 pub use quant_linear::reserve_dequant_scratch;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
@@ -109,9 +109,9 @@ impl CudaBackend {
         attention::attention(&self.dev, q, &meta, cache, layer, shape, true)
     }
 
-    /// `Backend::attention` with the pipelined decode kernel (opt-in in the dispatch with
-    /// QILIN_ATTN_DECODE_PIPE=1 until verified), for its benchmark rows.
-    pub fn attention_decode_pipe(
+    /// `Backend::attention` with the decode kernel and reduction pass that the pipelined
+    /// one replaced (QILIN_ATTN_DECODE_PIPE=0 in the dispatch), for their benchmark rows.
+    pub fn attention_decode_unpiped(
         &self,
         q: &CudaTensor,
         batch: &Batch,
@@ -120,7 +120,7 @@ impl CudaBackend {
         shape: AttentionShape,
     ) -> CudaTensor {
         let meta = self.device_batch(batch);
-        attention::attention_decode_pipe(&self.dev, q, &meta, cache, layer, shape)
+        attention::attention_decode_unpiped(&self.dev, q, &meta, cache, layer, shape)
     }
 
     /// The batch metadata on the device, uploaded once per distinct batch (a bound

@@ -109,10 +109,9 @@ fn launch_matmul(
     check(unsafe { launch.launch(cfg) }, kernel.entry);
 }
 
-/// The GEMV, `out [n, m] = x [n, k] W^T + b`: with QILIN_CUDA_QGEMV_MMA=1
-/// qilin_qgemv_mma_w4_bf16 where it takes the layer (`qgemv_mma_ok`: 4-bit, groups a
-/// multiple of 128; compiles, unverified on hardware: opt-in until a GPU run of
-/// tests/gpu_quant_linear.rs passes); else qilin_qgemv_small_w{4,8}_bf16 up to
+/// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_mma_w4_bf16 where it takes
+/// the layer (`qgemv_mma_ok`: 4-bit, groups a power of two >= 128; unless
+/// QILIN_CUDA_QGEMV_MMA=0); else qilin_qgemv_small_w{4,8}_bf16 up to
 /// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0); else
 /// qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot take the shape
 /// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
@@ -125,7 +124,7 @@ pub fn qgemv_into(
     out: &mut CudaTensor,
 ) {
     let (bits, group) = (q.format.bits, q.format.group);
-    if dev.opt_in.qgemv_mma && qgemv_mma_ok(x.rows, bits, w.in_features, group) {
+    if dev.paths.qgemv_mma && qgemv_mma_ok(x.rows, bits, w.in_features, group) {
         return qgemv_mma_with(dev, x, w, q, out);
     }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
