@@ -31,7 +31,7 @@ use serde::Serialize;
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
 use crate::backend::cuda::gemv_mma_wins;
-use crate::backend::cuda::{CudaBackend, CudaTensor, Device};
+use crate::backend::cuda::{AttentionKernels, CudaBackend, CudaTensor, Device};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
@@ -576,7 +576,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         // The kernel and reduction pass that the pipelined one replaced.
         let what = format!("decode (mma + reduce): {n_seqs} seqs x {ctx} ctx");
         bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_decode_unpiped(&qt, &batch, &cache, 0, shape));
+            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::UnpipedDecode));
         });
     }
     {
@@ -592,7 +592,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         // The 64-row-tile kernels the 128-row ones replaced, on the same batch.
         let what = format!("prefill (64-row tiles): {len} tokens, causal");
         bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_prefill_narrow(&qt, &batch, &cache, 0, shape));
+            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::NarrowPrefill));
         });
     }
 

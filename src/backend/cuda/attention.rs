@@ -59,9 +59,19 @@ const FALLBACK_SM_COUNT: usize = 132;
 /// Largest grid.y / grid.z the hardware accepts.
 pub(super) const MAX_GRID_YZ: usize = 65535;
 
+/// Which kernels `attention` launches: the dispatch's (the environment's switches), or a
+/// kernel the default replaced whatever the switches say, for its benchmark rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernels {
+    Dispatch,
+    /// The 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1).
+    NarrowPrefill,
+    /// The tensor-core decode kernel and its reduction pass (QILIN_ATTN_DECODE_PIPE=0).
+    UnpipedDecode,
+}
+
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
-/// returns `[n_tokens, heads*head_dim]`. `force_narrow_prefill`: the 64-row-tile prefill
-/// kernels whatever QILIN_ATTN_PREFILL_NARROW says (their benchmark row).
+/// returns `[n_tokens, heads*head_dim]`.
 pub fn attention(
     dev: &Device,
     q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
@@ -69,36 +79,14 @@ pub fn attention(
     cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
     layer: usize,
     shape: AttentionShape,
-    force_narrow_prefill: bool,
+    kernels: AttentionKernels,
 ) -> CudaTensor {
     let mut switches = Switches::from_env();
-    switches.prefill_narrow |= force_narrow_prefill;
-    attention_with(dev, q, batch, cache, layer, shape, switches)
-}
-
-/// `attention` with the decode kernel and reduction pass that the pipelined one replaced,
-/// whatever QILIN_ATTN_DECODE_PIPE says (their benchmark rows).
-pub fn attention_decode_unpiped(
-    dev: &Device,
-    q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
-    batch: &DeviceBatch, // the step's sequences, on the device
-    cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
-    layer: usize,
-    shape: AttentionShape,
-) -> CudaTensor {
-    let switches = Switches { decode_pipe: false, ..Switches::from_env() };
-    attention_with(dev, q, batch, cache, layer, shape, switches)
-}
-
-fn attention_with(
-    dev: &Device,
-    q: &CudaTensor,      // [n_tokens, num_heads * head_dim]
-    batch: &DeviceBatch, // the step's sequences, on the device
-    cache: &CudaKvCache, // [layers][num_blocks * 16, num_kv_heads * head_dim] K and V
-    layer: usize,
-    shape: AttentionShape,
-    switches: Switches,
-) -> CudaTensor {
+    match kernels {
+        AttentionKernels::Dispatch => {}
+        AttentionKernels::NarrowPrefill => switches.prefill_narrow = true,
+        AttentionKernels::UnpipedDecode => switches.decode_pipe = false,
+    }
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
         kv_heads > 0 && heads > 0 && heads % kv_heads == 0,

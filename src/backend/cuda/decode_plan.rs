@@ -85,21 +85,9 @@ impl DecodePlan {
             None => ptx::ATTENTION_DECODE_G8_BF16,
         };
         let min_split = if mma_kernel.is_some() { MMA_MIN_SPLIT_TOKENS } else { MIN_SPLIT_TOKENS };
-        let max_context = max_context.max(1);
-        let split_tokens = match forced_split {
-            Some(tokens) => tokens,
-            None => {
-                let blocks_per_split = (n_seqs * shape.num_kv_heads * chunks).max(1);
-                let wanted = (DECODE_WAVES * sm_count).div_ceil(blocks_per_split).max(1);
-                let most = max_context.div_ceil(min_split).max(1);
-                max_context.div_ceil(wanted.min(most)).next_multiple_of(BLOCK_SIZE)
-            }
-        };
-        assert!(
-            split_tokens > 0 && split_tokens % BLOCK_SIZE == 0,
-            "attention: decode split of {split_tokens} keys"
-        );
-        let n_splits = max_context.div_ceil(split_tokens);
+        let blocks_per_split = (n_seqs * shape.num_kv_heads * chunks).max(1);
+        let wanted = (DECODE_WAVES * sm_count).div_ceil(blocks_per_split);
+        let (split_tokens, n_splits) = splits(max_context, wanted, min_split, forced_split);
         let warps = (QILIN_ATTN_DECODE_THREADS / QILIN_WARP_SIZE) as usize;
         // The tensor-core kernel's buffers are static.
         let smem_bytes = match mma_kernel {
@@ -146,21 +134,10 @@ impl DecodePlan {
         let group = shape.num_heads / shape.num_kv_heads;
         let chunks = group.div_ceil(QILIN_ATTN_DECODE_MMA_MAX_GROUP as usize);
         let group_chunk = group.div_ceil(chunks);
-        let max_context = max_context.max(1);
         let blocks_per_split = (n_seqs * shape.num_kv_heads * chunks).max(1);
-        let split_tokens = match forced_split {
-            Some(tokens) => tokens,
-            None => {
-                let wanted = (sm_count / blocks_per_split).max(1);
-                let most = max_context.div_ceil(PIPE_MIN_SPLIT_TOKENS).max(1);
-                max_context.div_ceil(wanted.min(most)).next_multiple_of(BLOCK_SIZE)
-            }
-        };
-        assert!(
-            split_tokens > 0 && split_tokens % BLOCK_SIZE == 0,
-            "attention: decode split of {split_tokens} keys"
-        );
-        let n_splits = max_context.div_ceil(split_tokens);
+        let wanted = sm_count / blocks_per_split;
+        let (split_tokens, n_splits) =
+            splits(max_context, wanted, PIPE_MIN_SPLIT_TOKENS, forced_split);
         if n_splits > 1 && blocks_per_split > QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS as usize {
             return None;
         }
@@ -175,6 +152,27 @@ impl DecodePlan {
             pipe: true,
         })
     }
+}
+
+/// `(split_tokens, n_splits)` over a context of `max_context` keys: the forced split, or
+/// as many splits as `wanted` (at least one) but none shorter than `min_split` keys, each
+/// a whole number of cache blocks.
+fn splits(
+    max_context: usize,
+    wanted: usize,
+    min_split: usize,
+    forced_split: Option<usize>,
+) -> (usize, usize) {
+    let max_context = max_context.max(1);
+    let split_tokens = forced_split.unwrap_or_else(|| {
+        let most = max_context.div_ceil(min_split).max(1);
+        max_context.div_ceil(wanted.max(1).min(most)).next_multiple_of(BLOCK_SIZE)
+    });
+    assert!(
+        split_tokens > 0 && split_tokens.is_multiple_of(BLOCK_SIZE),
+        "attention: decode split of {split_tokens} keys"
+    );
+    (split_tokens, max_context.div_ceil(split_tokens))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod weights;
 
 use std::sync::{Arc, Mutex};
 
+pub use attention::AttentionKernels;
 pub use batch_meta::DeviceBatch;
 pub use device::{Device, FastPaths};
 pub use linear::gemv_mma_wins;
@@ -95,32 +96,19 @@ impl CudaBackend {
         CudaTensor { data: self.dev.upload(&bf), rows, cols }
     }
 
-    /// `Backend::attention` with the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1
-    /// in the dispatch), for their benchmark row beside the default 128-row ones.
-    pub fn attention_prefill_narrow(
+    /// `Backend::attention` through `kernels` (e.g. a kernel the default replaced, for its
+    /// benchmark rows beside the default's).
+    pub fn attention_with(
         &self,
         q: &CudaTensor,
         batch: &Batch,
         cache: &CudaKvCache,
         layer: usize,
         shape: AttentionShape,
+        kernels: AttentionKernels,
     ) -> CudaTensor {
         let meta = self.device_batch(batch);
-        attention::attention(&self.dev, q, &meta, cache, layer, shape, true)
-    }
-
-    /// `Backend::attention` with the decode kernel and reduction pass that the pipelined
-    /// one replaced (QILIN_ATTN_DECODE_PIPE=0 in the dispatch), for their benchmark rows.
-    pub fn attention_decode_unpiped(
-        &self,
-        q: &CudaTensor,
-        batch: &Batch,
-        cache: &CudaKvCache,
-        layer: usize,
-        shape: AttentionShape,
-    ) -> CudaTensor {
-        let meta = self.device_batch(batch);
-        attention::attention_decode_unpiped(&self.dev, q, &meta, cache, layer, shape)
+        attention::attention(&self.dev, q, &meta, cache, layer, shape, kernels)
     }
 
     /// The batch metadata on the device, uploaded once per distinct batch (a bound
@@ -244,8 +232,7 @@ impl Backend for CudaBackend {
         layer: usize,
         shape: AttentionShape,
     ) -> CudaTensor {
-        let meta = self.device_batch(batch);
-        attention::attention(&self.dev, q, &meta, cache, layer, shape, false)
+        self.attention_with(q, batch, cache, layer, shape, AttentionKernels::Dispatch)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> CudaTensor {

@@ -125,36 +125,10 @@ pub fn qgemv_into(
 ) {
     let (bits, group) = (q.format.bits, q.format.group);
     if dev.paths.qgemv_mma && qgemv_mma_ok(x.rows, bits, w.in_features, group) {
-        return qgemv_mma_with(dev, x, w, q, out);
+        return qgemv_with(dev, Op::GemvMma, x, w, q, out);
     }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
     qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
-}
-
-/// qilin_qgemv_mma_w4_bf16 (kernels/quant_gemv_mma.cu) whatever the dispatch would pick:
-/// grid of one 256-thread block per 16 output channels. Panics when the kernel cannot
-/// take the layer (`qgemv_mma_ok`).
-fn qgemv_mma_with(
-    dev: &Device,
-    x: &CudaTensor,
-    w: &CudaLinear,
-    q: &QuantWeight,
-    out: &mut CudaTensor,
-) {
-    let (n, k, m) = (x.rows, w.in_features, w.out_features);
-    let (bits, group) = (q.format.bits, q.format.group);
-    let (grid, threads) = qgemv_mma_geometry(n, bits, k, m, group).unwrap_or_else(|| {
-        panic!(
-            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}: it \
-             needs 4-bit levels, 1 <= n <= {GEMV_MAX_TOKENS} and a power-of-two group that \
-             is a multiple of 128 and divides in",
-            ptx::QGEMV_MMA_W4_BF16.entry
-        )
-    });
-    let params = matmul_params(n, k, m, group);
-    let cfg =
-        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-    launch_matmul(dev, Op::GemvMma, cfg, params, x, w, q, out);
 }
 
 /// qilin_qgemv_small_w{4,8}_bf16 whatever the dispatch would pick (n <= 2): for its parity
@@ -184,11 +158,24 @@ fn qgemv_with(
 ) {
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
     let (bits, group) = (q.format.bits, q.format.group);
-    let (grid, threads) = qgemv_geometry(n, bits, k, m, group).unwrap_or_else(|| {
+    // qilin_qgemv_mma_w4_bf16: one 256-thread block per 16 output channels; the FMA GEMVs:
+    // one block per QILIN_QGEMV_ROWS_PER_BLOCK.
+    let geometry = if op == Op::GemvMma { qgemv_mma_geometry } else { qgemv_geometry };
+    let (grid, threads) = geometry(n, bits, k, m, group).unwrap_or_else(|| {
+        let needs = if op == Op::GemvMma {
+            format!(
+                "4-bit levels, 1 <= n <= {GEMV_MAX_TOKENS} and a power-of-two group that is a \
+                 multiple of 128 and divides in"
+            )
+        } else {
+            format!(
+                "1 <= n <= {GEMV_MAX_TOKENS}, in a multiple of {QILIN_QGEMV_VALUES_PER_LANE} \
+                 and of the group"
+            )
+        };
         panic!(
             "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}: it \
-             needs 1 <= n <= {GEMV_MAX_TOKENS}, in a multiple of \
-             {QILIN_QGEMV_VALUES_PER_LANE} and of the group",
+             needs {needs}",
             kernel_for(bits, op).entry
         )
     });
@@ -304,7 +291,7 @@ impl CudaBackend {
             return false;
         }
         super::linear::check_shapes(x, w, out);
-        qgemv_mma_with(&self.dev, x, w, q, out);
+        qgemv_with(&self.dev, Op::GemvMma, x, w, q, out);
         true
     }
 
