@@ -49,6 +49,7 @@
 //   q, k_cache, v_cache, out 16-byte aligned.
 
 #include "attention_common.cuh"
+#include "attention_decode_tile.cuh"
 #include "mma.cuh"
 
 static constexpr int DECODE_THREADS = QILIN_ATTN_DECODE_THREADS;
@@ -401,9 +402,9 @@ qilin_attention_decode_reduce_bf16(const QilinAttentionParams p,
 
 // ---------------------------------------------------------------------------------------
 // qilin_attention_decode_mma_hd{64,128}_bf16: the tensor-core decode kernel (the default
-// for D = 64 and 128; QILIN_ATTN_DECODE_FMA=1 selects the FMA kernels above instead;
-// attention_decode_pipe.cu holds its pipelined variant, opt-in with
-// QILIN_ATTN_DECODE_PIPE=1, which also merges the splits in the same launch).
+// with QILIN_ATTN_DECODE_PIPE=0 or where the pipelined variant of
+// attention_decode_pipe.cu, the default, cannot get its shared memory;
+// QILIN_ATTN_DECODE_FMA=1 selects the FMA kernels above instead).
 //
 // Same semantics, grid, launch contract, partials and reduction pass as the FMA kernels,
 // with group_chunk <= QILIN_ATTN_DECODE_MMA_MAX_GROUP (16) and no dynamic shared memory.
@@ -414,11 +415,8 @@ qilin_attention_decode_reduce_bf16(const QilinAttentionParams p,
 //   Each of the 4 warps takes the split's 16-key cache blocks round-robin (a split is a
 //   whole number of blocks: split_tokens % 16 == 0). Per block, the warp gathers its 16
 //   K and V rows into its own shared buffers with cp.async (K and V in separate groups:
-//   S is computed while V lands), then, as in the prefill kernel,
-//     S = Q K^T   2 x D/16 mma.sync m16n8k16 (K by ldmatrix.x4), keys >= k_end -> -inf
-//     online softmax per row in f32 (log2 domain), P rounded to bf16 in registers
-//     O += P V    D/8 mma (V by ldmatrix.x4.trans)
-//   with no block-wide barrier in the key loop. At the end the warps' (m, l, O) are
+//   S is computed while V lands), then takes attention_decode_tile.cuh's step (S = Q K^T,
+//   online softmax, O += P V on mma.sync), with no block-wide barrier in the key loop. At the end the warps' (m, l, O) are
 //   merged through shared memory (the K/V buffers reused), as in the FMA kernels.
 // Why: on an H200 (bench/results/2026-11-26-h200.md) the FMA kernels reached 5-13% of
 // copy bandwidth: each key's online-softmax update ran in all 16 lanes of its lane group
@@ -498,26 +496,10 @@ QILIN_DEVICE void attention_decode_mma(const QilinAttentionParams& p,
 
     // Q as mma A fragments: row r is head head0 + r of the row's query (heads are D apart).
     const size_t q_stride = (size_t)p.num_heads * D;
-    const bf16* q_heads = q + (size_t)row * q_stride + (size_t)head0 * D;
     uint32_t qa[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const bf16* p0 = q_heads + r0 * D + kk * 16 + c0;
-        const bf16* p1 = q_heads + r1 * D + kk * 16 + c0;
-        qa[kk][0] = r0 < n_heads ? *reinterpret_cast<const uint32_t*>(p0) : 0u;
-        qa[kk][1] = r1 < n_heads ? *reinterpret_cast<const uint32_t*>(p1) : 0u;
-        qa[kk][2] = r0 < n_heads ? *reinterpret_cast<const uint32_t*>(p0 + 8) : 0u;
-        qa[kk][3] = r1 < n_heads ? *reinterpret_cast<const uint32_t*>(p1 + 8) : 0u;
-    }
-
+    decode_tile_load_q<D>(qa, q + (size_t)row * q_stride + (size_t)head0 * D, r0, r1, c0, n_heads);
     float o[D / 8][4];  // output accumulators, C layout, 8 dims per n-tile
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[dt][i] = 0.0f;
-        }
-    }
+    decode_tile_zero<D>(o);
     float m0 = -INFINITY;  // running max (log2 domain) of rows r0 and r1
     float m1 = -INFINITY;
     float l0 = 0.0f;  // running sums of this lane's columns; the quad is summed at the end
@@ -559,147 +541,22 @@ QILIN_DEVICE void attention_decode_mma(const QilinAttentionParams& p,
         cp_async_wait<1>();  // this lane's K chunks have landed ...
         __syncwarp();        // ... and every lane's
 
-        // S = Q K^T: 16 rows x 16 keys (n-tiles of 8 keys).
         float sc[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                sc[nt][i] = 0.0f;
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < D / 32; ++kk) {
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-                // Matrices: keys nt*8..+7 x dims kk*32 + {0, 8, 16, 24} .. +7.
-                uint32_t b[4];
-                ldmatrix_x4(b, smem_u32(s_k + (nt * 8 + lane % 8) * LD + kk * 32 + (lane / 8) * 8));
-                mma_bf16_16816(sc[nt], qa[2 * kk], b[0], b[1]);
-                mma_bf16_16816(sc[nt], qa[2 * kk + 1], b[2], b[3]);
-            }
-        }
-
-        // Log2 domain; keys past the split (or the context) are masked. Key `base` is
-        // always valid, so every row's max is finite from the first step on.
-        float mx0 = -INFINITY;
-        float mx1 = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const unsigned key = base + nt * 8 + c0 + (i & 1);
-                sc[nt][i] = key < k_end ? sc[nt][i] * scale_log2 : -INFINITY;
-            }
-            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float m0_new = fmaxf(m0, mx0);
-        const float m1_new = fmaxf(m1, mx1);
-        const float corr0 = attention_rescale(m0, m0_new);
-        const float corr1 = attention_rescale(m1, m1_new);
-        m0 = m0_new;
-        m1 = m1_new;
-        float sum0 = 0.0f;
-        float sum1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            sc[nt][0] = exp2f(sc[nt][0] - m0);  // masked: exp2(-inf) = 0
-            sc[nt][1] = exp2f(sc[nt][1] - m0);
-            sc[nt][2] = exp2f(sc[nt][2] - m1);
-            sc[nt][3] = exp2f(sc[nt][3] - m1);
-            sum0 += sc[nt][0] + sc[nt][1];
-            sum1 += sc[nt][2] + sc[nt][3];
-        }
-        l0 = l0 * corr0 + sum0;
-        l1 = l1 * corr1 + sum1;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-            o[dt][0] *= corr0;
-            o[dt][1] *= corr0;
-            o[dt][2] *= corr1;
-            o[dt][3] *= corr1;
-        }
+        decode_tile_scores<D, LD>(sc, qa, s_k, lane);
+        float corr0, corr1;
+        decode_tile_softmax(sc, base, k_end, c0, scale_log2, m0, m1, l0, l1, corr0, corr1);
+        decode_tile_rescale<D>(o, corr0, corr1);
 
         cp_async_wait<0>();  // V has landed too ...
         __syncwarp();        // ... in every lane
 
-        // O += P V: the S accumulators of n-tiles 0 and 1 are the A fragment of the 16 keys.
-        uint32_t a[4];
-        a[0] = pack_bf16x2(sc[0][0], sc[0][1]);
-        a[1] = pack_bf16x2(sc[0][2], sc[0][3]);
-        a[2] = pack_bf16x2(sc[1][0], sc[1][1]);
-        a[3] = pack_bf16x2(sc[1][2], sc[1][3]);
-#pragma unroll
-        for (int dt = 0; dt < D / 16; ++dt) {
-            // Matrices: keys {0, 8} .. +7 x dims dt*16 + {0, 8} .. +7, transposed.
-            const unsigned key = lane % 8 + ((lane / 8) % 2) * 8;
-            const unsigned dim = dt * 16 + (lane / 16) * 8;
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, smem_u32(s_v + key * LD + dim));
-            mma_bf16_16816(o[2 * dt], a, b[0], b[1]);
-            mma_bf16_16816(o[2 * dt + 1], a, b[2], b[3]);
-        }
+        decode_tile_pv<D, LD>(o, sc, s_v, lane);
         __syncwarp();  // every lane is done reading s_k and s_v before the next gather
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-
-    // Merge the warps. A warp that had no step keeps m = -inf, l = 0, O = 0 and weighs 0.
-    __syncthreads();  // every warp is done with its K/V buffers, which become s_o
-    float* s_o = reinterpret_cast<float*>(s_raw);  // [DMMA_WARPS][16][D]
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-        const unsigned col = dt * 8 + c0;
-        s_o[(warp * 16 + r0) * D + col] = o[dt][0];
-        s_o[(warp * 16 + r0) * D + col + 1] = o[dt][1];
-        s_o[(warp * 16 + r1) * D + col] = o[dt][2];
-        s_o[(warp * 16 + r1) * D + col + 1] = o[dt][3];
-    }
-    if (lane % 4 == 0) {
-        s_m[warp][r0] = m0;
-        s_m[warp][r1] = m1;
-        s_l[warp][r0] = l0;
-        s_l[warp][r1] = l1;
-    }
-    __syncthreads();
-
-    for (unsigned idx = threadIdx.x; idx < n_heads * D; idx += DMMA_THREADS) {
-        const unsigned h = idx / D;
-        const unsigned d = idx % D;
-        float m_all = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < DMMA_WARPS; ++w) {
-            m_all = fmaxf(m_all, s_m[w][h]);
-        }
-        float l_all = 0.0f;
-        float o_all = 0.0f;
-#pragma unroll
-        for (int w = 0; w < DMMA_WARPS; ++w) {
-            const float f = attention_rescale(s_m[w][h], m_all);
-            l_all += s_l[w][h] * f;
-            o_all += s_o[(w * 16 + h) * D + d] * f;
-        }
-        const unsigned head = head0 + h;
-        if (p.n_splits == 1) {
-            // k_begin < ctx, so at least one key was seen and l_all >= 1.
-            out[row * q_stride + (size_t)head * D + d] = __float2bfloat16_rn(o_all / l_all);
-        } else {
-            const size_t part = ((size_t)s * p.num_heads + head) * p.n_splits + blockIdx.z;
-            part_out[part * D + d] = o_all;
-            if (d == 0) {
-                part_ml[2 * part] = m_all;
-                part_ml[2 * part + 1] = l_all;
-            }
-        }
-    }
+    decode_tile_merge_warps<D, DMMA_WARPS>(p, o, m0, m1, l0, l1, s_raw, s_m, s_l, warp, lane, s,
+                                           row, head0, n_heads, blockIdx.z, p.n_splits == 1,
+                                           out, part_out, part_ml);
 }
 
 // Same arguments and shapes as qilin_attention_decode_g4_bf16; D = 128, group_chunk <=

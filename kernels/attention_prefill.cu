@@ -38,8 +38,8 @@
 //   GQA: each block reads its KV head's tiles; the group's other heads read the same
 //   tiles, mostly from L2.
 //
-// qilin_attention_prefill_wide_hd{64,128}_bf16 (opt-in, QILIN_ATTN_PREFILL_WIDE=1, until a
-//   GPU run of tests/gpu_attention.rs passes): the same kernel with 128-row query tiles,
+// qilin_attention_prefill_wide_hd{64,128}_bf16 (the default since the H200 run at
+//   12332f8; QILIN_ATTN_PREFILL_NARROW=1 takes the 64-row kernels): the same kernel with 128-row query tiles,
 //   each warp owning two m16 tiles (32 rows), so every K and V fragment loaded from shared
 //   memory feeds twice the mma work; grid.y counts tiles of
 //   QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows. head_dim 128 keeps Q in dynamic shared memory
@@ -487,7 +487,7 @@ qilin_attention_prefill_hd128_bf16(const QilinAttentionParams p,
         p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
 }
 
-// The wide variants (opt-in, QILIN_ATTN_PREFILL_WIDE=1, until a GPU verifies them):
+// The wide variants (the default; QILIN_ATTN_PREFILL_NARROW=1 takes the ones above):
 // 128-row query tiles, 32 rows per warp, so each K fragment (ldmatrix) feeds 4 mma
 // instead of 2, and each V fragment 4 instead of 2. The 64-row kernels issue one
 // ldmatrix.x4 (512 B of shared memory, ~4 clocks of an SM's 128 B/clock) per two

@@ -3,7 +3,8 @@
 // qilin_qgemv_w4_bf16 (kernels/quant_linear.cu's header): out[t][o] = bf16_rne(sum_k W[o][k]
 // x[t][k] + bias[o]), W[o][k] = fma(scale, level, min), summed in f32 in an order of its
 // own; tests/gpu_quant_linear.rs compares it with the twin at the GEMV's tolerance.
-// Compiles, unverified on hardware: the dispatch takes it only with QILIN_CUDA_QGEMV_MMA=1.
+// Verified on an H200 (1bf3ca5); the dispatch takes it for the layers it can take unless
+// QILIN_CUDA_QGEMV_MMA=0.
 //
 // Why a new kernel (bench/notes.md, "quantized GEMV rewrite"): the FMA GEMVs spend 4-5
 // lane-instructions per weight (two integer ops to make a float of a level, an FMA, the

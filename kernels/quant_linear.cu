@@ -55,11 +55,12 @@
 //   1..8-token kernel's 168 registers left 3 blocks, too few loads in flight (H200,
 //   2026-11-26: its batch-1 int4 gate_up reached 28% of copy bandwidth).
 //
-// qilin_qgemv_small_w{4,8}_bf16: compiles, unverified on hardware; the dispatch takes it
-// only with QILIN_CUDA_QGEMV_SMALL=1 until a GPU run of tests/gpu_quant_linear.rs passes.
+// qilin_qgemv_small_w{4,8}_bf16: verified on an H200 (12332f8); the dispatch takes it for
+// 1-2 tokens where the tensor-core GEMV does not take the layer, unless
+// QILIN_CUDA_QGEMV_SMALL=0.
 //
-// qilin_qgemm_w{4,8}_bf16 (any n_tokens; compiles, unverified on hardware until a GPU run of
-// tests/gpu_quant_linear.rs passes, so the dispatch does not use it yet): the same sum on
+// qilin_qgemm_w{4,8}_bf16 (any n_tokens; passes tests/gpu_quant_linear.rs on an H200 but
+// is slower than dequantization + cuBLAS there, so the dispatch does not use it): the same sum on
 // tensor cores with the weight dequantized into shared memory, rounded to bf16 there (the
 // cuBLAS path's rounding, without the bf16 weight's trip through device memory).
 //   Grid = (ceil(out_features / QILIN_QGEMM_BLOCK_N), ceil(n_tokens / QILIN_QGEMM_BLOCK_M)),
