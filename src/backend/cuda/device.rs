@@ -65,9 +65,9 @@ pub struct Device {
 }
 
 /// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
-/// what they replace (bench/notes.md, 2026-11-26 H200 runs at 12332f8 and 1bf3ca5). Each is on unless
-/// its variable is `0`, which brings back the path it replaced: for bisecting a failure or
-/// comparing speeds, not for production.
+/// what they replace (bench/notes.md, 2026-11-26 H200 runs at 12332f8 and 1bf3ca5). Each
+/// is on unless its variable is `0`, which brings back the path it replaced: for bisecting
+/// a failure or comparing speeds, not for production.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastPaths {
     /// `QILIN_CUDA_GEMV_MMA`: qilin_gemv_mma_bf16 for bf16 layers at
@@ -145,30 +145,28 @@ impl Device {
             })?;
             functions.insert((kernel.module, kernel.entry), function);
         }
-        // The wide head_dim-128 prefill kernel's Q, K and V tiles exceed the 48 KiB of
-        // dynamic shared memory a launch gets without asking.
-        let wide = ptx::ATTENTION_PREFILL_WIDE_HD128_BF16;
-        functions[&(wide.module, wide.entry)]
-            .set_attribute(
+        // Dynamic shared memory beyond the 48 KiB a launch gets without asking.
+        let raise_smem = |kernel: Kernel, bytes: u32| {
+            functions[&(kernel.module, kernel.entry)].set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES as i32,
+                bytes as i32,
             )
-            .map_err(|e| {
-                CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
-            })?;
-        // So do the pipelined decode kernels' rings of K/V buffers: a
-        // device whose blocks cannot have that much (sm_86/sm_89: 99 KiB, under the
-        // head_dim-128 ring's 102 KiB) keeps the mma kernel instead of failing to open.
+        };
+        // The wide head_dim-128 prefill kernel's Q, K and V tiles (52 KiB fit every
+        // supported GPU).
+        let wide = ptx::ATTENTION_PREFILL_WIDE_HD128_BF16;
+        raise_smem(wide, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES).map_err(|e| {
+            CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
+        })?;
+        // The pipelined decode kernels' rings of K/V buffers: a device whose blocks cannot
+        // have that much (sm_86/sm_89: 99 KiB, under the head_dim-128 ring's 102 KiB)
+        // keeps the mma kernel instead of failing to open.
         let mut smem_refused = Vec::new();
         for (kernel, bytes) in [
             (ptx::ATTENTION_DECODE_PIPE_HD128_BF16, QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES),
             (ptx::ATTENTION_DECODE_PIPE_HD64_BF16, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES),
         ] {
-            let raised = functions[&(kernel.module, kernel.entry)].set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            );
-            if let Err(e) = raised {
+            if let Err(e) = raise_smem(kernel, bytes) {
                 tracing::debug!("{} unavailable: {bytes} B of shared memory: {e}", kernel.entry);
                 smem_refused.push(kernel);
             }
