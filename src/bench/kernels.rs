@@ -8,7 +8,12 @@
 //! zeroing the output, uploading batch metadata on the first call of a batch). The
 //! L2 cache is flushed before every timed call so weights and KV blocks come from device
 //! memory as they do in a real step: by reading a 128 MiB buffer (the device argmax over
-//! it), which leaves L2 holding clean lines. A 256 MiB memset, the flush before
+//! it), which leaves L2 holding clean lines. The flush is queued without waiting for it,
+//! so the host has launched the timed op before the GPU gets there: the time is the
+//! GPU's, from the flush's end to the op's end. Until 2026-11-26 (late) the flush
+//! downloaded its ids, the GPU idled from the start event until the host's launch
+//! arrived, and small ops read 5-13 us slower than Nsight Compute's kernel time (decode
+//! attention of one 8K sequence: 29.3 us against 16.4 us; H200, abc5642). A 256 MiB memset, the flush before
 //! 2026-11-26 and again with QILIN_BENCH_FLUSH_WRITE=1, leaves it full of dirty lines
 //! that the timed op then writes back: up to L2's size of extra traffic, an overhead that
 //! looked like ~7-14 us per op on an H200 (qkv_proj at batch 1 took 17 us for 7.8 us of
@@ -31,7 +36,9 @@ use serde::Serialize;
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
 use crate::backend::cuda::gemv_mma_wins;
-use crate::backend::cuda::{AttentionKernels, CudaBackend, CudaTensor, Device};
+use crate::backend::cuda::{
+    argmax_rows_on_device, AttentionKernels, CudaBackend, CudaTensor, Device,
+};
 use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
@@ -84,7 +91,6 @@ pub struct KernelReport {
 /// Times a closure of stream work with CUDA events.
 struct Timer<'a> {
     dev: &'a Device,
-    backend: &'a CudaBackend,
     flush: Flush,
     iters: usize,
 }
@@ -127,13 +133,17 @@ impl<'a> Timer<'a> {
             cuda("synchronizing after the warm-up call", self.dev.stream.synchronize())?;
             let ctx = &self.dev.ctx;
             let mut events = Vec::with_capacity(self.iters);
+            // The read flush's ids, alive until the stream is done with them.
+            let mut flush_ids = Vec::with_capacity(self.iters);
             for _ in 0..self.iters {
                 let new = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
                 let start = new().map_err(|e| format!("creating an event: {e}"))?;
                 let end = new().map_err(|e| format!("creating an event: {e}"))?;
                 if flush {
                     match &mut self.flush {
-                        Flush::Read(zeros) => drop(self.backend.argmax_rows(zeros)),
+                        Flush::Read(zeros) => {
+                            flush_ids.push(argmax_rows_on_device(self.dev, zeros))
+                        }
                         Flush::Write(bytes) => {
                             cuda("flushing L2", self.dev.stream.memset_zeros(bytes))?
                         }
@@ -145,6 +155,7 @@ impl<'a> Timer<'a> {
                 events.push((start, end));
             }
             cuda("synchronizing", self.dev.stream.synchronize())?;
+            drop(flush_ids);
             let mut times = Vec::with_capacity(events.len());
             for (start, end) in &events {
                 let ms = start.elapsed_ms(end).map_err(|e| format!("reading an event: {e}"))?;
@@ -314,7 +325,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
     let multiprocessors = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
     let l2_bytes = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
     let mut rand = DeviceRandom::new(dev, args.seed);
-    let mut timer = Timer { dev, backend: &backend, flush: Flush::new(dev), iters: args.iters };
+    let mut timer = Timer { dev, flush: Flush::new(dev), iters: args.iters };
     let (copy, mm) = ceilings(dev, &mut timer, &mut rand)?;
     println!(
         "{}: {multiprocessors} SMs, {} MiB L2; copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s",

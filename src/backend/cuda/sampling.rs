@@ -6,7 +6,7 @@
 //! needs nothing but its token (no logprobs, no penalties), so only one u32 per sequence
 //! crosses to the host instead of `[n, vocab]` logits.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{check, Device};
 use super::tensor::CudaTensor;
@@ -25,10 +25,20 @@ unsafe impl cudarc::driver::DeviceRepr for QilinSampleRow {}
 
 /// `ids [n]`: the greedy choice of each row of `logits [n, vocab]`.
 pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
-    let (n, vocab) = (logits.rows, logits.cols);
+    let n = logits.rows;
     if n == 0 {
         return Vec::new();
     }
+    let ids = argmax_rows_on_device(dev, logits);
+    dev.download(&ids, n)
+}
+
+/// `ids [n]` on the device, queued on the stream and not waited for: the benchmark's L2
+/// flush (a read of a large buffer) must not stop the host while it runs, or the timed
+/// op after it would be measured from a GPU idling until the host's launch arrives.
+pub fn argmax_rows_on_device(dev: &Device, logits: &CudaTensor) -> CudaSlice<u32> {
+    let (n, vocab) = (logits.rows, logits.cols);
+    assert!(n > 0, "argmax: no rows (an empty grid is not a launch)");
     assert!(logits.data.len() >= n * vocab, "argmax: logits buffer shorter than [{n}, {vocab}]");
     let params = QilinArgmaxParams {
         rows: u32::try_from(n).expect("argmax: rows fit u32"),
@@ -45,7 +55,7 @@ pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
     // SAFETY: argument order and types follow qilin_argmax_bf16; ids holds n u32, logits
     // n * vocab bf16 (asserted above); one block per row writes that row's id.
     check(unsafe { launch.launch(cfg) }, "launching qilin_argmax_bf16");
-    dev.download(&ids, n)
+    ids
 }
 
 /// The kernel's form of a row: 1/T computed as the host sampler does (0 for greedy).
