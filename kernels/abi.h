@@ -117,11 +117,13 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMV_SMALL_MIN_BLOCKS_W8 3
 
 /* qilin_qgemv_mma_w4_bf16 (kernels/quant_gemv_mma.cu): the 4-bit GEMV of 1..=
- * QILIN_GEMV_MAX_TOKENS rows on tensor cores, for groups that are a multiple of
+ * QILIN_QGEMV_MMA_MAX_TOKENS rows on tensor cores, for groups that are a multiple of
  * QILIN_QGEMV_MMA_STEP input channels. A block of QILIN_QGEMV_MMA_THREADS threads owns
- * QILIN_QGEMV_MMA_ROWS output channels (one mma tile of rows); its warps split the input
+ * QILIN_QGEMV_MMA_ROWS output channels (one mma tile of rows) and one chunk of up to
+ * QILIN_GEMV_MAX_TOKENS tokens (the mma's 8 columns); its warps split the input
  * dimension in steps of QILIN_QGEMV_MMA_STEP channels, QILIN_QGEMV_MMA_DEPTH steps of
  * levels in flight per warp; compiled for QILIN_QGEMV_MMA_MIN_BLOCKS resident blocks. */
+#define QILIN_QGEMV_MMA_MAX_TOKENS 64
 #define QILIN_QGEMV_MMA_THREADS 256
 #define QILIN_QGEMV_MMA_ROWS 16
 #define QILIN_QGEMV_MMA_STEP 128

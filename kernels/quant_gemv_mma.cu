@@ -1,4 +1,4 @@
-// The 4-bit quantized GEMV of decode batches (1..=QILIN_GEMV_MAX_TOKENS tokens) on tensor
+// The 4-bit quantized GEMV of decode batches (1..=QILIN_QGEMV_MMA_MAX_TOKENS tokens) on tensor
 // cores: qilin_qgemv_mma_w4_bf16. Same layout, semantics and CPU twin as
 // qilin_qgemv_w4_bf16 (kernels/quant_linear.cu's header): out[t][o] = bf16_rne(sum_k W[o][k]
 // x[t][k] + bias[o]), W[o][k] = fma(scale, level, min), summed in f32 in an order of its
@@ -48,9 +48,17 @@
 // blocks (16 warps; 106 registers, no spills; 3 blocks would need <= 80 and spill at
 // DEPTH 4) ~64 KiB per SM against the ~40 KiB Little's law asks for at ~1.2 us.
 //
+// More than 8 tokens (up to QILIN_QGEMV_MMA_MAX_TOKENS): the tokens come in chunks of 8,
+// one block per (row tile, chunk), the chunks of a row tile adjacent in blockIdx.x so
+// that they run side by side and all but the first find the tile's levels in L2. The
+// levels are read from DRAM about once, but every chunk repeats the whole instruction
+// stream (the level unpacking included), so the cost grows with the chunks; where it
+// stops beating dequantization + cuBLAS (whose time hardly moves from 9 to 64 tokens) is
+// for the benchmark to say (quant_linear.rs's dispatch, opt-in).
+//
 // Launch contract, checked (a violation traps): grid = ceil(out_features /
-// QILIN_QGEMV_MMA_ROWS) blocks of exactly QILIN_QGEMV_MMA_THREADS threads; 1 <= n_tokens
-// <= QILIN_GEMV_MAX_TOKENS; group_size a power of two and a multiple of
+// QILIN_QGEMV_MMA_ROWS) * ceil(n_tokens / QILIN_GEMV_MAX_TOKENS) blocks of exactly
+// QILIN_QGEMV_MMA_THREADS threads; 1 <= n_tokens <= QILIN_QGEMV_MMA_MAX_TOKENS; group_size a power of two and a multiple of
 // QILIN_QGEMV_MMA_STEP that divides in_features; 16-byte aligned x and levels, 8-byte
 // aligned scale_min (whole cudarc allocations).
 
@@ -113,9 +121,20 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
     if (blockDim.x != QILIN_QGEMV_MMA_THREADS || p.in_features % STEP != 0 ||
         p.group_size % STEP != 0 || p.group_size == 0 ||
         (p.group_size & (p.group_size - 1)) != 0 || p.in_features % p.group_size != 0 ||
-        p.n_tokens == 0 || p.n_tokens > QILIN_GEMV_MAX_TOKENS || p.out_features == 0) {
+        p.n_tokens == 0 || p.n_tokens > QILIN_QGEMV_MMA_MAX_TOKENS || p.out_features == 0) {
         __trap();
     }
+    // This block's row tile and chunk of tokens (x and out start at the chunk's first).
+    const unsigned n_chunks = (p.n_tokens + QILIN_GEMV_MAX_TOKENS - 1) / QILIN_GEMV_MAX_TOKENS;
+    const unsigned n_tiles = (p.out_features + QILIN_QGEMV_MMA_ROWS - 1) / QILIN_QGEMV_MMA_ROWS;
+    if (gridDim.x != n_tiles * n_chunks) {
+        __trap();
+    }
+    const unsigned chunk = blockIdx.x % n_chunks;
+    const unsigned first_token = chunk * QILIN_GEMV_MAX_TOKENS;
+    const unsigned n_tokens = min(p.n_tokens - first_token, (unsigned)QILIN_GEMV_MAX_TOKENS);
+    x += (size_t)first_token * p.in_features;
+    out += (size_t)first_token * p.out_features;
     const unsigned lane = threadIdx.x % QILIN_WARP_SIZE;
     const unsigned warp = threadIdx.x / QILIN_WARP_SIZE;
     const unsigned g = lane / 4, t = lane % 4;
@@ -123,7 +142,7 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
     const unsigned n_steps = k / STEP;
     const unsigned n_groups = k / p.group_size;
     const unsigned group_shift = __ffs(p.group_size / STEP) - 1;  // step -> group
-    const unsigned row0 = blockIdx.x * QILIN_QGEMV_MMA_ROWS;
+    const unsigned row0 = blockIdx.x / n_chunks * QILIN_QGEMV_MMA_ROWS;
     const unsigned last_row = p.out_features - 1;
     const unsigned row_a = min(row0 + g, last_row);
     const unsigned row_b = min(row0 + g + 8, last_row);
@@ -133,7 +152,7 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
     const float2* sm_a = scale_min + (size_t)row_a * n_groups;
     const float2* sm_b = scale_min + (size_t)row_b * n_groups;
     // x of column g's token, chunk 4q + t: xv[16q + i], i = 0..3.
-    const unsigned token = min(g, p.n_tokens - 1);
+    const unsigned token = min(g, n_tokens - 1);
     const uint4* xv = reinterpret_cast<const uint4*>(x) + (size_t)token * (k / 8) + 4 * t;
 
     uint4 lv[DEPTH][2];
@@ -205,7 +224,7 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
         const unsigned tok = threadIdx.x / QILIN_QGEMV_MMA_ROWS;
         const unsigned r = threadIdx.x % QILIN_QGEMV_MMA_ROWS;
         const unsigned row = row0 + r;
-        if (tok < p.n_tokens && row < p.out_features) {
+        if (tok < n_tokens && row < p.out_features) {
             float sum = 0.0f;
 #pragma unroll
             for (int w = 0; w < QMMA_WARPS; ++w) {

@@ -37,8 +37,9 @@ use std::sync::Arc;
 use half::bf16;
 use qilin::backend::abi::{
     dequant_blocks, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok, quant_layout_ok,
-    GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_ROWS, QILIN_QGEMV_MMA_THREADS,
-    QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_THREADS,
+    GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_MMA_ROWS,
+    QILIN_QGEMV_MMA_THREADS, QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS,
+    QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
 use qilin::backend::cuda::{CudaBackend, CudaLinear, LinearWeight};
@@ -605,22 +606,27 @@ fn qgemv_and_layout_refuse_what_the_kernels_cannot_take() {
     assert!(!quant_layout_ok(8, 0, 16), "no inputs");
 }
 
-/// The tensor-core GEMV takes 4-bit layers in power-of-two groups of 128 or more at 1..=8
-/// tokens, nothing else, and covers every row with whole 16-row blocks.
+/// The tensor-core GEMV takes 4-bit layers in power-of-two groups of 128 or more at 1..=
+/// QILIN_QGEMV_MMA_MAX_TOKENS tokens, nothing else, and covers every row with whole 16-row
+/// blocks, once per chunk of 8 tokens (the kernel traps on any other grid).
 #[test]
 fn qgemv_mma_takes_int4_g128_layers_and_covers_every_row() {
-    for n in 1..=GEMV_MAX_TOKENS {
+    let max = QILIN_QGEMV_MMA_MAX_TOKENS as usize;
+    for n in 1..=max {
+        let chunks = n.div_ceil(GEMV_MAX_TOKENS);
         for out in [1usize, 15, 16, 17, 37, 3584, 4608, 37888] {
             let (grid, threads) = qgemv_mma_geometry(n, 4, 3584, out, 128).expect("accepted");
             assert_eq!(threads, QILIN_QGEMV_MMA_THREADS);
-            let rows = grid as usize * QILIN_QGEMV_MMA_ROWS as usize;
+            assert_eq!(grid as usize % chunks, 0, "n={n} out={out}: whole chunks");
+            let rows = grid as usize / chunks * QILIN_QGEMV_MMA_ROWS as usize;
             assert!(rows >= out && rows - out < QILIN_QGEMV_MMA_ROWS as usize, "n={n} out={out}");
         }
     }
     assert!(qgemv_mma_ok(1, 4, 18944, 128));
     assert!(qgemv_mma_ok(8, 4, 2560, 256));
+    assert!(qgemv_mma_ok(9, 4, 3584, 128), "two chunks, the second of one token");
     assert!(!qgemv_mma_ok(0, 4, 3584, 128), "no tokens");
-    assert!(!qgemv_mma_ok(GEMV_MAX_TOKENS + 1, 4, 3584, 128), "more tokens than columns");
+    assert!(!qgemv_mma_ok(max + 1, 4, 3584, 128), "more tokens than the kernel's chunks");
     assert!(!qgemv_mma_ok(1, 8, 3584, 128), "8-bit levels");
     assert!(!qgemv_mma_ok(1, 4, 3584, 32), "GGUF's 32-value blocks: one group per step");
     assert!(!qgemv_mma_ok(1, 4, 3840, 384), "a group that is not a power of two");

@@ -177,21 +177,22 @@ pub fn qgemv_geometry(
 }
 
 /// Whether qilin_qgemv_mma_w4_bf16 can take `x [n, in]` against a `[*, in]` weight of
-/// `bits`-bit levels in groups of `group`: 4-bit levels, `n` in `1..=GEMV_MAX_TOKENS`, the
-/// group a power of two and a multiple of `QILIN_QGEMV_MMA_STEP` (one group per step),
-/// and `quant_layout_ok`. Other layers (GGUF's 32-value blocks, 8-bit levels) keep the
-/// FMA GEMVs.
+/// `bits`-bit levels in groups of `group`: 4-bit levels, `n` in
+/// `1..=QILIN_QGEMV_MMA_MAX_TOKENS` (chunks of `GEMV_MAX_TOKENS` above that), the group a
+/// power of two and a multiple of `QILIN_QGEMV_MMA_STEP` (one group per step), and
+/// `quant_layout_ok`. Other layers (GGUF's 32-value blocks, 8-bit levels) keep the FMA
+/// GEMVs.
 pub fn qgemv_mma_ok(n: usize, bits: u32, in_features: usize, group: usize) -> bool {
     bits == 4
-        && (1..=GEMV_MAX_TOKENS).contains(&n)
+        && (1..=QILIN_QGEMV_MMA_MAX_TOKENS as usize).contains(&n)
         && group.is_power_of_two()
         && group.is_multiple_of(QILIN_QGEMV_MMA_STEP as usize)
         && quant_layout_ok(bits, in_features, group)
 }
 
 /// Launch geometry `(grid.x, block.x)` of qilin_qgemv_mma_w4_bf16: one block per
-/// `QILIN_QGEMV_MMA_ROWS` output channels. `None` where `qgemv_mma_ok` says no or `out`
-/// is zero or beyond `u32`.
+/// `QILIN_QGEMV_MMA_ROWS` output channels and chunk of `GEMV_MAX_TOKENS` tokens. `None`
+/// where `qgemv_mma_ok` says no or the grid is empty or beyond `u32`.
 pub fn qgemv_mma_geometry(
     n: usize,
     bits: u32,
@@ -203,7 +204,8 @@ pub fn qgemv_mma_geometry(
         return None;
     }
     let out = u32::try_from(out_features).ok()?;
-    Some((out.div_ceil(QILIN_QGEMV_MMA_ROWS), QILIN_QGEMV_MMA_THREADS))
+    let chunks = u32::try_from(n.div_ceil(GEMV_MAX_TOKENS)).ok()?;
+    Some((out.div_ceil(QILIN_QGEMV_MMA_ROWS).checked_mul(chunks)?, QILIN_QGEMV_MMA_THREADS))
 }
 
 /// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemm_w{4,8}_bf16 for

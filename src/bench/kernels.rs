@@ -428,7 +428,9 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             let w = rand.quant_linear(out, inp, bias, format);
             let weight_bytes =
                 (out * inp * format.bits as usize / 8 + out * inp / format.group * 8) as f64;
-            for n in [1usize, 8, 64, 2048] {
+            // 16 and 32: where the tensor-core GEMV's chunks of 8 tokens
+            // (QILIN_CUDA_QGEMV_MMA_WIDE) meet dequantization + cuBLAS.
+            for n in [1usize, 8, 16, 32, 64, 2048] {
                 let x = rand.tensor(n, inp, 1.0);
                 let values = n * inp + n * out + if bias { out } else { 0 };
                 let bytes = weight_bytes + values as f64 * bf;

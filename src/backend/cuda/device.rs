@@ -81,11 +81,21 @@ pub struct FastPaths {
     pub qgemv_mma: bool,
     /// `QILIN_CUDA_GRAPHS`: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
+    /// `QILIN_CUDA_QGEMV_MMA_WIDE=1` (opt-in until a GPU run verifies it): 9 to
+    /// `QGEMV_MMA_CHUNKED_MAX_TOKENS` tokens of 4-bit layers through
+    /// qilin_qgemv_mma_w4_bf16 in chunks of 8 instead of dequantization + cuBLAS.
+    pub qgemv_mma_wide: bool,
 }
 
 impl Default for FastPaths {
     fn default() -> FastPaths {
-        FastPaths { gemv_mma: true, qgemv_small: true, qgemv_mma: true, graphs: true }
+        FastPaths {
+            gemv_mma: true,
+            qgemv_small: true,
+            qgemv_mma: true,
+            graphs: true,
+            qgemv_mma_wide: false,
+        }
     }
 }
 
@@ -97,6 +107,7 @@ impl FastPaths {
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
             graphs: on("QILIN_CUDA_GRAPHS"),
+            qgemv_mma_wide: std::env::var("QILIN_CUDA_QGEMV_MMA_WIDE").as_deref() == Ok("1"),
         }
     }
 }

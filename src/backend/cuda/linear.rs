@@ -32,7 +32,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::device::{check, Device};
-use super::quant_linear::{dequant_chunk_rows, dequantize_rows, qgemv_into};
+use super::quant_linear::{dequant_chunk_rows, dequantize_rows, qgemv_into, qgemv_mma_chunked};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
@@ -98,7 +98,7 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     if x.rows == 0 || w.out_features == 0 {
         return;
     }
-    if gemv_path(x.rows, w).is_some() {
+    if gemv_path(dev, x.rows, w).is_some() {
         gemv_into(dev, x, w, out);
     } else {
         cublas_into(dev, x, w, out);
@@ -106,10 +106,11 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
 }
 
 /// The GEMV kernel that takes `n` tokens through `w`, if one can.
-fn gemv_path(n: usize, w: &CudaLinear) -> Option<&'static str> {
+fn gemv_path(dev: &Device, n: usize, w: &CudaLinear) -> Option<&'static str> {
     let (k, m) = (w.in_features, w.out_features);
     match &w.weight {
         LinearWeight::Bf16(_) => gemv_geometry(n, k, m).map(|_| "gemv"),
+        LinearWeight::Quant(_) if qgemv_mma_chunked(dev, n, w) => Some("qgemv mma"),
         LinearWeight::Quant(q) => {
             qgemv_geometry(n, q.format.bits, k, m, q.format.group).map(|_| "qgemv")
         }

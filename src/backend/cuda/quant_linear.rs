@@ -7,12 +7,13 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::{check, Device};
-use super::tensor::{CudaLinear, CudaTensor, QuantWeight};
+use super::tensor::{CudaLinear, CudaTensor, LinearWeight, QuantWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
     dequant_blocks, qgemm_geometry, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok,
     quant_layout_ok, QilinDequantParams, QilinQuantGemvParams, GEMV_MAX_TOKENS,
-    QILIN_DEQUANT_THREADS, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_VALUES_PER_LANE,
+    QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS,
+    QILIN_QGEMV_VALUES_PER_LANE,
 };
 use crate::backend::ptx;
 
@@ -124,11 +125,31 @@ pub fn qgemv_into(
     out: &mut CudaTensor,
 ) {
     let (bits, group) = (q.format.bits, q.format.group);
-    if dev.paths.qgemv_mma && qgemv_mma_ok(x.rows, bits, w.in_features, group) {
+    let mma = dev.paths.qgemv_mma && x.rows <= GEMV_MAX_TOKENS;
+    if (mma && qgemv_mma_ok(x.rows, bits, w.in_features, group))
+        || qgemv_mma_chunked(dev, x.rows, w)
+    {
         return qgemv_with(dev, Op::GemvMma, x, w, q, out);
     }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
     qgemv_with(dev, if small { Op::GemvSmall } else { Op::Gemv }, x, w, q, out);
+}
+
+/// Most tokens the dispatch sends through qilin_qgemv_mma_w4_bf16 in chunks of
+/// GEMV_MAX_TOKENS (when QILIN_CUDA_QGEMV_MMA_WIDE=1) instead of dequantization + cuBLAS.
+/// The kernel takes up to QILIN_QGEMV_MMA_MAX_TOKENS; where the chunks stop paying is the
+/// benchmark's to say ("(qgemv mma)" rows at 16, 32 and 64 tokens).
+pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = QILIN_QGEMV_MMA_MAX_TOKENS as usize;
+
+/// Whether the dispatch sends `n > GEMV_MAX_TOKENS` tokens through the tensor-core GEMV in
+/// chunks (opt-in until a GPU run has verified and timed it).
+pub fn qgemv_mma_chunked(dev: &Device, n: usize, w: &CudaLinear) -> bool {
+    let LinearWeight::Quant(q) = &w.weight else { return false };
+    dev.paths.qgemv_mma
+        && dev.paths.qgemv_mma_wide
+        && n > GEMV_MAX_TOKENS
+        && n <= QGEMV_MMA_CHUNKED_MAX_TOKENS
+        && qgemv_mma_ok(n, q.format.bits, w.in_features, q.format.group)
 }
 
 /// qilin_qgemv_small_w{4,8}_bf16 whatever the dispatch would pick (n <= 2): for its parity
@@ -164,8 +185,8 @@ fn qgemv_with(
     let (grid, threads) = geometry(n, bits, k, m, group).unwrap_or_else(|| {
         let needs = if op == Op::GemvMma {
             format!(
-                "4-bit levels, 1 <= n <= {GEMV_MAX_TOKENS} and a power-of-two group that is a \
-                 multiple of 128 and divides in"
+                "4-bit levels, 1 <= n <= {QILIN_QGEMV_MMA_MAX_TOKENS} and a power-of-two group \
+                 that is a multiple of 128 and divides in"
             )
         } else {
             format!(
@@ -279,7 +300,7 @@ impl CudaBackend {
 
     /// The tensor-core GEMV (qilin_qgemv_mma_w4_bf16) whatever the dispatch would pick;
     /// false (nothing launched) for a layer it cannot take (`qgemv_mma_ok`: a bf16 layer,
-    /// 8-bit levels, a group not a multiple of 128, n outside 1..=8).
+    /// 8-bit levels, a group not a multiple of 128, n outside 1..=QILIN_QGEMV_MMA_MAX_TOKENS).
     pub fn linear_qgemv_mma_into(
         &self,
         x: &CudaTensor,
