@@ -130,6 +130,21 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMV_MMA_DEPTH 4
 #define QILIN_QGEMV_MMA_MIN_BLOCKS 2
 
+/* qilin_qgemv_mma_splitk_w4_bf16 (kernels/quant_gemv_mma.cu; opt-in with
+ * QILIN_CUDA_QGEMV_MMA2=1): the same layers, rows per block (QILIN_QGEMV_MMA_ROWS) and
+ * steps (QILIN_QGEMV_MMA_STEP) as qilin_qgemv_mma_w4_bf16, in blocks of
+ * QILIN_QGEMV_SPLITK_THREADS threads, each warp streaming QILIN_QGEMV_SPLITK_STAGES steps
+ * of levels through a shared-memory ring; compiled for QILIN_QGEMV_SPLITK_MIN_BLOCKS
+ * resident blocks. Grid (row tiles, splits): grid.y splits the input dimension into
+ * contiguous ranges of steps, at most QILIN_QGEMV_SPLITK_MAX_SPLITS, and the last block of
+ * a row tile to finish adds the splits' partial sums in split order (one u32 counter per
+ * row tile, reset by that block; QILIN_QGEMV_SPLITK_PARTIALS f32 per block). */
+#define QILIN_QGEMV_SPLITK_THREADS 128
+#define QILIN_QGEMV_SPLITK_STAGES 4
+#define QILIN_QGEMV_SPLITK_MIN_BLOCKS 8
+#define QILIN_QGEMV_SPLITK_MAX_SPLITS 8
+#define QILIN_QGEMV_SPLITK_PARTIALS 128
+
 /* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens): a block
  * computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N output channels, walking the
  * input in steps of QILIN_QGEMM_BLOCK_K channels (one 16-byte vector of 4-bit levels per

@@ -10,7 +10,8 @@
 //! For n <= 8 both paths run (the dispatch's GEMV, and cuBLAS forced), for n <= 2 the
 //! small-batch GEMV (qilin_qgemv_small_w{4,8}_bf16), for n <= 8 on 4-bit layers in groups
 //! of 128 the tensor-core GEMV (kernels/quant_gemv_mma.cu's qilin_qgemv_mma_w4_bf16, the
-//! dispatch's choice there unless QILIN_CUDA_QGEMV_MMA=0), and the tensor-core GEMM
+//! dispatch's choice there unless QILIN_CUDA_QGEMV_MMA=0; and its split-K variant
+//! qilin_qgemv_mma_splitk_w4_bf16, opt-in with QILIN_CUDA_QGEMV_MMA2=1), and the tensor-core GEMM
 //! (qilin_qgemm_w{4,8}_bf16, not yet in the dispatch) at every n; outputs are poisoned
 //! with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
 //! `PackedQuant::dequantize_row` rounded to bf16.
@@ -36,10 +37,11 @@ use std::sync::Arc;
 
 use half::bf16;
 use qilin::backend::abi::{
-    dequant_blocks, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok, quant_layout_ok,
-    GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_MMA_ROWS,
-    QILIN_QGEMV_MMA_THREADS, QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS,
-    QILIN_QGEMV_THREADS,
+    dequant_blocks, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok, qgemv_splitk_geometry,
+    quant_layout_ok, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS,
+    QILIN_QGEMV_MMA_ROWS, QILIN_QGEMV_MMA_THREADS, QILIN_QGEMV_ROWS_PER_BLOCK,
+    QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_SPLITK_MAX_SPLITS, QILIN_QGEMV_SPLITK_MIN_BLOCKS,
+    QILIN_QGEMV_SPLITK_THREADS, QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
 use qilin::backend::cuda::{CudaBackend, CudaLinear, LinearWeight};
@@ -317,6 +319,24 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let worst = compare(&label("qgemv mma"), &got, &want, &s, m, 0.0);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv mma"));
             }
+            // Its split-K variant (opt-in with QILIN_CUDA_QGEMV_MMA2=1), the same
+            // tolerance; run twice, the second launch on the first one's counters (the
+            // merging blocks must have reset them) and bit for bit the same (fixed-order
+            // merge).
+            let mut out = poisoned(&gpu, n, m);
+            if gpu.linear_qgemv_splitk_into(&x_gpu, &layer.gpu, &mut out) {
+                let got = gpu.to_host(&out);
+                let worst = compare(&label("qgemv mma split-k"), &got, &want, &s, m, 0.0);
+                eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv mma split-k"));
+                let mut again = poisoned(&gpu, n, m);
+                assert!(gpu.linear_qgemv_splitk_into(&x_gpu, &layer.gpu, &mut again));
+                let again = gpu.to_host(&again);
+                assert!(
+                    got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{}: a second launch differs",
+                    label("qgemv mma split-k")
+                );
+            }
             // The tensor-core GEMM (any n): the weight rounded to bf16 in shared memory,
             // the cuBLAS path's tolerance.
             let mut out = poisoned(&gpu, n, m);
@@ -333,6 +353,7 @@ fn run_cases(test: &str, cases: &[Case]) {
 }
 
 const W4_G128: LevelFormat = LevelFormat { bits: 4, group: 128 };
+const W4_G256: LevelFormat = LevelFormat { bits: 4, group: 256 };
 const W8_G128: LevelFormat = LevelFormat { bits: 8, group: 128 };
 const W4_G32: LevelFormat = LevelFormat { bits: 4, group: 32 };
 const W8_G32: LevelFormat = LevelFormat { bits: 8, group: 32 };
@@ -391,6 +412,35 @@ fn qwen2_5_7b_int4_and_int8_layers_match_the_cpu_twin() {
                 bias: false,
                 format: W8_G128,
                 ns: &[1, 8, 9, 64],
+            },
+        ],
+    );
+}
+
+/// The tensor-core GEMVs' edges: out_features not a multiple of their 16-row tiles (the
+/// last tile reads the last row and stores only real rows), groups of 256 (two steps per
+/// group), in_features whose steps do not divide evenly among warps and splits.
+#[test]
+fn int4_odd_rows_and_group_256_match_the_cpu_twin() {
+    use DType::I4;
+    run_cases(
+        "int4 edges",
+        &[
+            Case {
+                name: "odd rows g256",
+                parts: &[(I4, 1000), (I4, 3)],
+                in_features: 2560,
+                bias: true,
+                format: W4_G256,
+                ns: &[1, 2, 5, 8],
+            },
+            Case {
+                name: "odd rows g128",
+                parts: &[(I4, 77)],
+                in_features: 1152,
+                bias: false,
+                format: W4_G128,
+                ns: &[1, 3, 8],
             },
         ],
     );
@@ -642,4 +692,33 @@ fn dequant_grid_is_bounded_and_never_empty() {
     assert_eq!(dequant_blocks(32 * threads + 1, 4), 2);
     assert_eq!(dequant_blocks(16 * threads + 1, 8), 2);
     assert_eq!(dequant_blocks(usize::MAX / 64, 8), 65535);
+}
+
+#[test]
+fn qgemv_splitk_geometry_fills_one_wave_and_covers_every_row() {
+    let warps = (QILIN_QGEMV_SPLITK_THREADS / 32) as usize;
+    // Qwen2.5-7B's int4 layers on 132 SMs (H100/H200): qkv, o, gate_up, down.
+    let expected = [((3584, 4608), 3), ((3584, 3584), 4), ((3584, 37888), 1), ((18944, 3584), 4)];
+    for ((k, m), splits) in expected {
+        for n in 1..=GEMV_MAX_TOKENS {
+            let ((tiles, got), threads) =
+                qgemv_splitk_geometry(n, 4, k, m, 128, 132, 8192).expect("accepted");
+            assert_eq!(threads, QILIN_QGEMV_SPLITK_THREADS);
+            assert_eq!(got, splits, "k={k} m={m}");
+            let rows = tiles as usize * QILIN_QGEMV_MMA_ROWS as usize;
+            assert!(rows >= m && rows - m < QILIN_QGEMV_MMA_ROWS as usize);
+        }
+    }
+    for (k, m, sms) in [(3584, 4608, 132), (128, 16, 132), (1152, 77, 1), (18944, 16, 500)] {
+        let ((tiles, splits), _) = qgemv_splitk_geometry(1, 4, k, m, 128, sms, 8192).unwrap();
+        let steps = k / 128;
+        assert!((1..=QILIN_QGEMV_SPLITK_MAX_SPLITS).contains(&splits), "k={k} m={m}");
+        assert!(splits == 1 || splits as usize * warps <= steps, "a step per warp: k={k}");
+        let resident = sms * QILIN_QGEMV_SPLITK_MIN_BLOCKS as usize;
+        assert!(splits == 1 || (tiles * splits) as usize <= resident, "one wave: k={k} m={m}");
+    }
+    // More row tiles than counters: no merge.
+    assert_eq!(qgemv_splitk_geometry(1, 4, 3584, 4608, 128, 132, 100).unwrap().0 .1, 1);
+    assert_eq!(qgemv_splitk_geometry(1, 8, 3584, 4608, 128, 132, 8192), None, "8-bit levels");
+    assert_eq!(qgemv_splitk_geometry(1, 4, 3584, 0, 128, 132, 8192), None, "no outputs");
 }

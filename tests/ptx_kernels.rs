@@ -241,6 +241,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_quant_linear.rs",
     },
     Coverage {
+        entry: "qilin_qgemv_mma_splitk_w4_bf16",
+        launcher: "src/backend/cuda/quant_linear.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
         entry: "qilin_dequant_w4_bf16",
         launcher: "src/backend/cuda/quant_linear.rs",
         twin: "linear",
@@ -579,16 +585,19 @@ fn quant_gemv_mma_module_entries_and_params_match_the_rust_side() {
     if !ptx_available() {
         return;
     }
-    let kernel = ptx::QGEMV_MMA_W4_BF16;
-    let text = module_ptx(kernel.module).expect("module embedded");
+    let kernels = [ptx::QGEMV_MMA_W4_BF16, ptx::QGEMV_MMA_SPLITK_W4_BF16];
+    let text = module_ptx(kernels[0].module).expect("module embedded");
     let entries: BTreeSet<&str> = entry_names(text).into_iter().collect();
-    assert_eq!(entries, [kernel.entry].into_iter().collect::<BTreeSet<&str>>());
-    assert_eq!(
-        byte_param(text, kernel.entry, 0),
-        Some((align_of::<QilinQuantGemvParams>(), size_of::<QilinQuantGemvParams>())),
-        "{}: params struct as nvcc sees it vs as Rust sees it",
-        kernel.entry
-    );
+    assert_eq!(entries, kernels.iter().map(|k| k.entry).collect::<BTreeSet<&str>>());
+    for kernel in kernels {
+        assert_eq!(kernel.module, kernels[0].module);
+        assert_eq!(
+            byte_param(text, kernel.entry, 0),
+            Some((align_of::<QilinQuantGemvParams>(), size_of::<QilinQuantGemvParams>())),
+            "{}: params struct as nvcc sees it vs as Rust sees it",
+            kernel.entry
+        );
+    }
 }
 
 #[test]

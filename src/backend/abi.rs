@@ -208,6 +208,36 @@ pub fn qgemv_mma_geometry(
     Some((out.div_ceil(QILIN_QGEMV_MMA_ROWS).checked_mul(chunks)?, QILIN_QGEMV_MMA_THREADS))
 }
 
+/// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemv_mma_splitk_w4_bf16 on a
+/// device of `sm_count` SMs: grid.x = one block per `QILIN_QGEMV_MMA_ROWS` output channels
+/// (row tiles), grid.y = splits of the input dimension, as many as fill the
+/// `sm_count * QILIN_QGEMV_SPLITK_MIN_BLOCKS` resident blocks once (an estimate on devices
+/// whose shared memory holds fewer), at most `QILIN_QGEMV_SPLITK_MAX_SPLITS` and one step
+/// per warp, and 1 when the row tiles outnumber `max_counters` (the merge's counters).
+/// Qwen2.5-7B at 132 SMs: qkv 288 x 3, o 224 x 4, gate_up 2368 x 1, down 224 x 4. `None`
+/// where `qgemv_mma_ok` says no or `out` is zero or beyond `u32`.
+pub fn qgemv_splitk_geometry(
+    n: usize,
+    bits: u32,
+    in_features: usize,
+    out_features: usize,
+    group: usize,
+    sm_count: usize,
+    max_counters: usize,
+) -> Option<((u32, u32), u32)> {
+    if n > GEMV_MAX_TOKENS {
+        return None; // one chunk of tokens: the mma's 8 columns
+    }
+    let (tiles, _) = qgemv_mma_geometry(n, bits, in_features, out_features, group)?;
+    let resident = sm_count.max(1) * QILIN_QGEMV_SPLITK_MIN_BLOCKS as usize;
+    let steps = in_features / QILIN_QGEMV_MMA_STEP as usize;
+    let warps = (QILIN_QGEMV_SPLITK_THREADS / QILIN_WARP_SIZE) as usize;
+    let most = (QILIN_QGEMV_SPLITK_MAX_SPLITS as usize).min(steps / warps).max(1);
+    let splits =
+        if tiles as usize > max_counters { 1 } else { (resident / tiles as usize).clamp(1, most) };
+    Some(((tiles, splits as u32), QILIN_QGEMV_SPLITK_THREADS))
+}
+
 /// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemm_w{4,8}_bf16 for
 /// `x [n, in]`: grid.x over output channels in `QILIN_QGEMM_BLOCK_N`, grid.y over tokens
 /// in `QILIN_QGEMM_BLOCK_M`. `None` when `n` or `out` is zero or a grid dimension

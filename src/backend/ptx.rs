@@ -96,6 +96,10 @@ pub const QGEMV_SMALL_W8_BF16: Kernel =
 /// unverified; opt-in); see kernels/quant_gemv_mma.cu.
 pub const QGEMV_MMA_W4_BF16: Kernel =
     Kernel { module: "quant_gemv_mma", entry: "qilin_qgemv_mma_w4_bf16" };
+/// The same GEMV split over the input dimension, levels streamed through shared memory
+/// (compiles, unverified; opt-in with QILIN_CUDA_QGEMV_MMA2=1); see kernels/quant_gemv_mma.cu.
+pub const QGEMV_MMA_SPLITK_W4_BF16: Kernel =
+    Kernel { module: "quant_gemv_mma", entry: "qilin_qgemv_mma_splitk_w4_bf16" };
 /// W4A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
 pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w4_bf16" };
 /// W8A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
@@ -138,6 +142,7 @@ pub const KERNELS: &[Kernel] = &[
     QGEMV_SMALL_W4_BF16,
     QGEMV_SMALL_W8_BF16,
     QGEMV_MMA_W4_BF16,
+    QGEMV_MMA_SPLITK_W4_BF16,
     DEQUANT_W4_BF16,
     DEQUANT_W8_BF16,
     QGEMM_W4_BF16,

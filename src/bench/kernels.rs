@@ -457,6 +457,13 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemv_mma_into(&x, &w, &mut y);
                     });
                 }
+                // Its split-K variant (opt-in with QILIN_CUDA_QGEMV_MMA2=1), called directly.
+                let op = format!("{name} {} (qgemv mma2)", method.name());
+                if b.linear_qgemv_splitk_into(&x, &w, &mut y) {
+                    bench.measure(&op, shape.clone(), bytes, flops, &mut || {
+                        b.linear_qgemv_splitk_into(&x, &w, &mut y);
+                    });
+                }
                 // The tensor-core GEMM (not yet in the dispatch) where cuBLAS serves now.
                 if n > GEMV_MAX_TOKENS {
                     let mut y = rand.tensor(n, out, 1.0);

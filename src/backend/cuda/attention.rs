@@ -406,7 +406,7 @@ fn nan_filled(dev: &Device, len: usize) -> CudaSlice<bf16> {
     data
 }
 
-fn sm_count(dev: &Device) -> usize {
+pub(super) fn sm_count(dev: &Device) -> usize {
     dev.ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .ok()

@@ -79,6 +79,9 @@ pub struct FastPaths {
     /// `QILIN_CUDA_QGEMV_MMA`: qilin_qgemv_mma_w4_bf16 for 4-bit layers in groups of a
     /// power of two >= 128 at 1..=8 tokens (before the small-batch kernel).
     pub qgemv_mma: bool,
+    /// `QILIN_CUDA_QGEMV_MMA2=1` (opt-in, unverified): qilin_qgemv_mma_splitk_w4_bf16
+    /// instead of qilin_qgemv_mma_w4_bf16 for the layers that one takes.
+    pub qgemv_mma2: bool,
     /// `QILIN_CUDA_GRAPHS`: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
     /// `QILIN_CUDA_QGEMV_MMA_WIDE=1` (opt-in until a GPU run verifies it): 9 to
@@ -93,6 +96,7 @@ impl Default for FastPaths {
             gemv_mma: true,
             qgemv_small: true,
             qgemv_mma: true,
+            qgemv_mma2: false,
             graphs: true,
             qgemv_mma_wide: false,
         }
@@ -106,6 +110,7 @@ impl FastPaths {
             gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
+            qgemv_mma2: std::env::var("QILIN_CUDA_QGEMV_MMA2").as_deref() == Ok("1"),
             graphs: on("QILIN_CUDA_GRAPHS"),
             qgemv_mma_wide: std::env::var("QILIN_CUDA_QGEMV_MMA_WIDE").as_deref() == Ok("1"),
         }

@@ -1,18 +1,21 @@
 //! Launchers of kernels/quant_linear.cu: the W4A16/W8A16 GEMV of decode-sized batches and
 //! the dequantization of weight rows to bf16 for the cuBLAS path (linear.rs dispatches;
 //! the CPU twin of both is `CpuLinear::forward` on the original weight); and of
-//! kernels/quant_gemv_mma.cu's tensor-core W4A16 GEMV (`ptx::QGEMV_MMA_W4_BF16`).
+//! kernels/quant_gemv_mma.cu's tensor-core W4A16 GEMVs (`ptx::QGEMV_MMA_W4_BF16` and, opt-in,
+//! its split-K variant `ptx::QGEMV_MMA_SPLITK_W4_BF16`).
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::attention::sm_count;
 use super::device::{check, Device};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight, QuantWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
     dequant_blocks, qgemm_geometry, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok,
-    quant_layout_ok, QilinDequantParams, QilinQuantGemvParams, GEMV_MAX_TOKENS,
-    QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS,
+    qgemv_splitk_geometry, quant_layout_ok, QilinDequantParams, QilinQuantGemvParams,
+    GEMV_MAX_TOKENS, QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_DEQUANT_THREADS,
+    QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_SPLITK_PARTIALS,
     QILIN_QGEMV_VALUES_PER_LANE,
 };
 use crate::backend::ptx;
@@ -112,7 +115,7 @@ fn launch_matmul(
 
 /// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_mma_w4_bf16 where it takes
 /// the layer (`qgemv_mma_ok`: 4-bit, groups a power of two >= 128; unless
-/// QILIN_CUDA_QGEMV_MMA=0); else qilin_qgemv_small_w{4,8}_bf16 up to
+/// QILIN_CUDA_QGEMV_MMA=0), or its split-K variant there with QILIN_CUDA_QGEMV_MMA2=1; else qilin_qgemv_small_w{4,8}_bf16 up to
 /// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0); else
 /// qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot take the shape
 /// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
@@ -125,10 +128,13 @@ pub fn qgemv_into(
     out: &mut CudaTensor,
 ) {
     let (bits, group) = (q.format.bits, q.format.group);
-    let mma = dev.paths.qgemv_mma && x.rows <= GEMV_MAX_TOKENS;
-    if (mma && qgemv_mma_ok(x.rows, bits, w.in_features, group))
-        || qgemv_mma_chunked(dev, x.rows, w)
-    {
+    let mma = dev.paths.qgemv_mma
+        && x.rows <= GEMV_MAX_TOKENS
+        && qgemv_mma_ok(x.rows, bits, w.in_features, group);
+    if mma && dev.paths.qgemv_mma2 {
+        return qgemv_splitk(dev, x, w, q, out);
+    }
+    if mma || qgemv_mma_chunked(dev, x.rows, w) {
         return qgemv_with(dev, Op::GemvMma, x, w, q, out);
     }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
@@ -206,6 +212,65 @@ fn qgemv_with(
     launch_matmul(dev, op, cfg, params, x, w, q, out);
 }
 
+/// qilin_qgemv_mma_splitk_w4_bf16 for a layer `qgemv_mma_ok` accepts (panics otherwise):
+/// grid (row tiles, splits) from `qgemv_splitk_geometry`. With splits > 1 the blocks'
+/// partial sums go to the device's f32 scratch (written and read within the launch, so
+/// its earlier contents do not matter) and the merge counts arrivals in the device's
+/// split-merge counters, the ones the pipelined decode-attention kernel uses: zero between
+/// launches (the merging block resets its own), so sharing them is safe on the one stream
+/// that orders both kernels, and a captured graph replays without a memset.
+fn qgemv_splitk(
+    dev: &Device,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+) {
+    let (n, k, m) = (x.rows, w.in_features, w.out_features);
+    let (bits, group) = (q.format.bits, q.format.group);
+    let kernel = ptx::QGEMV_MMA_SPLITK_W4_BF16;
+    let max_counters = QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS as usize;
+    let ((tiles, splits), threads) =
+        qgemv_splitk_geometry(n, bits, k, m, group, sm_count(dev), max_counters).unwrap_or_else(
+            || {
+                panic!(
+                    "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}",
+                    kernel.entry
+                )
+            },
+        );
+    let params = matmul_params(n, k, m, group);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, splits, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let null: u64 = 0;
+    let mut merge = (splits > 1).then(|| {
+        let sums = tiles as usize * splits as usize * QILIN_QGEMV_SPLITK_PARTIALS as usize;
+        (dev.scratch_f32(sums), dev.attention_counters())
+    });
+    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);
+    match &w.bias {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&null),
+    };
+    match &mut merge {
+        Some((sums, counters)) => launch.arg(&mut **sums).arg(&**counters),
+        None => launch.arg(&null).arg(&null),
+    };
+    // SAFETY: argument order and types follow qilin_qgemv_mma_splitk_w4_bf16: the first six
+    // as launch_matmul's (same buffers, checked by linear.rs's check_shapes); then, with
+    // grid.y > 1, the f32 scratch of tiles * splits * QILIN_QGEMV_SPLITK_PARTIALS values
+    // and the counters (tiles <= QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS of them, all zero
+    // between launches), both held locked until the launch is queued; null otherwise
+    // (the kernel touches them only when grid.y > 1). The geometry keeps grid.y within
+    // the steps of k, as the kernel checks.
+    check(unsafe { launch.launch(cfg) }, kernel.entry);
+    drop(merge);
+}
+
 /// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. Not in
 /// the dispatch until a GPU run verifies it; tests and benchmarks call it directly.
 pub fn qgemm_into(
@@ -276,6 +341,17 @@ pub fn dequantize_rows(
     check(unsafe { launch.launch(cfg) }, "launching qilin_dequant_bf16");
 }
 
+/// The quantized weight of a layer the tensor-core GEMVs take (`qgemv_mma_ok`), after
+/// `check_shapes`; None for a bf16 layer or one they cannot take.
+fn mma_weight<'a>(x: &CudaTensor, w: &'a CudaLinear, out: &CudaTensor) -> Option<&'a QuantWeight> {
+    let super::LinearWeight::Quant(q) = &w.weight else { return None };
+    if !qgemv_mma_ok(x.rows, q.format.bits, w.in_features, q.format.group) {
+        return None;
+    }
+    super::linear::check_shapes(x, w, out);
+    Some(q)
+}
+
 /// Entry points for the parity test (`tests/gpu_quant_linear.rs`) and `qilin bench`.
 impl CudaBackend {
     /// The tensor-core GEMM whatever the dispatch would pick; panics for a bf16 layer or
@@ -307,12 +383,25 @@ impl CudaBackend {
         w: &CudaLinear,
         out: &mut CudaTensor,
     ) -> bool {
-        let super::LinearWeight::Quant(q) = &w.weight else { return false };
-        if !qgemv_mma_ok(x.rows, q.format.bits, w.in_features, q.format.group) {
+        let Some(q) = mma_weight(x, w, out) else { return false };
+        qgemv_with(&self.dev, Op::GemvMma, x, w, q, out);
+        true
+    }
+
+    /// The split-K tensor-core GEMV (qilin_qgemv_mma_splitk_w4_bf16) whatever the dispatch
+    /// would pick; false (nothing launched) where `linear_qgemv_mma_into` would be, and
+    /// above GEMV_MAX_TOKENS tokens (it takes one chunk of 8).
+    pub fn linear_qgemv_splitk_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        out: &mut CudaTensor,
+    ) -> bool {
+        if x.rows > GEMV_MAX_TOKENS {
             return false;
         }
-        super::linear::check_shapes(x, w, out);
-        qgemv_with(&self.dev, Op::GemvMma, x, w, q, out);
+        let Some(q) = mma_weight(x, w, out) else { return false };
+        qgemv_splitk(&self.dev, x, w, q, out);
         true
     }
 
