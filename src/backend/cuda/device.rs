@@ -67,7 +67,8 @@ pub struct Device {
 /// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
 /// what they replace (bench/notes.md, 2026-11-26 H200 runs at 12332f8 and 1bf3ca5). Each
 /// is on unless its variable is `0`, which brings back the path it replaced: for bisecting
-/// a failure or comparing speeds, not for production.
+/// a failure or comparing speeds, not for production. The exception is opt-in: a path
+/// not yet verified on a GPU is off unless its variable is `1` (`device_penalties`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastPaths {
     /// `QILIN_CUDA_GEMV_MMA`: qilin_gemv_mma_bf16 for bf16 layers at
@@ -81,11 +82,21 @@ pub struct FastPaths {
     pub qgemv_mma: bool,
     /// `QILIN_CUDA_GRAPHS`: decode steps replayed through CUDA graphs (graph.rs).
     pub graphs: bool,
+    /// `QILIN_CUDA_DEVICE_PENALTIES=1` (opt-in, compiles, unverified on hardware): steps
+    /// with repetition / presence / frequency penalties are sampled on the device
+    /// (qilin_apply_penalties_bf16, then qilin_sample_bf16) instead of on the host.
+    pub device_penalties: bool,
 }
 
 impl Default for FastPaths {
     fn default() -> FastPaths {
-        FastPaths { gemv_mma: true, qgemv_small: true, qgemv_mma: true, graphs: true }
+        FastPaths {
+            gemv_mma: true,
+            qgemv_small: true,
+            qgemv_mma: true,
+            graphs: true,
+            device_penalties: false,
+        }
     }
 }
 
@@ -97,6 +108,7 @@ impl FastPaths {
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
             graphs: on("QILIN_CUDA_GRAPHS"),
+            device_penalties: std::env::var("QILIN_CUDA_DEVICE_PENALTIES").as_deref() == Ok("1"),
         }
     }
 }
