@@ -333,6 +333,43 @@ typedef struct QilinSampleRow {
     float min_p;
 } QilinSampleRow;
 
+/* Penalties on the device (kernels/penalties.cu qilin_apply_penalties_bf16): threads per
+ * block, one thread per penalised token; grid = (ceil(max row entries / this), rows). */
+#define QILIN_PENALTY_THREADS 256
+
+/** Launch parameters of qilin_apply_penalties_bf16. */
+typedef struct QilinPenaltyParams {
+    /** Rows of logits; the grid's y size. */
+    uint32_t rows;
+    /** Row length: the vocabulary. An entry whose id is >= cols is ignored (as the host
+     * sampler ignores ids outside the vocabulary). */
+    uint32_t cols;
+} QilinPenaltyParams;
+
+/** The penalties of one logits row (Rust: backend::RowPenalties, converted): its entries
+ * are tokens[offset .. offset + len). */
+typedef struct QilinPenaltyRow {
+    /** First entry of the row in the tokens array. */
+    uint32_t offset;
+    /** Entries of the row: distinct token ids (no two threads touch one logit). */
+    uint32_t len;
+    /** HF repetition penalty, applied to every entry; 1: off. */
+    float repetition;
+    /** OpenAI presence penalty, entries with count > 0; applied with frequency unless both
+     * are 0. */
+    float presence;
+    /** OpenAI frequency penalty, times the entry's count. */
+    float frequency;
+} QilinPenaltyRow;
+
+/** One distinct token of a sequence's prompt + output (Rust: backend::PenaltyToken). */
+typedef struct QilinPenaltyToken {
+    /** Token id. */
+    uint32_t id;
+    /** Its occurrences in the output (0: prompt only). */
+    uint32_t count;
+} QilinPenaltyToken;
+
 /** Launch parameters of every qilin_attention_* kernel. */
 typedef struct QilinAttentionParams {
     /** Rows of q and out. */

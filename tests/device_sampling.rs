@@ -67,7 +67,7 @@ fn twin_gives_the_host_samplers_token_for_the_same_draw() {
         let mut host = Sampler::new(params.clone());
         let mut device = Sampler::new(params.clone());
         for step in 0..3 {
-            assert!(device.device_eligible(&[], &[]), "case {case}: {params:?}");
+            assert!(device.device_eligible(&[], &[], false), "case {case}: {params:?}");
             let want = host.sample(&mut logits.clone(), &[], &[]).token_id;
             let row = device.device_row();
             let got = cpu.sample_rows(&CpuTensor::from_vec(logits.clone(), 1, vocab), &[row]);
@@ -104,7 +104,7 @@ fn twin_rows_are_independent_and_in_order() {
 #[test]
 fn penalties_and_logprobs_keep_the_host_path() {
     let eligible =
-        |p: SamplingParams, output: &[u32]| Sampler::new(p).device_eligible(&[1], output);
+        |p: SamplingParams, output: &[u32]| Sampler::new(p).device_eligible(&[1], output, false);
     let base = SamplingParams { temperature: 0.8, seed: Some(1), ..Default::default() };
     assert!(eligible(base.clone(), &[2]));
     assert!(eligible(SamplingParams { temperature: 0.0, ..base.clone() }, &[2]));
@@ -113,7 +113,74 @@ fn penalties_and_logprobs_keep_the_host_path() {
     assert!(!eligible(SamplingParams { presence_penalty: 0.5, ..base.clone() }, &[2]));
     // A frequency penalty with no output yet changes nothing: the step may go.
     assert!(eligible(SamplingParams { frequency_penalty: 0.5, ..base.clone() }, &[]));
-    assert!(!eligible(SamplingParams { top_p: f32::NAN, ..base }, &[2]));
+    assert!(!eligible(SamplingParams { top_p: f32::NAN, ..base.clone() }, &[2]));
+    // A backend that applies penalties takes them, never logprobs.
+    let on_device = |p: SamplingParams| Sampler::new(p).device_eligible(&[1], &[2, 2], true);
+    assert!(on_device(SamplingParams { repetition_penalty: 1.1, ..base.clone() }));
+    assert!(on_device(SamplingParams {
+        presence_penalty: 0.5,
+        frequency_penalty: -1.0,
+        ..base.clone()
+    }));
+    assert!(!on_device(SamplingParams { repetition_penalty: 1.1, top_logprobs: Some(0), ..base }));
+}
+
+/// Each case's prompt with `params(i)`, seeded per case, 12 tokens past any eos, and
+/// logprobs when asked (which sends every step to the host sampler).
+fn seeded_requests(
+    cases: &[common::Case],
+    logprobs: bool,
+    params: impl Fn(usize) -> SamplingParams,
+) -> Vec<(Vec<u32>, SamplingParams)> {
+    (cases.iter().enumerate())
+        .map(|(i, c)| {
+            let p = SamplingParams {
+                seed: Some(1000 + i as u64),
+                max_tokens: 12,
+                ignore_eos: true,
+                top_logprobs: logprobs.then_some(1),
+                ..params(i)
+            };
+            (c.prompt_ids.clone(), p)
+        })
+        .collect()
+}
+
+/// The engine's device path with penalties (`sample_rows_penalized`, the CPU twin here):
+/// with repetition penalties of 2 and 0.5 on logits rounded to bf16 (the emulating backend)
+/// the twin's rounding of the penalised logits changes nothing, so a seeded request must
+/// give exactly the host sampler's tokens (forced by logprobs) step after step: the
+/// incremental prompt + output entries, the routing and the draws stay in step, greedy
+/// included. Other penalties round; tests of the arithmetic are in src/engine/sampler.
+#[test]
+fn device_penalties_give_the_samplers_tokens_when_rounding_is_exact() {
+    for dir in fixture_models() {
+        let expected = read_expected(&dir.join("expected.json"));
+        let options = EngineOptions { cpu_emulates_bf16: true, ..EngineOptions::default() };
+        let (mut engine, _) = load_cpu_engine(&dir, &options).unwrap();
+        engine.model.backend.set_device_penalties(true);
+        let settings =
+            [(0.8, 0, 1.0, 2.0), (1.0, 20, 0.9, 0.5), (0.0, 0, 1.0, 2.0), (0.7, 5, 1.0, 1.0)];
+        let requests = |logprobs: bool| {
+            seeded_requests(&expected.cases, logprobs, |i| {
+                let (temperature, top_k, top_p, repetition_penalty) = settings[i % settings.len()];
+                SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    repetition_penalty,
+                    ..Default::default()
+                }
+            })
+        };
+        let host = engine.run_all(&requests(true), |_, _| {}).unwrap();
+        let device = engine.run_all(&requests(false), |_, _| {}).unwrap();
+        for (a, b) in host.iter().zip(&device) {
+            assert!(a.logprobs.is_some() && b.logprobs.is_none());
+            assert_eq!(a.output_ids.len(), 12);
+            assert_eq!(a.output_ids, b.output_ids, "{}", dir.display());
+        }
+    }
 }
 
 /// Sampled requests without logprobs take the engine's device path (`sample_rows`, the CPU
@@ -126,24 +193,11 @@ fn device_path_gives_the_samplers_tokens() {
         let (mut engine, _) = load_cpu_engine(&dir, &EngineOptions::default()).unwrap();
         let settings =
             [(0.8, 0, 1.0, 0.0), (1.0, 20, 0.9, 0.0), (0.6, 0, 0.7, 0.05), (1.3, 5, 1.0, 0.1)];
-        let requests = |logprobs: bool| -> Vec<_> {
-            (expected.cases.iter().enumerate())
-                .map(|(i, c)| {
-                    let (temperature, top_k, top_p, min_p) = settings[i % settings.len()];
-                    let p = SamplingParams {
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                        seed: Some(1000 + i as u64),
-                        max_tokens: 12,
-                        ignore_eos: true,
-                        top_logprobs: logprobs.then_some(1),
-                        ..SamplingParams::default()
-                    };
-                    (c.prompt_ids.clone(), p)
-                })
-                .collect()
+        let requests = |logprobs: bool| {
+            seeded_requests(&expected.cases, logprobs, |i| {
+                let (temperature, top_k, top_p, min_p) = settings[i % settings.len()];
+                SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() }
+            })
         };
         let host = engine.run_all(&requests(true), |_, _| {}).unwrap();
         let device = engine.run_all(&requests(false), |_, _| {}).unwrap();

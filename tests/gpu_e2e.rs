@@ -30,6 +30,16 @@
 //! captured some; tools/gpu-check's e2e_eager step runs the test again with
 //! `QILIN_CUDA_GRAPHS=0` (every step eager).
 //!
+//! Penalties on the device (`cuda_device_penalties_match_the_host_sampler`, the opt-in
+//! QILIN_CUDA_DEVICE_PENALTIES path switched on): greedy requests with repetition
+//! penalties 2 and 0.5, whose arithmetic on bf16 logits is exact (so the device path's
+//! rounding to bf16 changes nothing), must give the same tokens through
+//! qilin_apply_penalties_bf16 + qilin_sample_bf16 as through the host sampler (forced by
+//! logprobs) on fresh CUDA engines; that proves the routing, the incremental prompt + output
+//! entries and the kernel's in-place writes on real steps (graphs included). A seeded
+//! sampled request with Qwen's repetition penalty 1.05 and a presence penalty must run and
+//! give in-vocabulary tokens (its rounding may legitimately change a draw).
+//!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 //! The SmolLM2 GGUF (93 MB) cannot travel to a GPU machine with the source tree (64 MiB
 //! limit): where it is absent, `QILIN_GPU_E2E_NO_SMOLLM2=1` turns that case into a
@@ -263,6 +273,77 @@ fn cuda_greedy_matches_cpu_on_smollm2() {
     let expected =
         common::read_expected(&source_root().join("tests/fixtures/smollm2/expected.json"));
     check_model(&gguf, &expected.cases, 2048);
+}
+
+#[test]
+fn cuda_device_penalties_match_the_host_sampler() {
+    if skip_without_gpu_tests() {
+        return;
+    }
+    for dir in fixture_models() {
+        let expected = common::read_expected(&dir.join("expected.json"));
+        let config = ModelConfig::from_hf_file(&dir.join("config.json")).expect("config.json");
+        let (vocab, max_model_len) = (config.vocab_size, config.max_context().min(1024));
+        let requests = |logprobs: bool| -> Vec<_> {
+            (expected.cases.iter().enumerate())
+                .map(|(i, c)| {
+                    let p = SamplingParams {
+                        repetition_penalty: if i % 2 == 0 { 2.0 } else { 0.5 },
+                        top_logprobs: logprobs.then_some(1),
+                        ..greedy(c)
+                    };
+                    (c.prompt_ids.clone(), p)
+                })
+                .collect()
+        };
+        // Fresh engines: a prefix cache would change the second run's shapes (see above).
+        let run_with = |requests: &[(Vec<u32>, SamplingParams)]| {
+            let options = EngineOptions {
+                device: Device::Cuda,
+                max_model_len: Some(max_model_len),
+                ..EngineOptions::default()
+            };
+            let AnyEngine::Cuda(mut gpu) = load(&dir, options) else {
+                panic!("--device cuda gave another backend");
+            };
+            gpu.model.backend.dev.paths.device_penalties = true;
+            assert!(gpu.model.backend.device_penalties());
+            gpu.run_all(requests, |_, _| {}).expect("run_all")
+        };
+        let host = run_with(&requests(true));
+        let device = run_with(&requests(false));
+        for ((case, h), d) in expected.cases.iter().zip(&host).zip(&device) {
+            assert!(h.logprobs.is_some() && d.logprobs.is_none());
+            assert_eq!(
+                h.output_ids,
+                d.output_ids,
+                "{} / {}: device penalties vs host sampler on the same CUDA logits",
+                dir.display(),
+                case.name
+            );
+        }
+        let sampled: Vec<_> = (expected.cases.iter().enumerate())
+            .map(|(i, c)| {
+                let p = SamplingParams {
+                    temperature: 0.7,
+                    top_k: 20,
+                    top_p: 0.8,
+                    repetition_penalty: 1.05,
+                    presence_penalty: 0.3,
+                    seed: Some(i as u64),
+                    max_tokens: 16,
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                };
+                (c.prompt_ids.clone(), p)
+            })
+            .collect();
+        for out in run_with(&sampled) {
+            assert_eq!(out.output_ids.len(), 16);
+            assert!(out.output_ids.iter().all(|&id| (id as usize) < vocab), "{:?}", out.output_ids);
+        }
+        eprintln!("{}: device penalties gave the host sampler's tokens", dir.display());
+    }
 }
 
 #[test]

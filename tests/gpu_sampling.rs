@@ -23,6 +23,15 @@
 //! the test poisons best-effort: a NaN-filled buffer of the same size is freed right before
 //! each launch (the stream allocator tends to hand it back), and every id must be < vocab.
 //!
+//! `qilin_apply_penalties_bf16` (through `CudaBackend::sample_rows_penalized`, the
+//! penalties kernel then the sampler, with the opt-in switch on) against its CPU twin
+//! (`penalize_row_bf16` on each row, which src/engine/sampler/penalties.rs proves equal to
+//! the host sampler's penalties rounded to bf16): the penalised logits, downloaded after
+//! the call, must equal the twin's bit for bit (NaN as NaN), for random distinct ids
+//! (some past the vocab: ignored), counts, repetition below and above 1 and presence /
+//! frequency of both signs, 0 to 5000 entries per row; the ids then as in the sampling
+//! test above, against `sample_rows` on the twin's logits.
+//!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
 
 #[path = "common/gpu.rs"]
@@ -31,9 +40,11 @@ use gpu_common::skip_without_gpu_tests;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use qilin::backend::cpu::{CpuBackend, CpuTensor};
+use std::collections::HashSet;
+
+use qilin::backend::cpu::{penalize_row_bf16, CpuBackend, CpuTensor};
 use qilin::backend::cuda::CudaBackend;
-use qilin::backend::{Backend, RowSampling};
+use qilin::backend::{Backend, PenaltyBatch, PenaltyToken, RowSampling};
 use qilin::engine::sampler::inv_temperature;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -204,6 +215,37 @@ fn explained(row: &[f32], r: &RowSampling, got: u32) -> Result<(), String> {
     Err(format!("token {got}'s cumulative probability is not within {TOL} of u"))
 }
 
+/// The GPU's ids `got` against the twin's `expected` for `values` (`[rows, cols]`) sampled
+/// as `meta` says: one per row, in the vocabulary, and each different one explained by
+/// rounding (`explained`); returns how many differ.
+fn check_ids(
+    seed: u64,
+    cols: usize,
+    values: &[f32],
+    meta: &[RowSampling],
+    got: &[u32],
+    expected: &[u32],
+) -> usize {
+    let rows = meta.len();
+    assert_eq!(got.len(), rows, "[{rows}, {cols}]: one id per row");
+    let mut mismatches = 0;
+    for (r, (&g, &e)) in got.iter().zip(expected).enumerate() {
+        assert!((g as usize) < cols, "seed {seed}, [{rows}, {cols}] row {r}: id {g}");
+        if g == e {
+            continue;
+        }
+        mismatches += 1;
+        let row = &values[r * cols..(r + 1) * cols];
+        if let Err(why) = explained(row, &meta[r], g) {
+            panic!(
+                "seed {seed}, [{rows}, {cols}] row {r} {:?}: GPU chose {g}, the twin {e}: {why}",
+                meta[r]
+            );
+        }
+    }
+    mismatches
+}
+
 #[test]
 fn sampling_matches_the_cpu_twin() {
     let Some((gpu, cpu, seed, mut rng)) = setup("sample") else { return };
@@ -228,25 +270,75 @@ fn sampling_matches_the_cpu_twin() {
             // Best-effort poison: free a NaN buffer the ids allocation may reuse.
             drop(gpu.tensor_from_host(&vec![f32::NAN; 2 * rows], rows, 2));
             let got = gpu.sample_rows(&logits, &meta);
-            assert_eq!(got.len(), rows, "[{rows}, {cols}]: one id per row");
-            for (r, (&g, &e)) in got.iter().zip(&expected).enumerate() {
-                assert!((g as usize) < cols, "seed {seed}, [{rows}, {cols}] row {r}: id {g}");
-                total_rows += 1;
-                if g == e {
-                    continue;
-                }
-                mismatches += 1;
-                let row = &values[r * cols..(r + 1) * cols];
-                if let Err(why) = explained(row, &meta[r], g) {
-                    panic!(
-                        "seed {seed}, [{rows}, {cols}] row {r} {:?}: GPU chose {g}, the twin {e}: \
-                         {why}",
-                        meta[r]
-                    );
-                }
-            }
+            total_rows += rows;
+            mismatches += check_ids(seed, cols, &values, &meta, &got, &expected);
         }
         eprintln!("[{rows}, {cols}]: done");
+    }
+    eprintln!("{total_rows} rows, {mismatches} different tokens, each within tolerance");
+}
+
+/// `rows` rows of random penalties over distinct ids below `cols + 2`.
+fn random_penalties(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> PenaltyBatch {
+    let pick = |rng: &mut ChaCha8Rng, xs: &[f32]| xs[rng.random_range(0..xs.len())];
+    let mut batch = PenaltyBatch::default();
+    for _ in 0..rows {
+        let n = [0usize, 1, 7, 300, 2000, 5000][rng.random_range(0..6)].min(cols + 2);
+        let (mut seen, mut entries) = (HashSet::new(), Vec::new());
+        while entries.len() < n {
+            let id = rng.random_range(0..cols as u32 + 2);
+            let count = if rng.random_range(0..3) == 0 { rng.random_range(1..6) } else { 0 };
+            if seen.insert(id) {
+                entries.push(PenaltyToken { id, count });
+            }
+        }
+        let repetition = pick(rng, &[1.0, 1.05, 0.8, 1.3]);
+        let presence = pick(rng, &[0.0, 0.5, -1.0]);
+        let frequency = pick(rng, &[0.0, 0.3, -0.5]);
+        batch.push_row(repetition, presence, frequency, entries);
+    }
+    batch
+}
+
+#[test]
+fn penalties_match_the_cpu_twin() {
+    let Some((mut gpu, cpu, seed, mut rng)) = setup("penalties") else { return };
+    // The opt-in switch (QILIN_CUDA_DEVICE_PENALTIES=1) only tells the engine to route
+    // penalised steps here; the launcher itself runs either way.
+    gpu.dev.paths.device_penalties = true;
+    assert!(gpu.device_penalties());
+    let shapes = [(1, 152_064), (64, 152_064), (7, 49_152), (200, 4097), (9, 513), (3, 7), (2, 1)];
+    let (mut total_rows, mut mismatches) = (0, 0);
+    for (rows, cols) in shapes {
+        for _ in 0..3 {
+            let values: Vec<f32> = (0..rows).flat_map(|_| sample_logits(&mut rng, cols)).collect();
+            let meta: Vec<RowSampling> = (0..rows).map(|_| sample_params(&mut rng, cols)).collect();
+            let penalties = random_penalties(&mut rng, rows, cols);
+            let mut twin = values.clone();
+            for (r, row) in twin.chunks_mut(cols).enumerate() {
+                penalize_row_bf16(row, &penalties.rows[r], penalties.row_tokens(r));
+            }
+            let expected = cpu.sample_rows(&CpuTensor::from_vec(twin.clone(), rows, cols), &meta);
+            let mut logits = gpu.tensor_from_host(&values, rows, cols);
+            // Best-effort poison: free a NaN buffer the ids allocation may reuse.
+            drop(gpu.tensor_from_host(&vec![f32::NAN; 2 * rows], rows, 2));
+            let got = gpu.sample_rows_penalized(&mut logits, &meta, &penalties);
+            let on_device = gpu.to_host(&logits);
+            for (i, (d, t)) in on_device.iter().zip(&twin).enumerate() {
+                assert!(
+                    d.to_bits() == t.to_bits() || (d.is_nan() && t.is_nan()),
+                    "seed {seed}, [{rows}, {cols}] row {} id {}: penalised {d} on the GPU, {t} \
+                     by the twin (raw {}, {:?})",
+                    i / cols,
+                    i % cols,
+                    values[i],
+                    penalties.rows[i / cols]
+                );
+            }
+            total_rows += rows;
+            mismatches += check_ids(seed, cols, &twin, &meta, &got, &expected);
+        }
+        eprintln!("[{rows}, {cols}]: penalised logits equal");
     }
     eprintln!("{total_rows} rows, {mismatches} different tokens, each within tolerance");
 }

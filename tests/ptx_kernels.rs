@@ -283,6 +283,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_sampling.rs",
     },
     Coverage {
+        entry: "qilin_apply_penalties_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "penalize_row_bf16",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
         entry: "qilin_attention_decode_g4_bf16",
         launcher: "src/backend/cuda/decode_plan.rs",
         twin: "attention",
@@ -618,6 +624,22 @@ fn sampling_module_entries_and_params_match_the_rust_side() {
         byte_param(text, ptx::SAMPLE_BF16.entry, 0),
         Some((align_of::<QilinSampleParams>(), size_of::<QilinSampleParams>())),
         "qilin_sample_bf16: params struct as nvcc sees it vs as Rust sees it"
+    );
+}
+
+#[test]
+fn penalties_module_entries_and_params_match_the_rust_side() {
+    use qilin::backend::abi::QilinPenaltyParams;
+    if !ptx_available() {
+        return;
+    }
+    let text = module_ptx(ptx::APPLY_PENALTIES_BF16.module).expect("module embedded");
+    let entries: BTreeSet<&str> = entry_names(text).into_iter().collect();
+    assert_eq!(entries, [ptx::APPLY_PENALTIES_BF16.entry].into_iter().collect());
+    assert_eq!(
+        byte_param(text, ptx::APPLY_PENALTIES_BF16.entry, 0),
+        Some((align_of::<QilinPenaltyParams>(), size_of::<QilinPenaltyParams>())),
+        "qilin_apply_penalties_bf16: params struct as nvcc sees it vs as Rust sees it"
     );
 }
 

@@ -65,6 +65,7 @@ pub const QILIN_ATTN_SIMPLE_THREADS: u32 = 32;
 pub const QILIN_ARGMAX_THREADS: u32 = 512;
 pub const QILIN_SAMPLE_THREADS: u32 = 512;
 pub const QILIN_SAMPLE_WALK_ITEMS: u32 = 8;
+pub const QILIN_PENALTY_THREADS: u32 = 256;
 #[doc = " Launch parameters of qilin_fused_add_rms_norm_bf16 and qilin_rms_norm_bf16."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq)]
@@ -340,6 +341,72 @@ const _: () = {
         [::core::mem::offset_of!(QilinSampleRow, top_p) - 16usize];
     ["Offset of field: QilinSampleRow::min_p"]
         [::core::mem::offset_of!(QilinSampleRow, min_p) - 20usize];
+};
+#[doc = " Launch parameters of qilin_apply_penalties_bf16."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinPenaltyParams {
+    #[doc = " Rows of logits; the grid's y size."]
+    pub rows: u32,
+    #[doc = " Row length: the vocabulary. An entry whose id is >= cols is ignored (as the host\n sampler ignores ids outside the vocabulary)."]
+    pub cols: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinPenaltyParams"][::core::mem::size_of::<QilinPenaltyParams>() - 8usize];
+    ["Alignment of QilinPenaltyParams"][::core::mem::align_of::<QilinPenaltyParams>() - 4usize];
+    ["Offset of field: QilinPenaltyParams::rows"]
+        [::core::mem::offset_of!(QilinPenaltyParams, rows) - 0usize];
+    ["Offset of field: QilinPenaltyParams::cols"]
+        [::core::mem::offset_of!(QilinPenaltyParams, cols) - 4usize];
+};
+#[doc = " The penalties of one logits row (Rust: backend::RowPenalties, converted): its entries\n are tokens[offset .. offset + len)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinPenaltyRow {
+    #[doc = " First entry of the row in the tokens array."]
+    pub offset: u32,
+    #[doc = " Entries of the row: distinct token ids (no two threads touch one logit)."]
+    pub len: u32,
+    #[doc = " HF repetition penalty, applied to every entry; 1: off."]
+    pub repetition: f32,
+    #[doc = " OpenAI presence penalty, entries with count > 0; applied with frequency unless both\n are 0."]
+    pub presence: f32,
+    #[doc = " OpenAI frequency penalty, times the entry's count."]
+    pub frequency: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinPenaltyRow"][::core::mem::size_of::<QilinPenaltyRow>() - 20usize];
+    ["Alignment of QilinPenaltyRow"][::core::mem::align_of::<QilinPenaltyRow>() - 4usize];
+    ["Offset of field: QilinPenaltyRow::offset"]
+        [::core::mem::offset_of!(QilinPenaltyRow, offset) - 0usize];
+    ["Offset of field: QilinPenaltyRow::len"]
+        [::core::mem::offset_of!(QilinPenaltyRow, len) - 4usize];
+    ["Offset of field: QilinPenaltyRow::repetition"]
+        [::core::mem::offset_of!(QilinPenaltyRow, repetition) - 8usize];
+    ["Offset of field: QilinPenaltyRow::presence"]
+        [::core::mem::offset_of!(QilinPenaltyRow, presence) - 12usize];
+    ["Offset of field: QilinPenaltyRow::frequency"]
+        [::core::mem::offset_of!(QilinPenaltyRow, frequency) - 16usize];
+};
+#[doc = " One distinct token of a sequence's prompt + output (Rust: backend::PenaltyToken)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinPenaltyToken {
+    #[doc = " Token id."]
+    pub id: u32,
+    #[doc = " Its occurrences in the output (0: prompt only)."]
+    pub count: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinPenaltyToken"][::core::mem::size_of::<QilinPenaltyToken>() - 8usize];
+    ["Alignment of QilinPenaltyToken"][::core::mem::align_of::<QilinPenaltyToken>() - 4usize];
+    ["Offset of field: QilinPenaltyToken::id"]
+        [::core::mem::offset_of!(QilinPenaltyToken, id) - 0usize];
+    ["Offset of field: QilinPenaltyToken::count"]
+        [::core::mem::offset_of!(QilinPenaltyToken, count) - 4usize];
 };
 #[doc = " Launch parameters of every qilin_attention_* kernel."]
 #[repr(C)]

@@ -180,6 +180,33 @@ pub trait Backend: Send + Sync {
         sample_rows_host(&host, vocab, rows)
     }
 
+    /// Whether `sample_rows_penalized` applies the penalties where the logits are, so the
+    /// engine may send a step with penalised requests (no logprobs) there instead of to the
+    /// host sampler. Default false: the engine keeps the host sampler's exact f32 path.
+    fn device_penalties(&self) -> bool {
+        false
+    }
+
+    /// `sample_rows` after each row's penalties (`penalties.rows[r]`, one per row) were
+    /// applied to `logits` (modified in place: they are the step's scratch). The rule
+    /// (`cpu::penalize_row_bf16`, the CPU twin): NaN -> -inf and +inf -> f32::MAX, then the
+    /// host sampler's repetition, frequency and presence arithmetic in f32 on each listed
+    /// token, and the penalised value rounded to bf16 (round to nearest even), because the
+    /// device sampler works on bf16 logits. So this equals the host sampler on the raw
+    /// logits except for that rounding of penalised tokens. The default copies the logits
+    /// to the host and runs the twin, then `sample_rows_host`.
+    fn sample_rows_penalized(
+        &self,
+        logits: &mut Self::Tensor,
+        rows: &[RowSampling],
+        penalties: &PenaltyBatch,
+    ) -> Vec<u32> {
+        let mut host = self.to_host(logits);
+        let vocab = host.len() / rows.len().max(1);
+        penalize_rows_host(&mut host, vocab, penalties);
+        sample_rows_host(&host, vocab, rows)
+    }
+
     /// Runs one forward step: `step` issues its ops for a batch and a RoPE table covering
     /// its positions, and returns the logits. A backend may run it as it is (the default,
     /// `run_eagerly`) or replay the ops it recorded for an earlier step of the same shape
@@ -232,4 +259,73 @@ pub fn sample_rows_host(logits: &[f32], vocab: usize, rows: &[RowSampling]) -> V
             crate::engine::sampler::sample_row(&mut buf, row)
         })
         .collect()
+}
+
+/// One distinct token of a sequence's prompt + output and its count in the output; the
+/// kernel's own struct (kernels/abi.h), so a step's entries upload without conversion.
+pub type PenaltyToken = abi::QilinPenaltyToken;
+
+/// The penalties of one row of `Backend::sample_rows_penalized`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowPenalties {
+    /// HF repetition penalty (> 0), on every entry; 1: off.
+    pub repetition: f32,
+    /// OpenAI presence penalty, on entries with count > 0.
+    pub presence: f32,
+    /// OpenAI frequency penalty, times each entry's count.
+    pub frequency: f32,
+    /// The row's entries in `PenaltyBatch::tokens`: distinct ids (each penalised once).
+    pub tokens: std::ops::Range<usize>,
+}
+
+/// Every row's penalties for one step: `rows[r]` for logits row r, its entries in
+/// `tokens`. Kept by the engine across steps (`clear` keeps the capacity).
+#[derive(Clone, Debug, Default)]
+pub struct PenaltyBatch {
+    pub rows: Vec<RowPenalties>,
+    pub tokens: Vec<PenaltyToken>,
+}
+
+impl PenaltyBatch {
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.tokens.clear();
+    }
+
+    /// Appends a row of `entries` (distinct ids) with these penalties.
+    pub fn push_row(
+        &mut self,
+        repetition: f32,
+        presence: f32,
+        frequency: f32,
+        entries: impl IntoIterator<Item = PenaltyToken>,
+    ) {
+        let start = self.tokens.len();
+        self.tokens.extend(entries);
+        let tokens = start..self.tokens.len();
+        self.rows.push(RowPenalties { repetition, presence, frequency, tokens });
+    }
+
+    /// Appends a row that no penalty touches.
+    pub fn push_none(&mut self) {
+        self.push_row(1.0, 0.0, 0.0, []);
+    }
+
+    /// The entries of row `r` (empty for a row out of range).
+    pub fn row_tokens(&self, r: usize) -> &[PenaltyToken] {
+        (self.rows.get(r)).and_then(|row| self.tokens.get(row.tokens.clone())).unwrap_or(&[])
+    }
+
+    /// Whether some row has an entry to penalise (else plain `sample_rows` does the same).
+    pub fn any(&self) -> bool {
+        self.rows.iter().any(|row| !row.tokens.is_empty())
+    }
+}
+
+/// The host twin of the penalties of `sample_rows_penalized` over `[rows, vocab]` f32
+/// logits: `cpu::penalize_row_bf16` on each row with its entries.
+pub fn penalize_rows_host(logits: &mut [f32], vocab: usize, penalties: &PenaltyBatch) {
+    for (r, (row, pen)) in logits.chunks_mut(vocab.max(1)).zip(&penalties.rows).enumerate() {
+        cpu::penalize_row_bf16(row, pen, penalties.row_tokens(r));
+    }
 }

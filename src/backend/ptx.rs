@@ -60,6 +60,10 @@ pub const ATTENTION_DECODE_PIPE_HD64_BF16: Kernel =
 pub const ARGMAX_BF16: Kernel = Kernel { module: "sampling", entry: "qilin_argmax_bf16" };
 /// Temperature / top-k / top-p / min-p sampling of each logits row; see kernels/sampling.cu.
 pub const SAMPLE_BF16: Kernel = Kernel { module: "sampling", entry: "qilin_sample_bf16" };
+/// Repetition / presence / frequency penalties of listed tokens, in place, rounded to bf16
+/// (compiles, unverified; opt-in); see kernels/penalties.cu.
+pub const APPLY_PENALTIES_BF16: Kernel =
+    Kernel { module: "penalties", entry: "qilin_apply_penalties_bf16" };
 /// Merge of the decode splits; see kernels/attention_decode.cu.
 pub const ATTENTION_DECODE_REDUCE_BF16: Kernel =
     Kernel { module: "attention_decode", entry: "qilin_attention_decode_reduce_bf16" };
@@ -130,6 +134,7 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_DECODE_PIPE_HD64_BF16,
     ARGMAX_BF16,
     SAMPLE_BF16,
+    APPLY_PENALTIES_BF16,
     ATTENTION_DECODE_REDUCE_BF16,
     ATTENTION_PREFILL_HD64_BF16,
     ATTENTION_PREFILL_HD128_BF16,

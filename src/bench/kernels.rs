@@ -39,7 +39,9 @@ use crate::backend::cuda::gemv_mma_wins;
 use crate::backend::cuda::{
     argmax_rows_on_device, AttentionKernels, CudaBackend, CudaTensor, Device,
 };
-use crate::backend::{AttentionShape, Backend, Batch, KvCacheShape, RowSampling};
+use crate::backend::{
+    AttentionShape, Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken, RowSampling,
+};
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
 use crate::kv::block_manager::blocks_for;
@@ -520,6 +522,28 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                 drop(b.sample_rows(&logits, &rows));
             });
         }
+        // Qwen2.5's defaults, without and with its repetition penalty on the device
+        // (qilin_apply_penalties_bf16 + its per-step upload, then qilin_sample_bf16):
+        // PENALTY_IDS distinct ids per row, a long prompt's worth. The penalised logits
+        // drift from one call to the next (in place), which changes no kernel's work.
+        let qwen = RowSampling { temperature: 0.7, top_k: 20, top_p: 0.8, min_p: 0.0, u: 0.5 };
+        let rows = vec![qwen; n];
+        let shape = format!("[{n}, {}]", c.vocab_size);
+        bench.measure(
+            "sample (top_k 20, top_p 0.8, T 0.7)",
+            shape.clone(),
+            bytes,
+            0.0,
+            &mut || {
+                drop(b.sample_rows(&logits, &rows));
+            },
+        );
+        let penalties = bench_penalties(n, c.vocab_size, &mut rng);
+        let mut scratch = rand.tensor(n, c.vocab_size, 4.0);
+        let op = "sample + penalties (rep 1.05, top_k 20, top_p 0.8, T 0.7)";
+        bench.measure(op, shape, bytes, 0.0, &mut || {
+            drop(b.sample_rows_penalized(&mut scratch, &rows, &penalties));
+        });
         // Into a reused buffer, as the engine copies them.
         let mut host = Vec::new();
         bench.measure(
@@ -622,4 +646,24 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bail!("{failed} of {} ops failed (see FAILED above)", report.ops.len());
     }
     Ok(())
+}
+
+/// Distinct ids per row of the penalties benchmark: the distinct tokens of a few-thousand
+/// token prompt plus its output.
+const PENALTY_IDS: usize = 1536;
+
+/// `rows` rows of repetition penalty 1.05 over PENALTY_IDS distinct ids each (a quarter of
+/// them also in the output, counts 1-3), as `Sampler::penalty_row` builds them.
+fn bench_penalties(rows: usize, vocab: usize, rng: &mut ChaCha8Rng) -> PenaltyBatch {
+    let mut batch = PenaltyBatch::default();
+    let stride = (vocab / PENALTY_IDS).max(1);
+    for _ in 0..rows {
+        let start = rng.random_range(0..stride);
+        let entries = (0..PENALTY_IDS.min(vocab)).map(|i| PenaltyToken {
+            id: ((start + i * stride) % vocab) as u32,
+            count: if i % 4 == 0 { rng.random_range(1..4) } else { 0 },
+        });
+        batch.push_row(1.05, 0.0, 0.0, entries);
+    }
+    batch
 }

@@ -13,7 +13,7 @@ use super::sampling_params::InvalidParam;
 use super::sampling_params::SamplingParams;
 use super::scheduler::{AddError, Scheduler, SchedulerConfig};
 use super::sequence::{SeqId, Sequence};
-use crate::backend::{Backend, BackendError, KvCacheShape, RowSampling};
+use crate::backend::{Backend, BackendError, KvCacheShape, PenaltyBatch, RowSampling};
 use crate::kv::BlockManager;
 use crate::model::forward::Model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -64,6 +64,8 @@ pub struct Engine<B: Backend> {
     next_id: SeqId,
     /// The host sampler's logits, `[n, vocab]`, kept between steps (`forward_into`).
     host_logits: Vec<f32>,
+    /// The device path's penalties, kept between steps for their capacity.
+    penalties: PenaltyBatch,
 }
 
 /// The host sampler's token for each of `wanting`'s logits rows (`[wanting.len(), vocab]`
@@ -130,6 +132,7 @@ impl<B: Backend> Engine<B> {
             max_model_len,
             next_id: 0,
             host_logits: Vec::new(),
+            penalties: PenaltyBatch::default(),
         })
     }
 
@@ -200,12 +203,14 @@ impl<B: Backend> Engine<B> {
             }
         }
         let batch = build_batch(&plan, &self.scheduler);
-        // When every sampling sequence needs nothing but its token (no logprobs, no
-        // penalties), the backend chooses where the logits are and only the ids come back
-        // (on a GPU, `[n, vocab]` logits to the host cost more than the step itself at large
-        // batches): the plain argmax when all are greedy, else `sample_rows` with each
-        // request's draw taken here from its own RNG. One sequence needing the host sampler
-        // sends the whole step there.
+        // When every sampling sequence needs nothing but its token (no logprobs; no
+        // penalties unless the backend applies them, `Backend::device_penalties`), the
+        // backend chooses where the logits are and only the ids come back (on a GPU,
+        // `[n, vocab]` logits to the host cost more than the step itself at large batches):
+        // the plain argmax when all are greedy, else `sample_rows` with each request's draw
+        // taken here from its own RNG, after its penalties (distinct prompt + output ids
+        // kept by its sampler: O(distinct ids) per row and step, a copy). One sequence
+        // needing the host sampler sends the whole step there.
         let wants = |pred: &dyn Fn(&SeqOutput, &[u32]) -> bool| {
             plan.chunks.iter().filter(|c| c.want_logits).all(|c| {
                 match (self.states.get(&c.seq), self.scheduler.sequence(c.seq)) {
@@ -215,20 +220,34 @@ impl<B: Backend> Engine<B> {
             })
         };
         let argmax_only = wants(&|output, prompt| output.wants_only_argmax(prompt));
-        let on_device = argmax_only || wants(&|output, prompt| output.device_eligible(prompt));
+        let device_penalties = self.model.backend.device_penalties();
+        let on_device = argmax_only
+            || wants(&|output, prompt| output.device_eligible(prompt, device_penalties));
         let vocab = self.model.config.vocab_size;
         let (logits, ids) = if argmax_only {
             (Vec::new(), self.model.forward_argmax(&batch, &mut self.cache))
         } else if on_device {
+            let mut penalties = std::mem::take(&mut self.penalties);
+            penalties.clear();
             let rows: Vec<RowSampling> = (plan.chunks.iter().filter(|c| c.want_logits))
-                .map(|c| match self.states.get_mut(&c.seq) {
-                    Some(state) => state.output.device_row(),
-                    None => {
+                .map(|c| match (self.states.get_mut(&c.seq), self.scheduler.sequence(c.seq)) {
+                    (Some(state), Some(seq)) => {
+                        if device_penalties {
+                            state.output.penalty_row(&seq.tokens[..seq.prompt_len], &mut penalties);
+                        } else {
+                            penalties.push_none();
+                        }
+                        state.output.device_row()
+                    }
+                    _ => {
+                        penalties.push_none();
                         RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 }
                     }
                 })
                 .collect();
-            (Vec::new(), self.model.forward_sample(&batch, &mut self.cache, &rows))
+            let ids = self.model.forward_sample(&batch, &mut self.cache, &rows, &penalties);
+            self.penalties = penalties;
+            (Vec::new(), ids)
         } else {
             // One buffer across steps: `[n, vocab]` fresh pages per step cost more than
             // the copy into them.

@@ -330,9 +330,16 @@ pub fn load_cuda_engine(
         num_blocks * BLOCK_SIZE
     );
     let paths = backend.dev.paths;
-    if paths != crate::backend::cuda::FastPaths::default() {
+    let defaults = crate::backend::cuda::FastPaths::default();
+    // The opt-in switch aside, any difference from the defaults is a fast path switched off.
+    if (crate::backend::cuda::FastPaths { device_penalties: defaults.device_penalties, ..paths })
+        != defaults
+    {
         // Slower paths, for bisecting or comparing (README, environment switches).
         tracing::warn!("CUDA fast paths switched off by the environment: {paths:?}");
+    }
+    if paths.device_penalties != defaults.device_penalties {
+        tracing::warn!("CUDA opt-in switched on (unverified on hardware): {paths:?}");
     }
     assemble(loaded, backend, weights, options, max_model_len, num_blocks)
 }

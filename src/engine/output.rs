@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::sampler::{Sampler, TokenLogprob};
 use super::sampling_params::SamplingParams;
 use super::stop::StopMatcher;
-use crate::backend::RowSampling;
+use crate::backend::{PenaltyBatch, RowSampling};
 use crate::tokenizer::{DecodeState, Tokenizer, TokenizerError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -118,10 +118,18 @@ impl SeqOutput {
     }
 
     /// Whether the next token may be sampled wherever the logits are, from a uniform
-    /// drawn here (`Sampler::device_eligible`): then `on_token` with the backend's
-    /// `sample_rows` choice for `device_row()` does what `sample_logits` would.
-    pub fn device_eligible(&self, prompt: &[u32]) -> bool {
-        self.sampler.device_eligible(prompt, &self.output_ids)
+    /// drawn here (`Sampler::device_eligible`; with penalties only when
+    /// `device_penalties`): then `on_token` with the backend's `sample_rows` choice for
+    /// `device_row()` (`sample_rows_penalized` with `penalty_row`'s row when penalties are
+    /// in force) does what `sample_logits` would, up to the penalised logits' rounding to
+    /// bf16.
+    pub fn device_eligible(&self, prompt: &[u32], device_penalties: bool) -> bool {
+        self.sampler.device_eligible(prompt, &self.output_ids, device_penalties)
+    }
+
+    /// Appends this step's penalties row to `batch` (`Sampler::penalty_row`).
+    pub fn penalty_row(&mut self, prompt: &[u32], batch: &mut PenaltyBatch) {
+        self.sampler.penalty_row(prompt, &self.output_ids, batch);
     }
 
     /// This step's `Backend::sample_rows` row; consumes the step's draw

@@ -28,19 +28,31 @@
 //! [`Sampler::device_eligible`] allows takes its `u` from [`Sampler::device_row`] here and
 //! is sampled wherever the logits are.
 //!
+//! Penalties on the device: when the backend takes them (`Backend::device_penalties`),
+//! `device_eligible` also allows a step with penalties (still no logprobs) and
+//! [`Sampler::penalty_row`] hands over the sequence's distinct prompt + output ids with
+//! their output counts. The backend then applies steps 1 and 3 to those logits in f32
+//! exactly as here and ROUNDS each penalised value to bf16 (round to nearest even;
+//! `backend::cpu::penalize_row_bf16` is the twin) before step 4/5, because the device
+//! sampler works on bf16 logits: such a step equals this sampler on logits whose
+//! penalised tokens were rounded to bf16 after the penalties, nothing else (and a
+//! penalised value that overflows to +inf, e.g. f32::MAX / 0.8, then counts as f32::MAX,
+//! as any +inf logit does there).
+//!
 //! Cost: a full-vocab pass for the raw log-sum-exp always; top-k/top_logprobs by a
 //! threshold scan (small k) or `select_nth_unstable` (large k); top-p without top-k looks
 //! among the best 64 tokens first, else runs a mass-weighted quickselect (expected O(vocab),
 //! no full sort even for a flat distribution); a sparse draw sorts its survivors by id.
 //! Buffers live in the `Sampler` and are reused.
 
+mod penalties;
 mod vecmath;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::sampling_params::SamplingParams;
-use crate::backend::RowSampling;
+use crate::backend::{PenaltyBatch, RowSampling};
 
 /// A token and its log-probability under the model (log-softmax of the raw logits).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -77,6 +89,8 @@ pub struct Sampler {
     seen: Vec<bool>,
     /// (id, raw logit) of every token the penalties changed this step.
     touched: Vec<(u32, f32)>,
+    /// The distinct prompt + output ids and output counts of the device path.
+    context: penalties::PenaltyContext,
 }
 
 /// The filters of a sampled step (step 5 of the module comment), after the penalties.
@@ -124,6 +138,7 @@ impl Sampler {
             counts: Vec::new(),
             seen: Vec::new(),
             touched: Vec::new(),
+            context: penalties::PenaltyContext::default(),
         }
     }
 
@@ -214,12 +229,14 @@ impl Sampler {
     }
 
     /// Whether the next `sample` may be made from the logits alone with a uniform drawn
-    /// here (`device_row`), by [`sample_row`] wherever the logits are: no penalty in force,
-    /// no logprobs wanted, and parameters in their validated ranges (greedy included).
-    pub fn device_eligible(&self, prompt: &[u32], output: &[u32]) -> bool {
+    /// here (`device_row`), by [`sample_row`] wherever the logits are: no logprobs wanted,
+    /// no penalty in force unless `device_penalties` (the backend applies them with the
+    /// bf16 rounding of the module comment, from `penalty_row`), and parameters in their
+    /// validated ranges (greedy included).
+    pub fn device_eligible(&self, prompt: &[u32], output: &[u32], device_penalties: bool) -> bool {
         let p = &self.params;
         p.top_logprobs.is_none()
-            && !self.penalties_apply(prompt, output)
+            && (device_penalties || !self.penalties_apply(prompt, output))
             && p.top_p > 0.0
             && p.top_p <= 1.0
             && (0.0..=1.0).contains(&p.min_p)
@@ -239,6 +256,23 @@ impl Sampler {
             min_p: p.min_p,
             u,
         }
+    }
+
+    /// Appends this step's row to `batch` for `Backend::sample_rows_penalized`: the
+    /// penalties and the distinct ids they change (every prompt + output id when the
+    /// repetition penalty is on, else the output ids), each with its output count; a row
+    /// without entries when no penalty is in force. Costs O(those ids) (a copy) plus the
+    /// output tokens since the last call, not a pass over the prompt.
+    pub fn penalty_row(&mut self, prompt: &[u32], output: &[u32], batch: &mut PenaltyBatch) {
+        if !self.penalties_apply(prompt, output) {
+            batch.push_none();
+            return;
+        }
+        let p = &self.params;
+        let rep_on = p.repetition_penalty != 1.0;
+        let entries = self.context.update(prompt, output);
+        let entries = entries.iter().filter(|e| rep_on || e.count > 0).copied();
+        batch.push_row(p.repetition_penalty, p.presence_penalty, p.frequency_penalty, entries);
     }
 
     fn filters(&self) -> Filters {

@@ -5,7 +5,7 @@
 use super::rope::RopeTable;
 use super::weights::ModelWeights;
 use super::ModelConfig;
-use crate::backend::{AttentionShape, Backend, Batch, RowSampling};
+use crate::backend::{AttentionShape, Backend, Batch, PenaltyBatch, RowSampling};
 
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -57,14 +57,21 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs `batch` and returns the token of each `logits_rows` row sampled as `rows` says
-    /// (`Backend::sample_rows`, one `RowSampling` per row), chosen where the logits are.
+    /// (`Backend::sample_rows`, one `RowSampling` per row), chosen where the logits are;
+    /// after `penalties` (`Backend::sample_rows_penalized`) when some row has any. The
+    /// penalties run after the step (after a CUDA graph's replay, on its stream), so their
+    /// per-step upload is never inside a captured graph.
     pub fn forward_sample(
         &mut self,
         batch: &Batch,
         cache: &mut B::KvCache,
         rows: &[RowSampling],
+        penalties: &PenaltyBatch,
     ) -> Vec<u32> {
         match self.logits(batch, cache) {
+            Some(mut logits) if penalties.any() => {
+                self.backend.sample_rows_penalized(&mut logits, rows, penalties)
+            }
             Some(logits) => self.backend.sample_rows(&logits, rows),
             None => Vec::new(),
         }

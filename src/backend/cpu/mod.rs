@@ -10,7 +10,10 @@ pub use attention::CpuKvCache;
 pub use linear::CpuLinear;
 pub use norm::add_rms_norm_rows;
 
-use super::{AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart, RowSampling};
+use super::{
+    AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart, PenaltyToken,
+    RowPenalties, RowSampling,
+};
 use crate::model::quant::dequantize_row;
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -45,16 +48,26 @@ pub struct CpuBackend {
     /// The same model then differs from the CUDA backend by accumulation order only,
     /// which tells bf16 rounding apart from a kernel error (tests/gpu_e2e.rs).
     round_bf16: bool,
+    /// Advertise `device_penalties`, so the engine sends penalised steps through
+    /// `sample_rows_penalized` (the twin: penalised logits rounded to bf16) as it does on a
+    /// GPU with QILIN_CUDA_DEVICE_PENALTIES=1. Off by default: the CPU keeps the host
+    /// sampler's exact f32 penalties. For tests of that routing without a GPU.
+    device_penalties: bool,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend { round_bf16: false }
+        CpuBackend { round_bf16: false, device_penalties: false }
     }
 
     /// The backend that rounds like the CUDA backend (see `round_bf16`).
     pub fn emulating_bf16() -> Self {
-        CpuBackend { round_bf16: true }
+        CpuBackend { round_bf16: true, device_penalties: false }
+    }
+
+    /// Sets `device_penalties` (see the field).
+    pub fn set_device_penalties(&mut self, on: bool) {
+        self.device_penalties = on;
     }
 
     fn rounded(&self, mut t: CpuTensor) -> CpuTensor {
@@ -224,13 +237,21 @@ impl Backend for CpuBackend {
         assert_eq!(rows.len(), logits.rows, "sample_rows: one RowSampling per logits row");
         crate::backend::sample_rows_host(&logits.data, logits.cols, rows)
     }
+
+    fn device_penalties(&self) -> bool {
+        self.device_penalties
+    }
+}
+
+/// The host sampler's sanitize of one logit: NaN -> -inf, +inf -> f32::MAX.
+#[allow(clippy::manual_clamp)] // `clamp` keeps NaN; turning NaN into -inf is the point.
+fn clean(v: f32) -> f32 {
+    v.max(f32::NEG_INFINITY).min(f32::MAX)
 }
 
 /// The twin of qilin_argmax_bf16: the first index of the largest value, NaN counted as
 /// -inf and +inf as f32::MAX (the host sampler's `sanitize_max` + `argmax`).
-#[allow(clippy::manual_clamp)] // `clamp` keeps NaN; turning NaN into -inf is the point.
 pub fn argmax_row(row: &[f32]) -> u32 {
-    let clean = |v: f32| v.max(f32::NEG_INFINITY).min(f32::MAX);
     let mut best = (f32::NEG_INFINITY, 0usize);
     for (i, &v) in row.iter().enumerate() {
         if clean(v) > best.0 {
@@ -238,6 +259,28 @@ pub fn argmax_row(row: &[f32]) -> u32 {
         }
     }
     best.1 as u32
+}
+
+/// The twin of qilin_apply_penalties_bf16 on one row of `[vocab]` logits: for each entry
+/// of `tokens` (distinct ids; an id outside the row is ignored), the host sampler's
+/// arithmetic on that logit (engine/sampler.rs `apply_penalties`: sanitized, repetition
+/// divides a positive logit and multiplies the rest, then `l - frequency * count -
+/// presence` when the count is > 0), in f32, the result rounded to bf16 (nearest even):
+/// the device sampler reads bf16 logits. A repeated id would be penalised twice.
+pub fn penalize_row_bf16(row: &mut [f32], pen: &RowPenalties, tokens: &[PenaltyToken]) {
+    let (rep, presence, frequency) = (pen.repetition, pen.presence, pen.frequency);
+    let additive = presence != 0.0 || frequency != 0.0;
+    for t in tokens {
+        let Some(l) = row.get_mut(t.id as usize) else { continue };
+        let mut v = clean(*l);
+        if rep != 1.0 {
+            v = if v > 0.0 { v / rep } else { v * rep };
+        }
+        if additive && t.count > 0 {
+            v = v - frequency * t.count as f32 - presence;
+        }
+        *l = half::bf16::from_f32(v).to_f32();
+    }
 }
 
 #[cfg(test)]

@@ -67,7 +67,8 @@ pub struct Device {
 /// Fast paths that a GPU run verified (parity with the CPU twin) and measured faster than
 /// what they replace (bench/notes.md, 2026-11-26 H200 runs at 12332f8 and 1bf3ca5). Each
 /// is on unless its variable is `0`, which brings back the path it replaced: for bisecting
-/// a failure or comparing speeds, not for production.
+/// a failure or comparing speeds, not for production. The exception is opt-in: a path
+/// not yet verified on a GPU is off unless its variable is `1` (`device_penalties`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastPaths {
     /// `QILIN_CUDA_GEMV_MMA`: qilin_gemv_mma_bf16 for bf16 layers at
@@ -88,6 +89,10 @@ pub struct FastPaths {
     /// `QGEMV_MMA_CHUNKED_MAX_TOKENS` tokens of 4-bit layers through
     /// qilin_qgemv_mma_w4_bf16 in chunks of 8 instead of dequantization + cuBLAS.
     pub qgemv_mma_wide: bool,
+    /// `QILIN_CUDA_DEVICE_PENALTIES=1` (opt-in, compiles, unverified on hardware): steps
+    /// with repetition / presence / frequency penalties are sampled on the device
+    /// (qilin_apply_penalties_bf16, then qilin_sample_bf16) instead of on the host.
+    pub device_penalties: bool,
 }
 
 impl Default for FastPaths {
@@ -99,6 +104,7 @@ impl Default for FastPaths {
             qgemv_mma2: false,
             graphs: true,
             qgemv_mma_wide: false,
+            device_penalties: false,
         }
     }
 }
@@ -113,6 +119,7 @@ impl FastPaths {
             qgemv_mma2: std::env::var("QILIN_CUDA_QGEMV_MMA2").as_deref() == Ok("1"),
             graphs: on("QILIN_CUDA_GRAPHS"),
             qgemv_mma_wide: std::env::var("QILIN_CUDA_QGEMV_MMA_WIDE").as_deref() == Ok("1"),
+            device_penalties: std::env::var("QILIN_CUDA_DEVICE_PENALTIES").as_deref() == Ok("1"),
         }
     }
 }

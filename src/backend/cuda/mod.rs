@@ -31,7 +31,7 @@ pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, 
 
 use super::{
     run_eagerly, AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart,
-    RowSampling, StepFn,
+    PenaltyBatch, RowSampling, StepFn,
 };
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -270,6 +270,20 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Vec<u32> {
+        sampling::sample_rows(&self.dev, logits, rows)
+    }
+
+    fn device_penalties(&self) -> bool {
+        self.dev.paths.device_penalties
+    }
+
+    fn sample_rows_penalized(
+        &self,
+        logits: &mut CudaTensor,
+        rows: &[RowSampling],
+        penalties: &PenaltyBatch,
+    ) -> Vec<u32> {
+        sampling::apply_penalties(&self.dev, logits, penalties);
         sampling::sample_rows(&self.dev, logits, rows)
     }
 
