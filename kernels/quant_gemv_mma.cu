@@ -54,7 +54,9 @@
 // levels are read from DRAM about once, but every chunk repeats the whole instruction
 // stream (the level unpacking included), so the cost grows with the chunks; where it
 // stops beating dequantization + cuBLAS (whose time hardly moves from 9 to 64 tokens) is
-// for the benchmark to say (quant_linear.rs's dispatch, opt-in).
+// the benchmark's to say. H200, b908988 (verified there): 2 and 4 chunks won every
+// Qwen2.5-7B layer (gate_up [16] 79 us, [32] 153, against 276), 8 chunks lost three of
+// four (gate_up [64] 299 against 277); quant_linear.rs's QGEMV_MMA_CHUNKED_MAX_TOKENS.
 //
 // Launch contract, checked (a violation traps): grid = ceil(out_features /
 // QILIN_QGEMV_MMA_ROWS) * ceil(n_tokens / QILIN_GEMV_MAX_TOKENS) blocks of exactly
@@ -254,8 +256,14 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
 
 // ---------------------------------------------------------------------------------------
 // qilin_qgemv_mma_splitk_w4_bf16: the same GEMV (layout, semantics, step math, CPU twin and
-// tolerance as qilin_qgemv_mma_w4_bf16 above), built for latency. Compiles, unverified on
-// hardware; opt-in with QILIN_CUDA_QGEMV_MMA2=1 until a GPU run verifies it.
+// tolerance as qilin_qgemv_mma_w4_bf16 above), built for latency. Opt-in with
+// QILIN_CUDA_QGEMV_MMA2=1. H200, b908988: its parity test passed (bit-identical repeats,
+// so the counters reset), but it was SLOWER than the kernel above on every layer (ncu at
+// 1 token: qkv 10.4-11.8 us against 9.9-12.1, o 9.1-9.9 against 6.9-7.8, gate_up 38-46
+// against 35-42, down 23-29 against 21-23; bench rows 5-30% slower): 64 registers and 50%
+// theoretical occupancy as designed, but ~20 cycles per issue against ~12 and the same
+// ~70% of cycles with no eligible warp, so the wait moved from the register ring to the
+// shared-memory ring without more bytes arriving. Kept for the next tuning round.
 //
 // What bounds the kernel above (H200 ncu, bench/results/2026-11-26-h200-abc5642.md): 71-75%
 // of cycles with no eligible warp on qkv/o/down, 59% on gate_up at 47% of DRAM peak. Its

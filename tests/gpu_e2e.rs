@@ -30,8 +30,8 @@
 //! captured some; tools/gpu-check's e2e_eager step runs the test again with
 //! `QILIN_CUDA_GRAPHS=0` (every step eager).
 //!
-//! Penalties on the device (`cuda_device_penalties_match_the_host_sampler`, the opt-in
-//! QILIN_CUDA_DEVICE_PENALTIES path switched on): greedy requests with repetition
+//! Penalties on the device (`cuda_device_penalties_match_the_host_sampler`, the
+//! QILIN_CUDA_DEVICE_PENALTIES path switched on whatever the environment says): greedy requests with repetition
 //! penalties 2 and 0.5, whose arithmetic on bf16 logits is exact (so the device path's
 //! rounding to bf16 changes nothing), must give the same tokens through
 //! qilin_apply_penalties_bf16 + qilin_sample_bf16 as through the host sampler (forced by

@@ -303,7 +303,7 @@ fn random_penalties(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> PenaltyBa
 #[test]
 fn penalties_match_the_cpu_twin() {
     let Some((mut gpu, cpu, seed, mut rng)) = setup("penalties") else { return };
-    // The opt-in switch (QILIN_CUDA_DEVICE_PENALTIES=1) only tells the engine to route
+    // The switch (on unless QILIN_CUDA_DEVICE_PENALTIES=0) only tells the engine to route
     // penalised steps here; the launcher itself runs either way.
     gpu.dev.paths.device_penalties = true;
     assert!(gpu.device_penalties());

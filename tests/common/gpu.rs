@@ -39,3 +39,13 @@ pub fn fresh_seed(test: &str) -> u64 {
 pub fn poisoned(gpu: &CudaBackend, rows: usize, cols: usize) -> CudaTensor {
     CudaTensor { data: gpu.dev.upload(&vec![bf16::NAN; (rows * cols).max(1)]), rows, cols }
 }
+
+/// Whether the linear suites run `n` tokens: all unless QILIN_GPU_TEST_MAX_TOKENS caps
+/// them. tools/gpu-check sets 64 under racecheck, which instruments every shared-memory
+/// access: the 513-token cases (cuBLAS and the tensor-core GEMM at prefill sizes) kept
+/// gpu_linear and gpu_quant_linear from finishing in minutes (H200, 2026-11-26), while
+/// every GEMV path and the chunked one (up to 64 tokens) stays covered.
+pub fn runs_tokens(n: usize) -> bool {
+    let cap = std::env::var("QILIN_GPU_TEST_MAX_TOKENS").ok().and_then(|s| s.parse().ok());
+    cap.is_none_or(|cap: usize| n <= cap)
+}

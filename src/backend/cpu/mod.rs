@@ -50,7 +50,7 @@ pub struct CpuBackend {
     round_bf16: bool,
     /// Advertise `device_penalties`, so the engine sends penalised steps through
     /// `sample_rows_penalized` (the twin: penalised logits rounded to bf16) as it does on a
-    /// GPU with QILIN_CUDA_DEVICE_PENALTIES=1. Off by default: the CPU keeps the host
+    /// GPU (unless QILIN_CUDA_DEVICE_PENALTIES=0). Off by default: the CPU keeps the host
     /// sampler's exact f32 penalties. For tests of that routing without a GPU.
     device_penalties: bool,
 }

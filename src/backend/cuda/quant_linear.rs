@@ -142,13 +142,15 @@ pub fn qgemv_into(
 }
 
 /// Most tokens the dispatch sends through qilin_qgemv_mma_w4_bf16 in chunks of
-/// GEMV_MAX_TOKENS (when QILIN_CUDA_QGEMV_MMA_WIDE=1) instead of dequantization + cuBLAS.
-/// The kernel takes up to QILIN_QGEMV_MMA_MAX_TOKENS; where the chunks stop paying is the
-/// benchmark's to say ("(qgemv mma)" rows at 16, 32 and 64 tokens).
-pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = QILIN_QGEMV_MMA_MAX_TOKENS as usize;
+/// GEMV_MAX_TOKENS (unless QILIN_CUDA_QGEMV_MMA_WIDE=0) instead of dequantization + cuBLAS.
+/// The kernel takes up to QILIN_QGEMV_MMA_MAX_TOKENS, but every chunk repeats its
+/// instructions: on an H200 (b908988) the chunks won every Qwen2.5-7B layer at 16 and 32
+/// tokens (gate_up 79 and 153 us against 276) and lost three of four at 64 (gate_up 299
+/// against 277), so the line sits at the last measured win.
+pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = 32;
 
 /// Whether the dispatch sends `n > GEMV_MAX_TOKENS` tokens through the tensor-core GEMV in
-/// chunks (opt-in until a GPU run has verified and timed it).
+/// chunks.
 pub fn qgemv_mma_chunked(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
     dev.paths.qgemv_mma

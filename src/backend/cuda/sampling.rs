@@ -4,8 +4,9 @@
 //! uniform drawn on the host (`qilin_sample_bf16`; CPU twin `CpuBackend::sample_rows`,
 //! i.e. `engine::sampler::sample_row`). The engine uses them when every sequence of a step
 //! needs nothing but its token (no logprobs, no penalties), so only one u32 per sequence
-//! crosses to the host instead of `[n, vocab]` logits. With penalties (opt-in,
-//! `FastPaths::device_penalties`), `qilin_apply_penalties_bf16` (kernels/penalties.cu; CPU
+//! crosses to the host instead of `[n, vocab]` logits. With penalties (the default since
+//! the H200 run at b908988; `FastPaths::device_penalties`, QILIN_CUDA_DEVICE_PENALTIES=0 to
+//! send them to the host sampler), `qilin_apply_penalties_bf16` (kernels/penalties.cu; CPU
 //! twin `backend::cpu::penalize_row_bf16`) first penalises each row's listed tokens in
 //! place, rounding each to bf16, on the same stream after the step (never in a graph).
 
