@@ -96,6 +96,10 @@ pub struct FastPaths {
     /// defaults at batch 256: 0.74 ms on the device against 13.2 ms of host sampling plus
     /// 5.6 ms of logits copy).
     pub device_penalties: bool,
+    /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in until a GPU run times whole steps with it): 4-bit
+    /// layers much wider than deep (gate_up) at 33-64 tokens through the tensor-core GEMM
+    /// qilin_qgemm_w4_bf16 (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
+    pub qgemm_wide: bool,
 }
 
 impl Default for FastPaths {
@@ -108,6 +112,7 @@ impl Default for FastPaths {
             graphs: true,
             qgemv_mma_wide: true,
             device_penalties: true,
+            qgemm_wide: false,
         }
     }
 }
@@ -123,6 +128,7 @@ impl FastPaths {
             graphs: on("QILIN_CUDA_GRAPHS"),
             qgemv_mma_wide: on("QILIN_CUDA_QGEMV_MMA_WIDE"),
             device_penalties: on("QILIN_CUDA_DEVICE_PENALTIES"),
+            qgemm_wide: std::env::var("QILIN_CUDA_QGEMM_WIDE").as_deref() == Ok("1"),
         }
     }
 }

@@ -32,7 +32,9 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::device::{check, Device};
-use super::quant_linear::{dequant_chunk_rows, dequantize_rows, qgemv_into, qgemv_mma_chunked};
+use super::quant_linear::{
+    dequant_chunk_rows, dequantize_rows, qgemm_into, qgemm_wins, qgemv_into, qgemv_mma_chunked,
+};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use super::CudaBackend;
 use crate::backend::abi::{
@@ -100,6 +102,8 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     }
     if gemv_path(dev, x.rows, w).is_some() {
         gemv_into(dev, x, w, out);
+    } else if let (true, LinearWeight::Quant(q)) = (qgemm_wins(dev, x.rows, w), &w.weight) {
+        qgemm_into(dev, x, w, q, out);
     } else {
         cublas_into(dev, x, w, out);
     }

@@ -115,11 +115,12 @@ fn launch_matmul(
 
 /// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_mma_w4_bf16 where it takes
 /// the layer (`qgemv_mma_ok`: 4-bit, groups a power of two >= 128; unless
-/// QILIN_CUDA_QGEMV_MMA=0), or its split-K variant there with QILIN_CUDA_QGEMV_MMA2=1; else qilin_qgemv_small_w{4,8}_bf16 up to
-/// QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless QILIN_CUDA_QGEMV_SMALL=0); else
-/// qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot take the shape
-/// (n outside 1..=GEMV_MAX_TOKENS, k not a multiple of 32 and the group). linear.rs's
-/// `check_shapes` has checked every buffer against the shapes.
+/// QILIN_CUDA_QGEMV_MMA=0), or its split-K variant there with QILIN_CUDA_QGEMV_MMA2=1, and
+/// from 9 to QGEMV_MMA_CHUNKED_MAX_TOKENS tokens in chunks of 8 (`qgemv_mma_chunked`);
+/// else qilin_qgemv_small_w{4,8}_bf16 up to QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless
+/// QILIN_CUDA_QGEMV_SMALL=0); else qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot
+/// take the shape (n outside 1..=GEMV_MAX_TOKENS for the FMA GEMVs, k not a multiple of 32
+/// and the group). linear.rs's `check_shapes` has checked every buffer against the shapes.
 pub fn qgemv_into(
     dev: &Device,
     x: &CudaTensor,
@@ -273,8 +274,35 @@ fn qgemv_splitk(
     drop(merge);
 }
 
-/// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. Not in
-/// the dispatch until a GPU run verifies it; tests and benchmarks call it directly.
+/// Whether the dispatch sends `n` tokens through a 4-bit layer by qilin_qgemm_w4_bf16
+/// instead of dequantization + cuBLAS (opt-in, QILIN_CUDA_QGEMM_WIDE=1): on an H200
+/// (b908988) it took gate_up_proj (37888 x 3584) at 32 and 64 tokens in 134 and 139 us
+/// against 276 and 277, but lost on the narrower layers (qkv [64] 89 against 40) and at
+/// prefill sizes (gate_up [2048] 2904 against 882). So: layers at least QGEMM_MIN_WIDENING
+/// times wider than deep, past the chunked GEMV's tokens, up to the largest measured win.
+pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
+    let LinearWeight::Quant(q) = &w.weight else { return false };
+    dev.paths.qgemm_wide
+        && !qgemv_mma_chunked(dev, n, w)
+        && qgemm_shape_wins(n, q.format.bits, w.in_features, w.out_features, q.format.group)
+}
+
+/// `qgemm_wins` on the shape alone.
+fn qgemm_shape_wins(n: usize, bits: u32, k: usize, m: usize, group: usize) -> bool {
+    bits == 4
+        && n > GEMV_MAX_TOKENS
+        && n <= QGEMM_WIDE_MAX_TOKENS
+        && m >= QGEMM_MIN_WIDENING * k
+        && qgemm_geometry(n, bits, k, m, group).is_some()
+}
+
+/// `out / in` from which a layer counts as wide for `qgemm_wins` (gate_up: 10.6; qkv 1.3).
+const QGEMM_MIN_WIDENING: usize = 4;
+/// The most tokens `qgemm_wins` routes (its largest measured win, 64).
+const QGEMM_WIDE_MAX_TOKENS: usize = 64;
+
+/// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. In the
+/// dispatch only where `qgemm_wins`; tests and benchmarks call it directly.
 pub fn qgemm_into(
     dev: &Device,
     x: &CudaTensor,
@@ -421,6 +449,18 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qgemm_takes_only_wide_int4_layers_past_the_gemv() {
+        // Qwen2.5-7B: gate_up [37888, 3584] is the one measured win (b908988).
+        assert!(qgemm_shape_wins(64, 4, 3584, 37888, 128));
+        assert!(qgemm_shape_wins(33, 4, 3584, 37888, 128));
+        assert!(!qgemm_shape_wins(8, 4, 3584, 37888, 128), "the GEMV's tokens");
+        assert!(!qgemm_shape_wins(65, 4, 3584, 37888, 128), "past the measured win");
+        assert!(!qgemm_shape_wins(64, 4, 3584, 4608, 128), "qkv lost: 89 against 40 us");
+        assert!(!qgemm_shape_wins(64, 4, 18944, 3584, 128), "down_proj");
+        assert!(!qgemm_shape_wins(64, 8, 3584, 37888, 128), "8-bit levels: unmeasured");
+    }
 
     #[test]
     fn dequant_chunks_are_aligned_balanced_and_bounded() {
