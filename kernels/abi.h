@@ -289,6 +289,12 @@ typedef struct QilinRopeParams {
 #define QILIN_ATTN_PREFILL_WIDE_BLOCK_M 128
 #define QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N 32
 #define QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES 52224
+/* The v2 head_dim-128 prefill kernel (qilin_attention_prefill_v2_hd128_bf16, opt-in
+ * QILIN_ATTN_PREFILL_V2=1): 128-row query tiles as the wide one, keys per tile, and its
+ * dynamic shared memory (the Q tile and two buffers each of K and V, 136-bf16 rows:
+ * (128 + 4 * 32) * 136 * 2 bytes). */
+#define QILIN_ATTN_PREFILL_V2_HD128_BLOCK_N 32
+#define QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES 69632
 
 /* Plain-FMA fallback kernel: one warp per (query row, head). */
 #define QILIN_ATTN_SIMPLE_THREADS 32

@@ -24,8 +24,9 @@
 //! with the tensor-core decode kernel and its separate reduction pass
 //! (QILIN_ATTN_DECODE_PIPE=0) and with the FMA decode kernels, the prefill kernel on
 //! every row, the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1; the default
-//! takes the 128-row ones) for the prefill rows and on every row, and the plain-FMA kernel
-//! on every row. A failure names the path, so it tells which kernel
+//! takes the 128-row ones) for the prefill rows and on every row, the v2 head_dim-128
+//! prefill kernel (QILIN_ATTN_PREFILL_V2=1) for the prefill rows and on every row, and the
+//! plain-FMA kernel on every row. A failure names the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
@@ -84,6 +85,8 @@ struct Path {
     decode_fma: bool,
     split_tokens: Option<&'static str>,
     prefill_narrow: bool,
+    /// QILIN_ATTN_PREFILL_V2=1 (head_dim 128; SmolLM2's 64 keeps the wide kernel).
+    prefill_v2: bool,
     decode_pipe: bool,
 }
 
@@ -95,6 +98,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -104,6 +108,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: Some("16"),
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -113,6 +118,7 @@ const PATHS: &[Path] = &[
         decode_fma: true,
         split_tokens: None,
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -122,6 +128,7 @@ const PATHS: &[Path] = &[
         decode_fma: true,
         split_tokens: Some("16"),
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -131,6 +138,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: false,
     },
     Path {
@@ -140,6 +148,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: Some("16"),
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: false,
     },
     Path {
@@ -149,6 +158,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -158,6 +168,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: true,
+        prefill_v2: false,
         decode_pipe: true,
     },
     Path {
@@ -167,6 +178,27 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: true,
+        prefill_v2: false,
+        decode_pipe: true,
+    },
+    Path {
+        name: "prefill-v2",
+        simple: false,
+        no_decode: false,
+        decode_fma: false,
+        split_tokens: None,
+        prefill_narrow: false,
+        prefill_v2: true,
+        decode_pipe: true,
+    },
+    Path {
+        name: "prefill-v2-only",
+        simple: false,
+        no_decode: true,
+        decode_fma: false,
+        split_tokens: None,
+        prefill_narrow: false,
+        prefill_v2: true,
         decode_pipe: true,
     },
     Path {
@@ -176,6 +208,7 @@ const PATHS: &[Path] = &[
         decode_fma: false,
         split_tokens: None,
         prefill_narrow: false,
+        prefill_v2: false,
         decode_pipe: true,
     },
 ];
@@ -225,6 +258,7 @@ fn set_path(path: &Path) {
     set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
     set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
     set("QILIN_ATTN_PREFILL_NARROW", path.prefill_narrow.then_some("1"));
+    set("QILIN_ATTN_PREFILL_V2", path.prefill_v2.then_some("1"));
     set("QILIN_ATTN_DECODE_PIPE", (!path.decode_pipe).then_some("0"));
 }
 

@@ -355,6 +355,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
+        entry: "qilin_attention_prefill_v2_hd128_bf16",
+        launcher: "src/backend/cuda/attention.rs",
+        twin: "attention",
+        parity: "tests/gpu_attention.rs",
+    },
+    Coverage {
         entry: "qilin_attention_prefill_simple_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
@@ -672,6 +678,7 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_PREFILL_HD128_BF16.entry,
         ptx::ATTENTION_PREFILL_WIDE_HD64_BF16.entry,
         ptx::ATTENTION_PREFILL_WIDE_HD128_BF16.entry,
+        ptx::ATTENTION_PREFILL_V2_HD128_BF16.entry,
     ]
     .into_iter()
     .collect();
@@ -691,6 +698,7 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_PREFILL_HD128_BF16,
         ptx::ATTENTION_PREFILL_WIDE_HD64_BF16,
         ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
+        ptx::ATTENTION_PREFILL_V2_HD128_BF16,
         ptx::ATTENTION_PREFILL_SIMPLE_BF16,
     ] {
         let text = module_ptx(kernel.module).expect("module embedded");

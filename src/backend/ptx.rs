@@ -80,6 +80,11 @@ pub const ATTENTION_PREFILL_WIDE_HD64_BF16: Kernel =
 /// As ATTENTION_PREFILL_WIDE_HD64_BF16, head_dim 128 (Q in dynamic shared memory).
 pub const ATTENTION_PREFILL_WIDE_HD128_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd128_bf16" };
+/// The wide head_dim-128 prefill with double-buffered K/V, one barrier per key tile, the
+/// causal mask on diagonal tiles only and lazy rescaling (compiles, unverified; opt-in
+/// QILIN_ATTN_PREFILL_V2=1); see kernels/attention_prefill.cu.
+pub const ATTENTION_PREFILL_V2_HD128_BF16: Kernel =
+    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_v2_hd128_bf16" };
 /// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
 /// kernels/attention_simple.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
@@ -140,6 +145,7 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_PREFILL_HD128_BF16,
     ATTENTION_PREFILL_WIDE_HD64_BF16,
     ATTENTION_PREFILL_WIDE_HD128_BF16,
+    ATTENTION_PREFILL_V2_HD128_BF16,
     ATTENTION_PREFILL_SIMPLE_BF16,
     GEMV_MMA_BF16,
     QGEMV_W4_BF16,

@@ -638,6 +638,12 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::NarrowPrefill));
         });
+        // The opt-in v2 head_dim-128 kernel (QILIN_ATTN_PREFILL_V2=1; the wide kernel at
+        // other head sizes), on the same batch.
+        let what = format!("prefill (v2): {len} tokens, causal");
+        bench.measure("attention", what, bytes, flops, &mut || {
+            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::PrefillV2));
+        });
     }
 
     let report = &bench.report;

@@ -13,7 +13,8 @@
 //!   when the plan has more than one split;
 //! - every other sequence: qilin_attention_prefill_wide_hd{64,128}_bf16 (tensor cores,
 //!   128-row tiles; the 64-row qilin_attention_prefill_hd{64,128}_bf16 with
-//!   QILIN_ATTN_PREFILL_NARROW=1), or qilin_attention_prefill_simple_bf16 for head sizes
+//!   QILIN_ATTN_PREFILL_NARROW=1; qilin_attention_prefill_v2_hd128_bf16 at head_dim 128
+//!   with QILIN_ATTN_PREFILL_V2=1), or qilin_attention_prefill_simple_bf16 for head sizes
 //!   without a tensor-core kernel.
 //!
 //! Both kernels are launched over the whole `DeviceBatch` and skip the sequences the other
@@ -34,10 +35,15 @@
 //! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
 //!   (qilin_attention_prefill_hd{64,128}_bf16), which the 128-row ones replaced (H200,
 //!   16K causal at head_dim 128: 161 against 220 TFLOP/s).
+//! - `QILIN_ATTN_PREFILL_V2=1` (opt-in; compiles, unverified on hardware): head_dim-128
+//!   prefill rows take qilin_attention_prefill_v2_hd128_bf16 (double-buffered K/V, one
+//!   barrier per key tile, the causal mask on diagonal tiles only, lazy rescaling) instead
+//!   of the wide kernel, where the softmax scale is positive (its contract) and unless
+//!   `QILIN_ATTN_PREFILL_NARROW=1` also asks for the 64-row ones.
 
 use std::sync::Once;
 
-use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -47,9 +53,9 @@ use super::device::{check, Device};
 use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{
     QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_MAX_HEAD_DIM, QILIN_ATTN_PREFILL_BLOCK_M,
-    QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_PREFILL_WIDE_BLOCK_M,
-    QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES, QILIN_ATTN_SIMPLE_THREADS, QILIN_WARP_SIZE,
-    VEC_ELEMS,
+    QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES,
+    QILIN_ATTN_PREFILL_WIDE_BLOCK_M, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+    QILIN_ATTN_SIMPLE_THREADS, QILIN_WARP_SIZE, VEC_ELEMS,
 };
 use crate::backend::ptx::{self, Kernel};
 use crate::backend::AttentionShape;
@@ -68,6 +74,9 @@ pub enum AttentionKernels {
     NarrowPrefill,
     /// The tensor-core decode kernel and its reduction pass (QILIN_ATTN_DECODE_PIPE=0).
     UnpipedDecode,
+    /// The v2 head_dim-128 prefill kernel (QILIN_ATTN_PREFILL_V2=1; opt-in, for its
+    /// benchmark row before it is the default).
+    PrefillV2,
 }
 
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
@@ -86,6 +95,10 @@ pub fn attention(
         AttentionKernels::Dispatch => {}
         AttentionKernels::NarrowPrefill => switches.prefill_narrow = true,
         AttentionKernels::UnpipedDecode => switches.decode_pipe = false,
+        AttentionKernels::PrefillV2 => {
+            switches.prefill_narrow = false;
+            switches.prefill_v2 = true;
+        }
     }
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
@@ -147,7 +160,8 @@ pub fn attention(
     // A batch whose longest sequence has one token is all decode rows.
     if batch.max_query_len > 1 || !use_decode_kernel {
         let params = QilinAttentionParams { skip_decode_rows: use_decode_kernel as u32, ..params };
-        match prefill_kernel(hd, !switches.prefill_narrow) {
+        let v2 = switches.prefill_v2 && hd == 128 && shape.scale > 0.0 && raise_v2_smem(dev);
+        match prefill_kernel(hd, !switches.prefill_narrow, v2) {
             Some(kernel) => launch_prefill(dev, kernel, &mut out, q, batch, kv, params),
             None => launch_simple(dev, &mut out, q, batch, kv, params),
         }
@@ -191,14 +205,18 @@ struct PrefillKernel {
 }
 
 /// The tensor-core prefill kernel for this head size, if there is one: the 64-row-tile
-/// kernels, or with `wide` the 128-row-tile ones.
-fn prefill_kernel(head_dim: usize, wide: bool) -> Option<PrefillKernel> {
+/// kernels, or with `wide` the 128-row-tile ones (with `v2` as well, the v2 kernel at
+/// head_dim 128; the caller checked its positive-scale contract).
+fn prefill_kernel(head_dim: usize, wide: bool, v2: bool) -> Option<PrefillKernel> {
     let (narrow_m, wide_m) =
         (QILIN_ATTN_PREFILL_BLOCK_M as usize, QILIN_ATTN_PREFILL_WIDE_BLOCK_M as usize);
     let (kernel, block_m, smem_bytes) = match (head_dim, wide) {
         (64, false) => (ptx::ATTENTION_PREFILL_HD64_BF16, narrow_m, 0),
         (128, false) => (ptx::ATTENTION_PREFILL_HD128_BF16, narrow_m, 0),
         (64, true) => (ptx::ATTENTION_PREFILL_WIDE_HD64_BF16, wide_m, 0),
+        (128, true) if v2 => {
+            (ptx::ATTENTION_PREFILL_V2_HD128_BF16, wide_m, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES)
+        }
         (128, true) => (
             ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
             wide_m,
@@ -207,6 +225,29 @@ fn prefill_kernel(head_dim: usize, wide: bool) -> Option<PrefillKernel> {
         _ => return None,
     };
     Some(PrefillKernel { kernel, block_m, smem_bytes })
+}
+
+/// Raises the v2 prefill kernel's dynamic shared memory limit (69,632 B, over the 48 KiB a
+/// launch gets without asking) on this device; false (the caller keeps the wide kernel)
+/// where the device refuses. Device::open does not raise it while the kernel is opt-in, so
+/// this runs before each launch that takes it: one cheap driver call on the host.
+fn raise_v2_smem(dev: &Device) -> bool {
+    let kernel = ptx::ATTENTION_PREFILL_V2_HD128_BF16;
+    let raised = dev.function(kernel).set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES as i32,
+    );
+    if let Err(e) = &raised {
+        static WARN: Once = Once::new();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "QILIN_ATTN_PREFILL_V2=1 ignored: {} cannot have {} B of shared memory: {e}",
+                kernel.entry,
+                QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES
+            )
+        });
+    }
+    raised.is_ok()
 }
 
 /// grid.y of the tensor-core prefill kernel: `n_tokens / block_m + n_seqs` query-tile
@@ -439,6 +480,8 @@ struct Switches {
     split_tokens: Option<usize>,
     /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
     prefill_narrow: bool,
+    /// `QILIN_ATTN_PREFILL_V2=1`: the v2 head_dim-128 prefill kernel.
+    prefill_v2: bool,
 }
 
 impl Switches {
@@ -451,6 +494,7 @@ impl Switches {
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
             decode_pipe: std::env::var_os("QILIN_ATTN_DECODE_PIPE").is_none_or(|v| v != "0"),
             prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
+            prefill_v2: on("QILIN_ATTN_PREFILL_V2"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }
