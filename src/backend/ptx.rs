@@ -82,9 +82,9 @@ pub const ATTENTION_PREFILL_WIDE_HD128_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd128_bf16" };
 /// The wide head_dim-128 prefill with double-buffered K/V, one barrier per key tile, the
 /// causal mask on diagonal tiles only and lazy rescaling (compiles, unverified; opt-in
-/// QILIN_ATTN_PREFILL_V2=1); see kernels/attention_prefill.cu.
+/// QILIN_ATTN_PREFILL_V2=1); see kernels/attention_prefill_v2.cu.
 pub const ATTENTION_PREFILL_V2_HD128_BF16: Kernel =
-    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_v2_hd128_bf16" };
+    Kernel { module: "attention_prefill_v2", entry: "qilin_attention_prefill_v2_hd128_bf16" };
 /// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
 /// kernels/attention_simple.cu.
 pub const ATTENTION_PREFILL_SIMPLE_BF16: Kernel =
