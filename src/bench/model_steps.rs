@@ -20,8 +20,10 @@ use serde::Serialize;
 use super::gpu_model::{
     device_weight_bytes, parameter_count, quant_format, random_model, shape_config, DeviceRandom,
 };
-use crate::backend::cuda::{CudaBackend, CudaKvCache};
-use crate::backend::{Backend, Batch, KvCacheShape, BLOCK_SIZE};
+use crate::backend::cuda::{CudaBackend, CudaKvCache, CudaTensor};
+use crate::backend::{
+    Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken, RowSampling, BLOCK_SIZE,
+};
 use crate::config::{BenchDecodeArgs, BenchPrefillArgs, GpuModelArgs};
 use crate::engine::load::open_cuda;
 use crate::kv::block_manager::blocks_for;
@@ -142,6 +144,11 @@ pub struct DecodePoint {
     /// 1000-token prompt), every row on its own core as the engine samples them: the
     /// rest of a host-sampled step.
     pub host_sample_ms: f64,
+    /// Median wall time of sampling the same rows ON THE DEVICE with the same parameters
+    /// and prompt (`Backend::sample_rows_penalized`: the penalties kernel, then
+    /// qilin_sample_bf16, ids to the host), the engine's path for such requests since
+    /// device penalties: what a Qwen-default step costs over the greedy one.
+    pub device_sample_ms: f64,
     /// Weight bytes read per step over the step time (the batch-1 roofline's numerator).
     pub weight_gb_per_s: f64,
     /// CUDA graphs captured so far: 0 means the steps ran
@@ -198,9 +205,9 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                 times.push(elapsed);
             }
         }
-        let (logits_to_host_ms, host_sample_ms) = {
+        let (logits_to_host_ms, host_sample_ms, device_sample_ms) = {
             let b = &model.backend;
-            let t = DeviceRandom::new(&b.dev, 1).tensor(batch_size, vocab as usize, 8.0);
+            let mut t = DeviceRandom::new(&b.dev, 1).tensor(batch_size, vocab as usize, 8.0);
             b.dev.synchronize();
             let mut host = Vec::new();
             b.to_host_into(&t, &mut host);
@@ -212,7 +219,8 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                     started.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();
-            (median(&runs), host_sampling_ms(&host, vocab as usize, args.model.seed))
+            let host_ms = host_sampling_ms(&host, vocab as usize, args.model.seed);
+            (median(&runs), host_ms, device_sampling_ms(b, &mut t, args.model.seed))
         };
         let step_ms = median(&times);
         let point = DecodePoint {
@@ -222,17 +230,19 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             tokens_per_s: batch_size as f64 / (step_ms / 1e3),
             logits_to_host_ms,
             host_sample_ms,
+            device_sample_ms,
             weight_gb_per_s: report.model.weight_bytes as f64 / (step_ms / 1e3) / 1e9,
             graphs_captured: model.backend.graphs.lock().unwrap_or_else(|e| e.into_inner()).len(),
             step_ms_all: times,
         };
         println!(
-            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; host-sampled steps add {:.2} ms of logits to host and {:.2} ms of sampling)",
+            "decode batch {:>4} context {}: {:>8.2} ms/step, {:>9.1} tok/s (weights {:.0} GB/s; Qwen-default sampling adds {:.2} ms on the device, or {:.2} ms of logits to host and {:.2} ms of host sampling)",
             point.batch,
             point.context,
             point.step_ms,
             point.tokens_per_s,
             point.weight_gb_per_s,
+            point.device_sample_ms,
             point.logits_to_host_ms,
             point.host_sample_ms
         );
@@ -243,23 +253,32 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Median wall time of sampling every `[vocab]` row of `logits` with Qwen2.5-Instruct's
-/// default parameters, rows in parallel as the engine's host path does.
-fn host_sampling_ms(logits: &[f32], vocab: usize, seed: u64) -> f64 {
-    use crate::engine::sampler::Sampler;
-    use crate::engine::SamplingParams;
-    use rayon::prelude::*;
-    let params = SamplingParams {
+/// Qwen2.5-Instruct's default sampling parameters (generation_config.json).
+fn qwen_default_sampling(seed: u64) -> crate::engine::SamplingParams {
+    crate::engine::SamplingParams {
         temperature: 0.7,
         top_k: 20,
         top_p: 0.8,
         repetition_penalty: 1.05,
         seed: Some(seed),
-        ..SamplingParams::default()
-    };
+        ..crate::engine::SamplingParams::default()
+    }
+}
+
+/// The benchmark's prompt for the penalties: 1000 distinct ids spread over the vocabulary.
+fn bench_prompt(vocab: usize) -> Vec<u32> {
+    (0..1000u32).map(|i| i * 7919 % vocab as u32).collect()
+}
+
+/// Median wall time of sampling every `[vocab]` row of `logits` with Qwen2.5-Instruct's
+/// default parameters, rows in parallel as the engine's host path does.
+fn host_sampling_ms(logits: &[f32], vocab: usize, seed: u64) -> f64 {
+    use crate::engine::sampler::Sampler;
+    use rayon::prelude::*;
+    let params = qwen_default_sampling(seed);
     let rows = logits.len() / vocab.max(1);
     let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(params.clone())).collect();
-    let prompt: Vec<u32> = (0..1000u32).map(|i| i * 7919 % vocab as u32).collect();
+    let prompt = bench_prompt(vocab);
     let mut work = logits.to_vec();
     let runs: Vec<f64> = (0..3)
         .map(|_| {
@@ -268,6 +287,37 @@ fn host_sampling_ms(logits: &[f32], vocab: usize, seed: u64) -> f64 {
             work.par_chunks_mut(vocab).zip(samplers.par_iter_mut()).for_each(|(row, sampler)| {
                 std::hint::black_box(sampler.sample(row, &prompt, &[]));
             });
+            started.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(&runs)
+}
+
+/// Median wall time of `Backend::sample_rows_penalized` on `logits [rows, vocab]` with
+/// Qwen2.5-Instruct's default parameters and the host benchmark's prompt as each row's
+/// penalised ids (the logits are scratch: each run penalises them again).
+fn device_sampling_ms(b: &CudaBackend, logits: &mut CudaTensor, seed: u64) -> f64 {
+    let params = qwen_default_sampling(seed);
+    let prompt = bench_prompt(logits.cols);
+    let mut penalties = PenaltyBatch::default();
+    for _ in 0..logits.rows {
+        let entries = prompt.iter().map(|&id| PenaltyToken { id, count: 0 });
+        penalties.push_row(params.repetition_penalty, 0.0, 0.0, entries);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let runs: Vec<f64> = (0..3)
+        .map(|_| {
+            let rows: Vec<RowSampling> = (0..logits.rows)
+                .map(|_| RowSampling {
+                    temperature: params.temperature,
+                    top_k: u32::try_from(params.top_k).unwrap_or(u32::MAX),
+                    top_p: params.top_p,
+                    min_p: 0.0,
+                    u: rng.random::<f64>(),
+                })
+                .collect();
+            let started = Instant::now();
+            std::hint::black_box(b.sample_rows_penalized(logits, &rows, &penalties));
             started.elapsed().as_secs_f64() * 1e3
         })
         .collect();
