@@ -2,6 +2,7 @@
 //! kernels and model on a GPU.
 
 pub mod gpu_model;
+mod kernel_timer;
 pub mod kernels;
 pub mod model_steps;
 pub mod perplexity;
