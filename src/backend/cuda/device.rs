@@ -120,15 +120,16 @@ impl Default for FastPaths {
 impl FastPaths {
     fn from_env() -> FastPaths {
         let on = |name: &str| std::env::var(name).as_deref() != Ok("0");
+        let opt_in = |name: &str| std::env::var(name).as_deref() == Ok("1");
         FastPaths {
             gemv_mma: on("QILIN_CUDA_GEMV_MMA"),
             qgemv_small: on("QILIN_CUDA_QGEMV_SMALL"),
             qgemv_mma: on("QILIN_CUDA_QGEMV_MMA"),
-            qgemv_mma2: std::env::var("QILIN_CUDA_QGEMV_MMA2").as_deref() == Ok("1"),
+            qgemv_mma2: opt_in("QILIN_CUDA_QGEMV_MMA2"),
             graphs: on("QILIN_CUDA_GRAPHS"),
             qgemv_mma_wide: on("QILIN_CUDA_QGEMV_MMA_WIDE"),
             device_penalties: on("QILIN_CUDA_DEVICE_PENALTIES"),
-            qgemm_wide: std::env::var("QILIN_CUDA_QGEMM_WIDE").as_deref() == Ok("1"),
+            qgemm_wide: opt_in("QILIN_CUDA_QGEMM_WIDE"),
         }
     }
 }

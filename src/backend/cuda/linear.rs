@@ -33,7 +33,7 @@ use half::bf16;
 
 use super::device::{check, Device};
 use super::quant_linear::{
-    dequant_chunk_rows, dequantize_rows, qgemm_into, qgemm_wins, qgemv_into, qgemv_mma_chunked,
+    dequant_chunk_rows, dequantize_rows, qgemm_into, qgemm_wins, qgemv_into, qgemv_mma_takes,
 };
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
 use super::CudaBackend;
@@ -114,7 +114,7 @@ fn gemv_path(dev: &Device, n: usize, w: &CudaLinear) -> Option<&'static str> {
     let (k, m) = (w.in_features, w.out_features);
     match &w.weight {
         LinearWeight::Bf16(_) => gemv_geometry(n, k, m).map(|_| "gemv"),
-        LinearWeight::Quant(_) if qgemv_mma_chunked(dev, n, w) => Some("qgemv mma"),
+        LinearWeight::Quant(_) if qgemv_mma_takes(dev, n, w) => Some("qgemv mma"),
         LinearWeight::Quant(q) => {
             qgemv_geometry(n, q.format.bits, k, m, q.format.group).map(|_| "qgemv")
         }

@@ -116,7 +116,7 @@ fn launch_matmul(
 /// The GEMV, `out [n, m] = x [n, k] W^T + b`: qilin_qgemv_mma_w4_bf16 where it takes
 /// the layer (`qgemv_mma_ok`: 4-bit, groups a power of two >= 128; unless
 /// QILIN_CUDA_QGEMV_MMA=0), or its split-K variant there with QILIN_CUDA_QGEMV_MMA2=1, and
-/// from 9 to QGEMV_MMA_CHUNKED_MAX_TOKENS tokens in chunks of 8 (`qgemv_mma_chunked`);
+/// from 9 to QGEMV_MMA_CHUNKED_MAX_TOKENS tokens in chunks of 8 (`qgemv_mma_takes`);
 /// else qilin_qgemv_small_w{4,8}_bf16 up to QILIN_QGEMV_SMALL_MAX_TOKENS rows (unless
 /// QILIN_CUDA_QGEMV_SMALL=0); else qilin_qgemv_w{4,8}_bf16. Panics when the kernel cannot
 /// take the shape (n outside 1..=GEMV_MAX_TOKENS for the FMA GEMVs, k not a multiple of 32
@@ -128,14 +128,10 @@ pub fn qgemv_into(
     q: &QuantWeight,
     out: &mut CudaTensor,
 ) {
-    let (bits, group) = (q.format.bits, q.format.group);
-    let mma = dev.paths.qgemv_mma
-        && x.rows <= GEMV_MAX_TOKENS
-        && qgemv_mma_ok(x.rows, bits, w.in_features, group);
-    if mma && dev.paths.qgemv_mma2 {
-        return qgemv_splitk(dev, x, w, q, out);
-    }
-    if mma || qgemv_mma_chunked(dev, x.rows, w) {
+    if qgemv_mma_takes(dev, x.rows, w) {
+        if dev.paths.qgemv_mma2 && x.rows <= GEMV_MAX_TOKENS {
+            return qgemv_splitk(dev, x, w, q, out);
+        }
         return qgemv_with(dev, Op::GemvMma, x, w, q, out);
     }
     let small = dev.paths.qgemv_small && x.rows <= QILIN_QGEMV_SMALL_MAX_TOKENS as usize;
@@ -150,14 +146,15 @@ pub fn qgemv_into(
 /// against 277), so the line sits at the last measured win.
 pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = 32;
 
-/// Whether the dispatch sends `n > GEMV_MAX_TOKENS` tokens through the tensor-core GEMV in
-/// chunks.
-pub fn qgemv_mma_chunked(dev: &Device, n: usize, w: &CudaLinear) -> bool {
+/// Whether the dispatch sends `n` tokens through `w` by the tensor-core GEMV: a layer it
+/// takes (`qgemv_mma_ok`) at up to GEMV_MAX_TOKENS tokens, or up to
+/// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0.
+pub fn qgemv_mma_takes(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
+    let most =
+        if dev.paths.qgemv_mma_wide { QGEMV_MMA_CHUNKED_MAX_TOKENS } else { GEMV_MAX_TOKENS };
     dev.paths.qgemv_mma
-        && dev.paths.qgemv_mma_wide
-        && n > GEMV_MAX_TOKENS
-        && n <= QGEMV_MMA_CHUNKED_MAX_TOKENS
+        && n <= most
         && qgemv_mma_ok(n, q.format.bits, w.in_features, q.format.group)
 }
 
@@ -283,7 +280,7 @@ fn qgemv_splitk(
 pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
     dev.paths.qgemm_wide
-        && !qgemv_mma_chunked(dev, n, w)
+        && !qgemv_mma_takes(dev, n, w)
         && qgemm_shape_wins(n, q.format.bits, w.in_features, w.out_features, q.format.group)
 }
 
