@@ -339,6 +339,50 @@ typedef struct QilinSampleRow {
     float min_p;
 } QilinSampleRow;
 
+/* Split sampling (kernels/sampling_split.cu, qilin_argmax_split_bf16 and
+ * qilin_sample_split_bf16; opt-in with QILIN_CUDA_SAMPLE_SPLIT=1): each logits row is cut
+ * into `splits` chunks of `chunk` elements, one block of QILIN_SAMPLE_THREADS threads each,
+ * every thread holding QILIN_SAMPLE_SPLIT_VECS 16-byte loads (8 keys each) in registers;
+ * the last block of a row to finish merges the row. */
+#define QILIN_SAMPLE_SPLIT_VECS 3
+/* Most elements one block takes: QILIN_SAMPLE_THREADS * QILIN_SAMPLE_SPLIT_VECS * 8. */
+#define QILIN_SAMPLE_SPLIT_CHUNK 12288
+/* Most blocks per row: rows longer than this many chunks (196,608) take qilin_sample_bf16. */
+#define QILIN_SAMPLE_SPLIT_MAX_BLOCKS 16
+/* Each block's candidates: the keys of its chunk at or above its TOP-th largest, ties
+ * included while they fit CAP slots (beyond: only the keys above it). Rows with top_k
+ * above TOP take the one-block algorithm. */
+#define QILIN_SAMPLE_SPLIT_TOP 128
+#define QILIN_SAMPLE_SPLIT_CAP 256
+/* Rows per launch: one merge counter each, kept by the device (zero between launches). */
+#define QILIN_SAMPLE_SPLIT_MAX_ROWS 1024
+
+/** Launch parameters of qilin_argmax_split_bf16 and qilin_sample_split_bf16. */
+typedef struct QilinSampleSplitParams {
+    /** Rows of logits, at most QILIN_SAMPLE_SPLIT_MAX_ROWS; gridDim.x. */
+    uint32_t rows;
+    /** Row length: the vocabulary, at least 1. */
+    uint32_t cols;
+    /** Blocks per row (gridDim.y), 1 to QILIN_SAMPLE_SPLIT_MAX_BLOCKS. */
+    uint32_t splits;
+    /** Elements per block: a multiple of 8, at most QILIN_SAMPLE_SPLIT_CHUNK, with
+     * splits * chunk >= cols. */
+    uint32_t chunk;
+} QilinSampleSplitParams;
+
+/** What one block of a split row leaves for the row's merge (device scratch). */
+typedef struct QilinSampleSplitPart {
+    /** (key << 32) | ~index of the chunk's largest key at its first index. */
+    uint64_t best;
+    /** Sum over the chunk of p relative to the chunk's own maximum (rows with top-p but no
+     * top-k only; 0 otherwise). */
+    double mass;
+    /** The candidates are the chunk's keys >= this one. */
+    uint32_t threshold;
+    /** Candidates written, at most QILIN_SAMPLE_SPLIT_CAP. */
+    uint32_t count;
+} QilinSampleSplitPart;
+
 /* Penalties on the device (kernels/penalties.cu qilin_apply_penalties_bf16): threads per
  * block, one thread per penalised token; grid = (ceil(max row entries / this), rows). */
 #define QILIN_PENALTY_THREADS 256

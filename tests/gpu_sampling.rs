@@ -23,6 +23,13 @@
 //! the test poisons best-effort: a NaN-filled buffer of the same size is freed right before
 //! each launch (the stream allocator tends to hand it back), and every id must be < vocab.
 //!
+//! `qilin_argmax_split_bf16` and `qilin_sample_split_bf16` (the same calls with
+//! `FastPaths::sample_split` on: several blocks per row, the last merging) pass the same
+//! two checks on the same kinds of rows, plus rows of exactly 16 chunks (196,608), one
+//! past (the one-block kernels take them) and more rows than one launch takes (1025).
+//! Random top-k up to 50 and top-p without top-k take the split's candidate path; ties
+//! (coarse rows) and top-k of 1000 and more its fall back to the one-block algorithm.
+//!
 //! `qilin_apply_penalties_bf16` (through `CudaBackend::sample_rows_penalized`, the
 //! penalties kernel then the sampler, with the opt-in switch on) against its CPU twin
 //! (`penalize_row_bf16` on each row, which src/engine/sampler/penalties.rs proves equal to
@@ -71,11 +78,25 @@ fn logit(rng: &mut ChaCha8Rng) -> f32 {
     }
 }
 
+/// Both kernel families: one block per row, then several (`FastPaths::sample_split`).
+const SPLIT: [bool; 2] = [false, true];
+
 #[test]
 fn argmax_matches_the_cpu_twin() {
-    let Some((gpu, cpu, seed, mut rng)) = setup("argmax") else { return };
-    let shapes = [(1, 152_064), (64, 152_064), (257, 49_152), (3, 513), (300, 7), (1, 1)];
-    for (rows, cols) in shapes {
+    let Some((mut gpu, cpu, seed, mut rng)) = setup("argmax") else { return };
+    let shapes = [
+        (1, 152_064),
+        (64, 152_064),
+        (257, 49_152),
+        (1, 196_608),
+        (2, 196_609),
+        (1025, 12_289),
+        (3, 513),
+        (300, 7),
+        (1, 1),
+    ];
+    for ((rows, cols), split) in shapes.into_iter().flat_map(|s| SPLIT.map(|b| (s, b))) {
+        gpu.dev.paths.sample_split = split;
         let mut values: Vec<f32> = (0..rows * cols).map(|_| logit(&mut rng)).collect();
         // Edge rows: all -inf, all NaN, the maximum first, the maximum last.
         let special = |r: usize, values: &mut Vec<f32>, f: &dyn Fn(usize) -> f32| {
@@ -99,13 +120,13 @@ fn argmax_matches_the_cpu_twin() {
             assert_eq!(
                 g,
                 e,
-                "seed {seed}, [{rows}, {cols}] row {r}: GPU chose {g} (value {:?}), the twin {e} \
-                 (value {:?})",
+                "seed {seed}, [{rows}, {cols}] (split {split}) row {r}: GPU chose {g} (value \
+                 {:?}), the twin {e} (value {:?})",
                 row.get(*g as usize),
                 row[*e as usize]
             );
         }
-        eprintln!("[{rows}, {cols}]: {rows} rows equal");
+        eprintln!("[{rows}, {cols}] (split {split}): {rows} rows equal");
     }
 }
 
@@ -248,20 +269,23 @@ fn check_ids(
 
 #[test]
 fn sampling_matches_the_cpu_twin() {
-    let Some((gpu, cpu, seed, mut rng)) = setup("sample") else { return };
+    let Some((mut gpu, cpu, seed, mut rng)) = setup("sample") else { return };
     let shapes = [
         (1, 152_064),
         (64, 152_064),
         (7, 152_064),
         (1, 49_152),
         (33, 49_152),
+        (3, 196_608),
+        (2, 196_609),
         (5, 4097),
         (9, 513),
         (4, 7),
         (2, 1),
     ];
     let (mut total_rows, mut mismatches) = (0, 0);
-    for (rows, cols) in shapes {
+    for ((rows, cols), split) in shapes.into_iter().flat_map(|s| SPLIT.map(|b| (s, b))) {
+        gpu.dev.paths.sample_split = split;
         for _ in 0..3 {
             let values: Vec<f32> = (0..rows).flat_map(|_| sample_logits(&mut rng, cols)).collect();
             let meta: Vec<RowSampling> = (0..rows).map(|_| sample_params(&mut rng, cols)).collect();
@@ -273,7 +297,7 @@ fn sampling_matches_the_cpu_twin() {
             total_rows += rows;
             mismatches += check_ids(seed, cols, &values, &meta, &got, &expected);
         }
-        eprintln!("[{rows}, {cols}]: done");
+        eprintln!("[{rows}, {cols}] (split {split}): done");
     }
     eprintln!("{total_rows} rows, {mismatches} different tokens, each within tolerance");
 }

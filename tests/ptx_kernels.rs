@@ -283,6 +283,18 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_sampling.rs",
     },
     Coverage {
+        entry: "qilin_argmax_split_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "argmax_rows",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
+        entry: "qilin_sample_split_bf16",
+        launcher: "src/backend/cuda/sampling.rs",
+        twin: "sample_rows",
+        parity: "tests/gpu_sampling.rs",
+    },
+    Coverage {
         entry: "qilin_apply_penalties_bf16",
         launcher: "src/backend/cuda/sampling.rs",
         twin: "penalize_row_bf16",
@@ -597,7 +609,15 @@ fn quant_gemv_mma_module_entries_and_params_match_the_rust_side() {
     if !ptx_available() {
         return;
     }
-    let kernels = [ptx::QGEMV_MMA_W4_BF16, ptx::QGEMV_MMA_SPLITK_W4_BF16];
+    module_is_these_kernels_taking::<QilinQuantGemvParams>(&[
+        ptx::QGEMV_MMA_W4_BF16,
+        ptx::QGEMV_MMA_SPLITK_W4_BF16,
+    ]);
+}
+
+/// `kernels` are every entry of their (one) module, each taking a `P` first, by value, as
+/// nvcc lays it out.
+fn module_is_these_kernels_taking<P>(kernels: &[ptx::Kernel]) {
     let text = module_ptx(kernels[0].module).expect("module embedded");
     let entries: BTreeSet<&str> = entry_names(text).into_iter().collect();
     assert_eq!(entries, kernels.iter().map(|k| k.entry).collect::<BTreeSet<&str>>());
@@ -605,7 +625,7 @@ fn quant_gemv_mma_module_entries_and_params_match_the_rust_side() {
         assert_eq!(kernel.module, kernels[0].module);
         assert_eq!(
             byte_param(text, kernel.entry, 0),
-            Some((align_of::<QilinQuantGemvParams>(), size_of::<QilinQuantGemvParams>())),
+            Some((align_of::<P>(), size_of::<P>())),
             "{}: params struct as nvcc sees it vs as Rust sees it",
             kernel.entry
         );
@@ -631,6 +651,18 @@ fn sampling_module_entries_and_params_match_the_rust_side() {
         Some((align_of::<QilinSampleParams>(), size_of::<QilinSampleParams>())),
         "qilin_sample_bf16: params struct as nvcc sees it vs as Rust sees it"
     );
+}
+
+#[test]
+fn sampling_split_module_entries_and_params_match_the_rust_side() {
+    use qilin::backend::abi::QilinSampleSplitParams;
+    if !ptx_available() {
+        return;
+    }
+    module_is_these_kernels_taking::<QilinSampleSplitParams>(&[
+        ptx::ARGMAX_SPLIT_BF16,
+        ptx::SAMPLE_SPLIT_BF16,
+    ]);
 }
 
 #[test]

@@ -67,6 +67,12 @@ pub const QILIN_ATTN_SIMPLE_THREADS: u32 = 32;
 pub const QILIN_ARGMAX_THREADS: u32 = 512;
 pub const QILIN_SAMPLE_THREADS: u32 = 512;
 pub const QILIN_SAMPLE_WALK_ITEMS: u32 = 8;
+pub const QILIN_SAMPLE_SPLIT_VECS: u32 = 3;
+pub const QILIN_SAMPLE_SPLIT_CHUNK: u32 = 12288;
+pub const QILIN_SAMPLE_SPLIT_MAX_BLOCKS: u32 = 16;
+pub const QILIN_SAMPLE_SPLIT_TOP: u32 = 128;
+pub const QILIN_SAMPLE_SPLIT_CAP: u32 = 256;
+pub const QILIN_SAMPLE_SPLIT_MAX_ROWS: u32 = 1024;
 pub const QILIN_PENALTY_THREADS: u32 = 256;
 #[doc = " Launch parameters of qilin_fused_add_rms_norm_bf16 and qilin_rms_norm_bf16."]
 #[repr(C)]
@@ -343,6 +349,59 @@ const _: () = {
         [::core::mem::offset_of!(QilinSampleRow, top_p) - 16usize];
     ["Offset of field: QilinSampleRow::min_p"]
         [::core::mem::offset_of!(QilinSampleRow, min_p) - 20usize];
+};
+#[doc = " Launch parameters of qilin_argmax_split_bf16 and qilin_sample_split_bf16."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinSampleSplitParams {
+    #[doc = " Rows of logits, at most QILIN_SAMPLE_SPLIT_MAX_ROWS; gridDim.x."]
+    pub rows: u32,
+    #[doc = " Row length: the vocabulary, at least 1."]
+    pub cols: u32,
+    #[doc = " Blocks per row (gridDim.y), 1 to QILIN_SAMPLE_SPLIT_MAX_BLOCKS."]
+    pub splits: u32,
+    #[doc = " Elements per block: a multiple of 8, at most QILIN_SAMPLE_SPLIT_CHUNK, with\n splits * chunk >= cols."]
+    pub chunk: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinSampleSplitParams"][::core::mem::size_of::<QilinSampleSplitParams>() - 16usize];
+    ["Alignment of QilinSampleSplitParams"]
+        [::core::mem::align_of::<QilinSampleSplitParams>() - 4usize];
+    ["Offset of field: QilinSampleSplitParams::rows"]
+        [::core::mem::offset_of!(QilinSampleSplitParams, rows) - 0usize];
+    ["Offset of field: QilinSampleSplitParams::cols"]
+        [::core::mem::offset_of!(QilinSampleSplitParams, cols) - 4usize];
+    ["Offset of field: QilinSampleSplitParams::splits"]
+        [::core::mem::offset_of!(QilinSampleSplitParams, splits) - 8usize];
+    ["Offset of field: QilinSampleSplitParams::chunk"]
+        [::core::mem::offset_of!(QilinSampleSplitParams, chunk) - 12usize];
+};
+#[doc = " What one block of a split row leaves for the row's merge (device scratch)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq)]
+pub struct QilinSampleSplitPart {
+    #[doc = " (key << 32) | ~index of the chunk's largest key at its first index."]
+    pub best: u64,
+    #[doc = " Sum over the chunk of p relative to the chunk's own maximum (rows with top-p but no\n top-k only; 0 otherwise)."]
+    pub mass: f64,
+    #[doc = " The candidates are the chunk's keys >= this one."]
+    pub threshold: u32,
+    #[doc = " Candidates written, at most QILIN_SAMPLE_SPLIT_CAP."]
+    pub count: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QilinSampleSplitPart"][::core::mem::size_of::<QilinSampleSplitPart>() - 24usize];
+    ["Alignment of QilinSampleSplitPart"][::core::mem::align_of::<QilinSampleSplitPart>() - 8usize];
+    ["Offset of field: QilinSampleSplitPart::best"]
+        [::core::mem::offset_of!(QilinSampleSplitPart, best) - 0usize];
+    ["Offset of field: QilinSampleSplitPart::mass"]
+        [::core::mem::offset_of!(QilinSampleSplitPart, mass) - 8usize];
+    ["Offset of field: QilinSampleSplitPart::threshold"]
+        [::core::mem::offset_of!(QilinSampleSplitPart, threshold) - 16usize];
+    ["Offset of field: QilinSampleSplitPart::count"]
+        [::core::mem::offset_of!(QilinSampleSplitPart, count) - 20usize];
 };
 #[doc = " Launch parameters of qilin_apply_penalties_bf16."]
 #[repr(C)]

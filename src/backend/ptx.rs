@@ -60,6 +60,14 @@ pub const ATTENTION_DECODE_PIPE_HD64_BF16: Kernel =
 pub const ARGMAX_BF16: Kernel = Kernel { module: "sampling", entry: "qilin_argmax_bf16" };
 /// Temperature / top-k / top-p / min-p sampling of each logits row; see kernels/sampling.cu.
 pub const SAMPLE_BF16: Kernel = Kernel { module: "sampling", entry: "qilin_sample_bf16" };
+/// Greedy argmax of each logits row by several blocks per row (opt-in,
+/// QILIN_CUDA_SAMPLE_SPLIT=1); see kernels/sampling_split.cu.
+pub const ARGMAX_SPLIT_BF16: Kernel =
+    Kernel { module: "sampling_split", entry: "qilin_argmax_split_bf16" };
+/// Sampling of each logits row by several blocks per row (opt-in,
+/// QILIN_CUDA_SAMPLE_SPLIT=1); see kernels/sampling_split.cu.
+pub const SAMPLE_SPLIT_BF16: Kernel =
+    Kernel { module: "sampling_split", entry: "qilin_sample_split_bf16" };
 /// Repetition / presence / frequency penalties of listed tokens, in place, rounded to bf16
 /// (compiles, unverified; opt-in); see kernels/penalties.cu.
 pub const APPLY_PENALTIES_BF16: Kernel =
@@ -139,6 +147,8 @@ pub const KERNELS: &[Kernel] = &[
     ATTENTION_DECODE_PIPE_HD64_BF16,
     ARGMAX_BF16,
     SAMPLE_BF16,
+    ARGMAX_SPLIT_BF16,
+    SAMPLE_SPLIT_BF16,
     APPLY_PENALTIES_BF16,
     ATTENTION_DECODE_REDUCE_BF16,
     ATTENTION_PREFILL_HD64_BF16,

@@ -279,6 +279,12 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("argmax", format!("[{n}, {}]", c.vocab_size), bytes, 0.0, &mut || {
             drop(b.argmax_rows(&logits));
         });
+        // The split kernels (several blocks per row; opt-in QILIN_CUDA_SAMPLE_SPLIT=1),
+        // called directly.
+        let shape = format!("[{n}, {}]", c.vocab_size);
+        bench.measure("argmax (split)", shape.clone(), bytes, 0.0, &mut || {
+            drop(b.split_rows(&logits, None));
+        });
         // Sampling on the device (qilin_sample_bf16): each row is read once per search pass.
         let samplings = [
             ("sample (T 0.7)", 0, 1.0),
@@ -287,8 +293,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         ];
         for (op, top_k, top_p) in samplings {
             let rows = vec![RowSampling { temperature: 0.7, top_k, top_p, min_p: 0.0, u: 0.5 }; n];
-            bench.measure(op, format!("[{n}, {}]", c.vocab_size), bytes, 0.0, &mut || {
+            bench.measure(op, shape.clone(), bytes, 0.0, &mut || {
                 drop(b.sample_rows(&logits, &rows));
+            });
+            bench.measure(&format!("{op} (split)"), shape.clone(), bytes, 0.0, &mut || {
+                drop(b.split_rows(&logits, Some(&rows)));
             });
         }
         // Qwen2.5's defaults, without and with its repetition penalty on the device
@@ -297,16 +306,13 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         // drift from one call to the next (in place), which changes no kernel's work.
         let qwen = RowSampling { temperature: 0.7, top_k: 20, top_p: 0.8, min_p: 0.0, u: 0.5 };
         let rows = vec![qwen; n];
-        let shape = format!("[{n}, {}]", c.vocab_size);
-        bench.measure(
-            "sample (top_k 20, top_p 0.8, T 0.7)",
-            shape.clone(),
-            bytes,
-            0.0,
-            &mut || {
-                drop(b.sample_rows(&logits, &rows));
-            },
-        );
+        let op = "sample (top_k 20, top_p 0.8, T 0.7)";
+        bench.measure(op, shape.clone(), bytes, 0.0, &mut || {
+            drop(b.sample_rows(&logits, &rows));
+        });
+        bench.measure(&format!("{op} (split)"), shape.clone(), bytes, 0.0, &mut || {
+            drop(b.split_rows(&logits, Some(&rows)));
+        });
         let penalties = bench_penalties(n, c.vocab_size, &mut rng);
         let mut scratch = rand.tensor(n, c.vocab_size, 4.0);
         let op = "sample + penalties (rep 1.05, top_k 20, top_p 0.8, T 0.7)";

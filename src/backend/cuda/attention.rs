@@ -368,7 +368,7 @@ fn launch_decode(
     let null: u64 = 0;
     // The pipelined kernel's merge counters (one per sequence and grid.y row, fewer than
     // the device holds: the plan checked), held for the launch.
-    let counters = plan.pipe.then(|| dev.attention_counters());
+    let counters = plan.pipe.then(|| dev.merge_counters());
     let cfg = LaunchConfig {
         grid_dim: (as_grid_x(batch.n_seqs), grid_y as u32, plan.n_splits as u32),
         block_dim: (plan.threads, 1, 1),

@@ -49,11 +49,12 @@ pub struct Device {
     /// Kernels whose dynamic shared memory could not be raised to what they need on this
     /// device: never launched (`launchable`).
     smem_refused: Vec<Kernel>,
-    /// The split-merge counters of the pipelined decode-attention kernel
-    /// (`[QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS]` u32): zeroed here, once, and left zero by
-    /// every launch (the merging block resets its counter), so a captured graph can
-    /// replay the kernel without a memset; one stream orders every launch that uses them.
-    attention_counters: Mutex<CudaSlice<u32>>,
+    /// The split-merge counters of the pipelined decode-attention kernel, the split-K
+    /// GEMV and split sampling (`[QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS]` u32): zeroed
+    /// here, once, and left zero by every launch (the merging block resets its counter),
+    /// so a captured graph can replay a kernel without a memset; one stream orders every
+    /// launch that uses them.
+    merge_counters: Mutex<CudaSlice<u32>>,
     /// Set once any graph has been captured (`capture`).
     graphs_exist: AtomicBool,
     /// While a graph is being captured: copies to or from the host and synchronisation,
@@ -96,6 +97,10 @@ pub struct FastPaths {
     /// defaults at batch 256: 0.74 ms on the device against 13.2 ms of host sampling plus
     /// 5.6 ms of logits copy).
     pub device_penalties: bool,
+    /// `QILIN_CUDA_SAMPLE_SPLIT=1` (opt-in, compiles, unverified): argmax and sampling
+    /// of rows up to 16 chunks long by one block per chunk (qilin_argmax_split_bf16,
+    /// qilin_sample_split_bf16) instead of one block per row.
+    pub sample_split: bool,
     /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in until a GPU run times whole steps with it): 4-bit
     /// layers much wider than deep (gate_up) at 33-64 tokens through the tensor-core GEMM
     /// qilin_qgemm_w4_bf16 (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
@@ -112,6 +117,7 @@ impl Default for FastPaths {
             graphs: true,
             qgemv_mma_wide: true,
             device_penalties: true,
+            sample_split: false,
             qgemm_wide: false,
         }
     }
@@ -129,6 +135,7 @@ impl FastPaths {
             graphs: on("QILIN_CUDA_GRAPHS"),
             qgemv_mma_wide: on("QILIN_CUDA_QGEMV_MMA_WIDE"),
             device_penalties: on("QILIN_CUDA_DEVICE_PENALTIES"),
+            sample_split: opt_in("QILIN_CUDA_SAMPLE_SPLIT"),
             qgemm_wide: opt_in("QILIN_CUDA_QGEMM_WIDE"),
         }
     }
@@ -204,9 +211,9 @@ impl Device {
                 smem_refused.push(kernel);
             }
         }
-        let attention_counters = stream
+        let merge_counters = stream
             .alloc_zeros::<u32>(QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS as usize)
-            .map_err(|e| CudaError::Driver(format!("allocating attention counters: {e}")))?;
+            .map_err(|e| CudaError::Driver(format!("allocating merge counters: {e}")))?;
         Ok(Device {
             ctx,
             stream,
@@ -217,7 +224,7 @@ impl Device {
             staging: Mutex::new(None),
             retired_scratch: Mutex::new(Vec::new()),
             smem_refused,
-            attention_counters: Mutex::new(attention_counters),
+            merge_counters: Mutex::new(merge_counters),
             graphs_exist: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             functions,
@@ -293,10 +300,9 @@ impl Device {
         check(self.stream.alloc_zeros::<T>(n.max(1)), "allocating device memory")
     }
 
-    /// The pipelined decode-attention kernel's split-merge counters (field docs): all
-    /// zero between launches.
-    pub fn attention_counters(&self) -> MutexGuard<'_, CudaSlice<u32>> {
-        self.attention_counters.lock().unwrap_or_else(|e| e.into_inner())
+    /// The split-merge counters (field docs): all zero between launches.
+    pub fn merge_counters(&self) -> MutexGuard<'_, CudaSlice<u32>> {
+        self.merge_counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The f32 scratch buffer, at least `n` values long; its contents are unspecified.

@@ -248,7 +248,7 @@ fn qgemv_splitk(
     let null: u64 = 0;
     let mut merge = (splits > 1).then(|| {
         let sums = tiles as usize * splits as usize * QILIN_QGEMV_SPLITK_PARTIALS as usize;
-        (dev.scratch_f32(sums), dev.attention_counters())
+        (dev.scratch_f32(sums), dev.merge_counters())
     });
     let mut launch = dev.stream.launch_builder(dev.function(kernel));
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);

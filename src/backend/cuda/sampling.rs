@@ -16,7 +16,10 @@ use super::device::{check, Device};
 use super::tensor::CudaTensor;
 use crate::backend::abi::{
     QilinArgmaxParams, QilinPenaltyParams, QilinPenaltyRow, QilinPenaltyToken, QilinSampleParams,
-    QilinSampleRow, QILIN_ARGMAX_THREADS, QILIN_PENALTY_THREADS, QILIN_SAMPLE_THREADS,
+    QilinSampleRow, QilinSampleSplitParams, QilinSampleSplitPart, QILIN_ARGMAX_THREADS,
+    QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_PENALTY_THREADS, QILIN_SAMPLE_SPLIT_CAP,
+    QILIN_SAMPLE_SPLIT_CHUNK, QILIN_SAMPLE_SPLIT_MAX_BLOCKS, QILIN_SAMPLE_SPLIT_MAX_ROWS,
+    QILIN_SAMPLE_THREADS,
 };
 use crate::backend::{ptx, PenaltyBatch, RowSampling};
 use crate::engine::sampler::inv_temperature;
@@ -26,6 +29,10 @@ unsafe impl cudarc::driver::DeviceRepr for QilinSampleParams {}
 // SAFETY: #[repr(C)] plain old data from kernels/abi.h (bindgen), copied to the device as
 // an array the kernel reads.
 unsafe impl cudarc::driver::DeviceRepr for QilinSampleRow {}
+// SAFETY: as above (by value).
+unsafe impl cudarc::driver::DeviceRepr for QilinSampleSplitParams {}
+// SAFETY: as above; device scratch the split kernels write and read, never the host.
+unsafe impl cudarc::driver::DeviceRepr for QilinSampleSplitPart {}
 // SAFETY: as above (by value).
 unsafe impl cudarc::driver::DeviceRepr for QilinPenaltyParams {}
 // SAFETY: as above (arrays the kernel reads).
@@ -50,6 +57,9 @@ pub fn argmax_rows_on_device(dev: &Device, logits: &CudaTensor) -> CudaSlice<u32
     let (n, vocab) = (logits.rows, logits.cols);
     assert!(n > 0, "argmax: no rows (an empty grid is not a launch)");
     assert!(logits.data.len() >= n * vocab, "argmax: logits buffer shorter than [{n}, {vocab}]");
+    if let Some(geometry) = split_geometry(vocab).filter(|_| dev.paths.sample_split) {
+        return split_rows(dev, logits, None, geometry);
+    }
     let params = QilinArgmaxParams {
         rows: u32::try_from(n).expect("argmax: rows fit u32"),
         cols: u32::try_from(vocab).expect("argmax: vocab fits u32"),
@@ -87,6 +97,10 @@ pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> V
         return Vec::new();
     }
     assert!(logits.data.len() >= n * vocab, "sample: logits buffer shorter than [{n}, {vocab}]");
+    if let Some(geometry) = split_geometry(vocab).filter(|_| dev.paths.sample_split) {
+        let ids = split_rows(dev, logits, Some(rows), geometry);
+        return dev.download(&ids, n);
+    }
     let params = QilinSampleParams {
         rows: u32::try_from(n).expect("sample: rows fit u32"),
         cols: u32::try_from(vocab).expect("sample: vocab fits u32"),
@@ -105,6 +119,100 @@ pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> V
     // entries, logits n * vocab bf16 (asserted above); one block per row writes that row's id.
     check(unsafe { launch.launch(cfg) }, "launching qilin_sample_bf16");
     dev.download(&ids, n)
+}
+
+impl super::CudaBackend {
+    /// The split kernels whatever `paths.sample_split` says (benchmarks): argmax (`rows`
+    /// None) or sampling of every row of `logits`; None (nothing launched) for rows they
+    /// cannot take (`split_geometry`).
+    pub fn split_rows(
+        &self,
+        logits: &CudaTensor,
+        rows: Option<&[RowSampling]>,
+    ) -> Option<Vec<u32>> {
+        let geometry = split_geometry(logits.cols)?;
+        if logits.rows == 0 || rows.is_some_and(|r| r.len() != logits.rows) {
+            return None;
+        }
+        let ids = split_rows(&self.dev, logits, rows, geometry);
+        Some(self.dev.download(&ids, logits.rows))
+    }
+}
+
+// The split kernels share the merge counters, one per row of a launch.
+const _: () = assert!(QILIN_SAMPLE_SPLIT_MAX_ROWS <= QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS);
+
+/// How the split kernels cut a row of `cols` logits: `(splits, chunk)`, `splits` blocks of
+/// `chunk` elements (a multiple of 8, at most QILIN_SAMPLE_SPLIT_CHUNK), every block
+/// starting inside the row; None for rows the one-block kernels must take (empty, or
+/// longer than QILIN_SAMPLE_SPLIT_MAX_BLOCKS chunks).
+pub fn split_geometry(cols: usize) -> Option<(u32, u32)> {
+    if cols == 0 {
+        return None;
+    }
+    let splits = cols.div_ceil(QILIN_SAMPLE_SPLIT_CHUNK as usize);
+    if splits > QILIN_SAMPLE_SPLIT_MAX_BLOCKS as usize {
+        return None;
+    }
+    let chunk = cols.div_ceil(splits).next_multiple_of(8);
+    Some((splits as u32, chunk as u32))
+}
+
+/// The split kernels (kernels/sampling_split.cu) over `logits [n, vocab]`: argmax
+/// (`rows` None) or sampling as `rows` say, QILIN_SAMPLE_SPLIT_MAX_ROWS rows per launch;
+/// `ids [n]` queued on the stream.
+pub fn split_rows(
+    dev: &Device,
+    logits: &CudaTensor,
+    rows: Option<&[RowSampling]>,
+    (splits, chunk): (u32, u32),
+) -> CudaSlice<u32> {
+    let (n, vocab) = (logits.rows, logits.cols);
+    let per_launch = QILIN_SAMPLE_SPLIT_MAX_ROWS as usize;
+    let mut ids = dev.alloc_output::<u32>(n); // [n]
+                                              // Scratch for one launch: [rows, splits] parts and [rows, splits, CAP] candidates.
+    let parts = dev.alloc_output::<QilinSampleSplitPart>(n.min(per_launch) * splits as usize);
+    let cands = rows.map(|_| {
+        dev.alloc_output::<u32>(n.min(per_launch) * (splits * QILIN_SAMPLE_SPLIT_CAP) as usize)
+    });
+    let meta = rows.map(|rows| dev.upload(&rows.iter().map(device_row).collect::<Vec<_>>()));
+    let counters = dev.merge_counters();
+    for first in (0..n).step_by(per_launch) {
+        let count = (n - first).min(per_launch);
+        let params = QilinSampleSplitParams {
+            rows: count as u32,
+            cols: u32::try_from(vocab).expect("sample: vocab fits u32"),
+            splits,
+            chunk,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (params.rows, splits, 1),
+            block_dim: (QILIN_SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut ids_part = ids.slice_mut(first..first + count);
+        let logits_part = logits.data.slice(first * vocab..(first + count) * vocab);
+        let meta_part = meta.as_ref().map(|meta| meta.slice(first..first + count));
+        let kernel = if rows.is_some() { ptx::SAMPLE_SPLIT_BF16 } else { ptx::ARGMAX_SPLIT_BF16 };
+        let mut launch = dev.stream.launch_builder(dev.function(kernel));
+        launch.arg(&params).arg(&mut ids_part);
+        if let Some(meta_part) = &meta_part {
+            launch.arg(meta_part);
+        }
+        launch.arg(&parts);
+        if let Some(cands) = &cands {
+            launch.arg(cands);
+        }
+        launch.arg(&*counters).arg(&logits_part);
+        // SAFETY: argument order and types follow qilin_{argmax,sample}_split_bf16; ids and
+        // meta hold these `count` rows' entries, logits their count * vocab values, parts
+        // and cands count * splits (* CAP) entries; split_geometry's (splits, chunk) meet
+        // the kernels' contract, count <= QILIN_SAMPLE_SPLIT_MAX_ROWS counters, all zero
+        // (every launch leaves them so).
+        check(unsafe { launch.launch(cfg) }, "launching the split sampling kernel");
+    }
+    drop(counters);
+    ids
 }
 
 /// Applies `penalties` (one row per logits row) to `logits [n, vocab]` in place
@@ -147,4 +255,27 @@ pub fn apply_penalties(dev: &Device, logits: &mut CudaTensor, penalties: &Penalt
     // whose entries lie in tokens (asserted above), logits n * vocab bf16; the entries of a
     // row are distinct ids (PenaltyBatch's contract), so no two threads write one logit.
     check(unsafe { launch.launch(cfg) }, "launching qilin_apply_penalties_bf16");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_geometry_covers_each_row_with_blocks_that_start_inside_it() {
+        let limit = (QILIN_SAMPLE_SPLIT_CHUNK * QILIN_SAMPLE_SPLIT_MAX_BLOCKS) as usize;
+        let mut cols: Vec<usize> = (1..3000).collect();
+        cols.extend((12_280..12_300).chain([49_152, 128_256, 151_936, 152_064, limit - 1, limit]));
+        for c in cols {
+            let (splits, chunk) = split_geometry(c).expect("rows up to the limit split");
+            let (splits, chunk) = (splits as usize, chunk as usize);
+            assert!((1..=QILIN_SAMPLE_SPLIT_MAX_BLOCKS as usize).contains(&splits), "{c}");
+            assert!(chunk % 8 == 0 && chunk <= QILIN_SAMPLE_SPLIT_CHUNK as usize, "{c}: {chunk}");
+            assert!(splits * chunk >= c, "{c}: {splits} x {chunk} leaves keys unread");
+            assert!((splits - 1) * chunk < c, "{c}: the last of {splits} x {chunk} is empty");
+        }
+        assert_eq!(split_geometry(0), None);
+        assert_eq!(split_geometry(limit + 1), None);
+        assert_eq!(split_geometry(152_064), Some((13, 11_704)));
+    }
 }

@@ -1,0 +1,413 @@
+// Split sampling: greedy argmax (qilin_argmax_split_bf16) and temperature / top-k / top-p /
+// min-p sampling (qilin_sample_split_bf16) of each logits row by several blocks per row,
+// opt-in with QILIN_CUDA_SAMPLE_SPLIT=1 until a GPU run verifies them. Same semantics as
+// qilin_argmax_bf16 and qilin_sample_bf16 (kernels/sampling.cu, sampling_common.cuh), so
+// the same CPU twins: CpuBackend::argmax_rows and CpuBackend::sample_rows.
+//
+// Why. One block per row reads the row once per pass from one SM: on an H200, argmax of
+// one 152,064-entry row took 55 us and Qwen's default sampling (top_k 20, top_p 0.8) 273 us
+// whatever the batch up to 64 rows (bench/results/2026-11-26-h200-b908988.md), against a
+// 4.3 ms decode step at batch 1. The row is 304 KB: ~0.1 us of the device's bandwidth.
+// Sixteen passes of ~16 us (each a chain of latency-bound L2 reads by one SM) are the cost.
+//
+// How (one block = one row x one chunk of `chunk` elements, QILIN_SAMPLE_THREADS threads):
+//   1. every thread loads its QILIN_SAMPLE_SPLIT_VECS x 8 keys (sample_key) into registers
+//      with 16-byte loads, all in flight at once: the chunk is read from memory once;
+//   2. the chunk's largest key at its first index; for a greedy row (and the argmax kernel)
+//      that is all;
+//   3. the chunk's threshold t: its QILIN_SAMPLE_SPLIT_TOP-th largest key (the search of
+//      sample_topk_key over the registers), 1 (all) when it holds fewer keys, t + 1 when
+//      t's ties would take more than QILIN_SAMPLE_SPLIT_CAP slots; its candidates, every
+//      key >= t, are written in id order (three block scans) as (key << 16) | offset in
+//      the chunk;
+//   4. rows with top-p but no top-k: the chunk's mass relative to its own maximum;
+//   5. the block counts itself done on the row's counter; the last merges:
+//        - the row's largest key and argmax from the chunks' (greedy rows: done);
+//        - top-k: kk over the candidates. Every key >= T* (the largest chunk threshold) is
+//          a candidate, so counts from T* up are the row's: kk is exact when kk >= T*, and
+//          kk < T* whenever the row's is (then the row falls back to the one-block
+//          algorithm, run by this block). With k <= TOP only ties overflowing a chunk's
+//          slots can raise T* above the row's k-th key: a key >= it has fewer than k keys
+//          above it in its chunk too, so it is >= its chunk's TOP-th key;
+//        - top-p: the cut v0 and its kept ties over the candidates (sample_topp_cut), the
+//          mass of K from the candidates (top-k) or from the chunks' masses, each rescaled
+//          by exp((m_chunk - m) / T) in f64 (no top-k). As for top-k, the cut is exact
+//          when v0 >= T*; otherwise (a flat row whose top-p mass spreads past the
+//          candidates) the row falls back;
+//        - the draw over the candidates in id order (one tile of QILIN_SAMPLE_THREADS x 8):
+//          the survivors' mass, the first survivor whose running sum exceeds u * mass, the
+//          last survivor when rounding leaves none.
+//      Rows the split cannot take (no top-k and no top-p, or top_k > TOP) run the one-block
+//      algorithm in their first block; the others return at once.
+// Masses are f64 as in sample_row; the chunks' rescaled masses differ from the host's sum
+// by ~1e-7 relative (f32 exponentials of another difference), inside the 5e-5 tolerance of
+// tests/gpu_sampling.rs. Argmax and top-k are comparisons: exact.
+//
+// Napkin math (H200, 132 SMs, 4.26 TB/s): a 152,064-entry row is 13 chunks of 11,698; one
+// block loads its 23 KB in one round trip (~1 us), then ~6 search passes over registers
+// (~0.3 us each: 168 compares and 7 block sums), 3 scans, the counter's round trip (~1 us)
+// and the merge (~300 candidates: ~6 block-wide passes over shared memory, ~0.2 us each):
+// ~6-10 us per row, rows in parallel up to ~130 blocks at once.
+//
+// Launch: grid = (rows, splits, 1), block = (QILIN_SAMPLE_THREADS, 1, 1), no dynamic
+// shared memory. counters: >= rows entries, all 0 at launch, 0 again at exit.
+
+#include "common.cuh"
+#include "sampling_common.cuh"
+
+static constexpr int SPLIT_VECS = QILIN_SAMPLE_SPLIT_VECS;
+static constexpr int SPLIT_ITEMS = SPLIT_VECS * 8;  // keys per thread
+static constexpr int SPLIT_TOP = QILIN_SAMPLE_SPLIT_TOP;
+static constexpr int SPLIT_CAP = QILIN_SAMPLE_SPLIT_CAP;
+static constexpr int SPLIT_MERGE = QILIN_SAMPLE_SPLIT_MAX_BLOCKS * SPLIT_CAP;  // candidates
+static_assert(QILIN_SAMPLE_SPLIT_CHUNK == QILIN_SAMPLE_THREADS * SPLIT_ITEMS,
+              "abi.h: a chunk is every thread's keys");
+static_assert(QILIN_SAMPLE_SPLIT_CHUNK <= 65536, "a candidate's offset in its chunk fits 16 bits");
+static_assert(SPLIT_TOP <= SPLIT_CAP, "a chunk's top keys fit its candidate slots");
+static_assert(SPLIT_MERGE == QILIN_SAMPLE_THREADS * 8,
+              "the merge draws over every candidate in one tile of 8 per thread");
+
+// This block's keys in registers: key[v * 8 + e] is element begin + (v * THREADS + tid) * 8
+// + e of the row, 0 past `end` (below every real key: those run from 0x007f, -inf).
+QILIN_DEVICE void split_load_keys(const unsigned short* x, unsigned begin, unsigned end,
+                                  unsigned (&key)[SPLIT_ITEMS]) {
+    const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;  // begin: a multiple of 8
+    uint4 w[SPLIT_VECS];
+#pragma unroll
+    for (int v = 0; v < SPLIT_VECS; ++v) {  // every load issued before any is used
+        const unsigned i = begin + (v * QILIN_SAMPLE_THREADS + threadIdx.x) * 8;
+        w[v] = aligned && i + 8 <= end ? __ldg(reinterpret_cast<const uint4*>(x + i))
+                                       : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int v = 0; v < SPLIT_VECS; ++v) {
+        const unsigned i = begin + (v * QILIN_SAMPLE_THREADS + threadIdx.x) * 8;
+        const unsigned words[4] = {w[v].x, w[v].y, w[v].z, w[v].w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const unsigned bits = e % 2 == 0 ? words[e / 2] & 0xffffu : words[e / 2] >> 16;
+            if (aligned && i + 8 <= end) {
+                key[v * 8 + e] = sample_key(bits);
+            } else {
+                key[v * 8 + e] = i + e < end ? sample_load_key(x, i + e) : 0u;
+            }
+        }
+    }
+}
+
+// Row index of key[j] (see split_load_keys).
+QILIN_DEVICE unsigned split_index(unsigned begin, int j) {
+    return begin + ((j / 8) * QILIN_SAMPLE_THREADS + threadIdx.x) * 8 + j % 8;
+}
+
+template <bool ARGMAX_ONLY>
+QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
+                               uint32_t* __restrict__ ids,
+                               const QilinSampleRow* __restrict__ rows,
+                               QilinSampleSplitPart* __restrict__ parts,
+                               uint32_t* __restrict__ cands,
+                               uint32_t* __restrict__ counters,
+                               const bf16* __restrict__ logits) {
+    __shared__ unsigned long long s_l[SAMPLE_WARPS];
+    __shared__ double s_d[SAMPLE_WARPS];
+    __shared__ unsigned s_u[SAMPLE_WARPS];
+    __shared__ unsigned s_pu[SAMPLE_PROBES * SAMPLE_WARPS];
+    __shared__ double s_pd[SAMPLE_PROBES * SAMPLE_WARPS];
+    __shared__ unsigned s_last;
+    __shared__ unsigned s_found;
+    __shared__ QilinSampleSplitPart s_part[QILIN_SAMPLE_SPLIT_MAX_BLOCKS];
+    __shared__ unsigned short s_ckey[SPLIT_MERGE];  // the row's candidates, in id order
+    __shared__ unsigned s_cid[SPLIT_MERGE];
+
+    if (blockDim.x != QILIN_SAMPLE_THREADS || p.splits == 0 ||
+        p.splits > QILIN_SAMPLE_SPLIT_MAX_BLOCKS || p.splits != gridDim.y || p.chunk % 8 != 0 ||
+        p.chunk > QILIN_SAMPLE_SPLIT_CHUNK || (size_t)p.splits * p.chunk < p.cols ||
+        (size_t)(p.splits - 1) * p.chunk >= p.cols ||
+        p.cols == 0 || p.rows > QILIN_SAMPLE_SPLIT_MAX_ROWS) {
+        __trap();
+    }
+    const unsigned row = blockIdx.x;
+    const unsigned z = blockIdx.y;
+    if (row >= p.rows) {
+        return;
+    }
+    const unsigned tid = threadIdx.x;
+    const unsigned cols = p.cols;
+    const unsigned short* x = reinterpret_cast<const unsigned short*>(logits) + (size_t)row * cols;
+    QilinSampleRow rp;
+    if (ARGMAX_ONLY) {
+        rp = QilinSampleRow{0.0, 0.0f, 0u, 1.0f, 0.0f};
+    } else {
+        rp = rows[row];
+    }
+    const bool greedy = !(rp.inv_t > 0.0f);
+    const bool topk_on = rp.top_k > 0 && rp.top_k < cols;
+    const bool split_row = greedy || (topk_on ? rp.top_k <= SPLIT_TOP : rp.top_p < 1.0f);
+    if (!split_row) {
+        if (z == 0) {
+            sample_row(rp, x, cols, ids + row);
+        }
+        return;
+    }
+
+    // 1-4: this chunk.
+    const unsigned begin = z * p.chunk;
+    const unsigned end = min(begin + p.chunk, cols);  // > begin: every chunk starts inside
+    unsigned key[SPLIT_ITEMS];
+    split_load_keys(x, begin, end, key);
+    unsigned long long best = 0;
+#pragma unroll
+    for (int j = 0; j < SPLIT_ITEMS; ++j) {
+        const unsigned long long c =
+            ((unsigned long long)key[j] << 32) | (unsigned long long)(~split_index(begin, j));
+        best = key[j] != 0 && c > best ? c : best;
+    }
+    best = sample_block_max_u64(best, s_l);
+    QilinSampleSplitPart part{best, 0.0, 0u, 0u};
+    if (!greedy) {
+        const unsigned chunk_max = (unsigned)(best >> 32);
+        const float m_chunk = sample_value(chunk_max);
+        if (!topk_on && m_chunk != -INFINITY) {
+            double mass = 0.0;
+#pragma unroll
+            for (int j = 0; j < SPLIT_ITEMS; ++j) {
+                mass += key[j] != 0 ? (double)sample_prob(key[j], m_chunk, rp.inv_t) : 0.0;
+            }
+            part.mass = sample_block_sum(mass, s_d);
+        }
+        const auto scan_keys = [&](auto f) {
+#pragma unroll
+            for (int j = 0; j < SPLIT_ITEMS; ++j) {
+                if (key[j] != 0) {
+                    f(key[j], 0u);
+                }
+            }
+        };
+        const auto count_from = [&](unsigned t) {
+            unsigned mine = 0;
+#pragma unroll
+            for (int j = 0; j < SPLIT_ITEMS; ++j) {
+                mine += key[j] >= t;  // padding (0) never: thresholds are >= 1
+            }
+            return sample_block_sum(mine, s_u);
+        };
+        // Keys >= 1 are the chunk's real ones: with at most TOP of them, all are candidates.
+        part.threshold =
+            end - begin > SPLIT_TOP ? sample_topk_key(scan_keys, SPLIT_TOP, chunk_max, s_pu) : 1u;
+        part.count = count_from(part.threshold);
+        if (part.count > SPLIT_CAP) {
+            // The threshold's ties overflow the slots: keep the keys above it (fewer than
+            // TOP), complete from threshold + 1 on; the merge checks that this suffices.
+            part.threshold += 1;
+            part.count = count_from(part.threshold);
+        }
+        {
+            uint32_t* slots = cands + ((size_t)row * p.splits + z) * SPLIT_CAP;
+            unsigned base = 0;
+#pragma unroll
+            for (int v = 0; v < SPLIT_VECS; ++v) {  // vector v of every thread, then v + 1
+                unsigned here = 0;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    here += key[v * 8 + e] >= part.threshold;
+                }
+                unsigned total;
+                unsigned at = base + sample_block_scan(here, s_u, &total);
+                base += total;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int j = v * 8 + e;
+                    if (key[j] >= part.threshold) {
+                        slots[at++] = (key[j] << 16) | (split_index(begin, j) - begin);
+                    }
+                }
+            }
+        }
+    }
+
+    // 5: count this chunk done; the last block of the row merges (the fence orders this
+    // block's part and candidates before its count; the merge reads them through L2).
+    if (p.splits > 1) {
+        if (tid == 0) {
+            parts[(size_t)row * p.splits + z] = part;
+        }
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            s_last = atomicAdd(counters + row, 1u) == p.splits - 1;
+        }
+        __syncthreads();
+        if (!s_last) {
+            return;
+        }
+        __threadfence();
+        if (tid < p.splits) {
+            const QilinSampleSplitPart* src = parts + (size_t)row * p.splits + tid;
+            s_part[tid].best = __ldcg(&src->best);
+            s_part[tid].mass = __ldcg(&src->mass);
+            s_part[tid].threshold = __ldcg(&src->threshold);
+            s_part[tid].count = __ldcg(&src->count);
+        }
+        if (tid == 0) {
+            counters[row] = 0u;  // every chunk has counted: ready for the next launch
+        }
+    } else if (tid == 0) {
+        s_part[0] = part;
+    }
+    __syncthreads();
+
+    unsigned long long row_best = 0;
+    unsigned n_cands = 0;
+    unsigned floor_key = 0;  // every key >= it is a candidate
+    for (unsigned b = 0; b < p.splits; ++b) {
+        row_best = s_part[b].best > row_best ? s_part[b].best : row_best;
+        n_cands += s_part[b].count;
+        floor_key = max(floor_key, s_part[b].threshold);
+    }
+    const unsigned max_key = (unsigned)(row_best >> 32);
+    const unsigned argmax = ~(unsigned)row_best;
+    const float m = sample_value(max_key);
+    const float inv_t = rp.inv_t;
+    if (greedy || m == -INFINITY) {
+        if (tid == 0) {
+            ids[row] = greedy ? argmax : 0u;
+        }
+        return;
+    }
+
+    // The candidates into shared memory, chunk by chunk: id order.
+    for (unsigned i = tid; i < n_cands; i += QILIN_SAMPLE_THREADS) {
+        unsigned b = 0;
+        unsigned before = 0;
+        while (i >= before + s_part[b].count) {
+            before += s_part[b].count;
+            ++b;
+        }
+        const uint32_t c = __ldcg(cands + ((size_t)row * p.splits + b) * SPLIT_CAP + (i - before));
+        s_ckey[i] = (unsigned short)(c >> 16);
+        s_cid[i] = b * p.chunk + (c & 0xffffu);
+    }
+    __syncthreads();
+    const auto scan_cands = [&](auto f) {
+        for (unsigned i = tid; i < n_cands; i += QILIN_SAMPLE_THREADS) {
+            f((unsigned)s_ckey[i], s_cid[i]);
+        }
+    };
+
+    const unsigned kk = topk_on ? sample_topk_key(scan_cands, rp.top_k, max_key, s_pu) : 0u;
+    // Over the candidates, counts of keys >= floor_key are the row's: kk is the row's k-th
+    // largest key when it is >= floor_key, and below floor_key whenever the row's is.
+    if (topk_on && kk < floor_key) {
+        sample_row(rp, x, cols, ids + row);  // the k-th largest among keys a chunk dropped
+        return;
+    }
+    unsigned v0 = kk;
+    unsigned keep_ties = 0xffffffffu;
+    if (rp.top_p < 1.0f) {
+        double mass_k = 0.0;
+        if (topk_on) {
+            scan_cands([&](unsigned k, unsigned) {
+                mass_k += k >= kk ? (double)sample_prob(k, m, inv_t) : 0.0;
+            });
+            mass_k = sample_block_sum(mass_k, s_d);
+        } else {
+            for (unsigned b = 0; b < p.splits; ++b) {
+                const float m_b = sample_value((unsigned)(s_part[b].best >> 32));
+                if (m_b != -INFINITY) {
+                    mass_k += s_part[b].mass * exp(((double)m_b - (double)m) * (double)inv_t);
+                }
+            }
+        }
+        const double top_p = (double)fmaxf(rp.top_p, 1.17549435e-38f);  // f32::MIN_POSITIVE
+        const double target = top_p * mass_k;
+        sample_topp_cut(scan_cands, kk, max_key, target, m, inv_t, s_pd, s_d, s_u, v0,
+                        keep_ties);
+        if (!topk_on && v0 < floor_key) {
+            // The cut lies among keys some chunk did not keep: the whole row, one block.
+            sample_row(rp, x, cols, ids + row);
+            return;
+        }
+    }
+
+    // The draw: thread t takes candidates 8t .. 8t + 7 (id order).
+    const float min_p = fminf(rp.min_p, 1.0f);
+    const unsigned first = tid * 8;
+    unsigned ties = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        ties += first + j < n_cands && s_ckey[first + j] == v0;
+    }
+    unsigned all_ties;
+    unsigned rank = sample_block_scan(ties, s_u, &all_ties);
+    unsigned kept = 0;  // bit j: candidate first + j survives with p > 0
+    double my_mass = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const unsigned i = first + j;
+        const unsigned k = i < n_cands ? s_ckey[i] : 0u;
+        bool keep = i < n_cands && (k > v0 || (k == v0 && rank < keep_ties));
+        rank += i < n_cands && k == v0;
+        const float pk = keep ? sample_prob(k, m, inv_t) : 0.0f;
+        keep = keep && pk > 0.0f && !(pk < min_p);
+        kept |= (unsigned)keep << j;
+        my_mass += keep ? (double)pk : 0.0;
+    }
+    double total;
+    double acc = sample_block_scan(my_mass, s_d, &total);
+    const double target = rp.u * total;
+    if (tid == 0) {
+        s_found = 0xffffffffu;
+    }
+    __syncthreads();
+    unsigned last = 0;  // the last survivor's position + 1 (0: none in this thread)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (kept & (1u << j)) {
+            acc += (double)sample_prob(s_ckey[first + j], m, inv_t);
+            last = first + j + 1;
+            if (acc > target) {
+                atomicMin(&s_found, first + j);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    const unsigned found = s_found;
+    const unsigned long long last_pos = sample_block_max_u64((unsigned long long)last, s_l);
+    if (tid == 0) {
+        // Rounding: nothing crossed; the last survivor (there is one: the best token has
+        // p = 1, survives top-p and min-p <= 1).
+        const unsigned pos = found != 0xffffffffu ? found : (unsigned)max(last_pos, 1ull) - 1;
+        ids[row] = s_cid[pos];
+    }
+}
+
+// ids:      u32                  [rows]                  the greedy choice of each row
+// parts:    QilinSampleSplitPart [rows, splits]          scratch (unused when splits == 1)
+// counters: u32                  [>= rows]               0 at launch, 0 again at exit
+// logits:   bf16                 [rows, cols]
+extern "C" __global__ void __launch_bounds__(QILIN_SAMPLE_THREADS, 1)
+qilin_argmax_split_bf16(const QilinSampleSplitParams p,
+                        uint32_t* __restrict__ ids,
+                        QilinSampleSplitPart* __restrict__ parts,
+                        uint32_t* __restrict__ counters,
+                        const bf16* __restrict__ logits) {
+    sample_split<true>(p, ids, nullptr, parts, nullptr, counters, logits);
+}
+
+// ids:      u32                  [rows]                  the chosen token of each row
+// rows:     QilinSampleRow       [rows]                  how each row is sampled
+// parts:    QilinSampleSplitPart [rows, splits]          scratch (unused when splits == 1)
+// cands:    u32                  [rows, splits, QILIN_SAMPLE_SPLIT_CAP] scratch: candidates
+// counters: u32                  [>= rows]               0 at launch, 0 again at exit
+// logits:   bf16                 [rows, cols]
+extern "C" __global__ void __launch_bounds__(QILIN_SAMPLE_THREADS, 1)
+qilin_sample_split_bf16(const QilinSampleSplitParams p,
+                        uint32_t* __restrict__ ids,
+                        const QilinSampleRow* __restrict__ rows,
+                        QilinSampleSplitPart* __restrict__ parts,
+                        uint32_t* __restrict__ cands,
+                        uint32_t* __restrict__ counters,
+                        const bf16* __restrict__ logits) {
+    sample_split<false>(p, ids, rows, parts, cands, counters, logits);
+}
