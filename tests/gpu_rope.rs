@@ -23,6 +23,12 @@
 //! its rotated k and of v (CpuKvCache::store), so the expected device cache is built
 //! from those rows.
 //!
+//! `qilin_rope_qkv_store_kv_bf16` (through `CudaBackend::rope_qkv_and_store_kv` with
+//! `FastPaths::rope_qkv` on) runs every case too, from the q, k, v rows concatenated as
+//! the fused projection writes them, against the same twin: its q must equal the twin's
+//! rotated q and its cache the twin's cache, bit for bit. The trait's default for that op
+//! (split_cols, then the in-place kernel) runs them as well.
+//!
 //! Poison: every layer of the device cache is filled with NaN before the launch; slots
 //! the batch does not write, and the layer it does not write, must still hold it.
 //! q and k are rotated in place, so they cannot be poisoned; every element of them
@@ -162,10 +168,13 @@ struct Case<'a> {
     batch: &'a Batch,
     rope: &'a RopeTable,
     shape: AttentionShape,
+    /// Through `rope_qkv_and_store_kv` (the qkv-reading kernel when
+    /// `FastPaths::rope_qkv`) instead of `rope_and_store_kv`.
+    fused: bool,
 }
 
 fn check_case(gpu: &CudaBackend, rng: &mut ChaCha8Rng, case: &Case) {
-    let Case { label, batch, rope, shape } = case;
+    let Case { label, batch, rope, shape, fused } = case;
     let (n, hd) = (batch.n_tokens(), shape.head_dim);
     let (q_cols, kv_cols) = (shape.num_heads * hd, shape.num_kv_heads * hd);
     let q = random_bf16(rng, n * q_cols, 4.0);
@@ -194,9 +203,6 @@ fn check_case(gpu: &CudaBackend, rng: &mut ChaCha8Rng, case: &Case) {
         *shape,
     );
 
-    let mut q_gpu = gpu.tensor_from_host(&q, n, q_cols);
-    let mut k_gpu = gpu.tensor_from_host(&k, n, kv_cols);
-    let v_gpu = gpu.tensor_from_host(&v, n, kv_cols);
     let mut cache_gpu = gpu.alloc_kv_cache(cache_shape).expect("device cache");
     let slot_values = NUM_BLOCKS * BLOCK_SIZE * kv_cols;
     let poison = vec![bf16::from_bits(NAN_BITS); slot_values];
@@ -205,21 +211,42 @@ fn check_case(gpu: &CudaBackend, rng: &mut ChaCha8Rng, case: &Case) {
             gpu.dev.stream.memcpy_htod(&poison[..], buffer).expect("poison the cache");
         }
     }
-    gpu.rope_and_store_kv(
-        &mut q_gpu,
-        &mut k_gpu,
-        &v_gpu,
-        batch,
-        rope,
-        &mut cache_gpu,
-        LAYER,
-        *shape,
-    );
+    // In place (q and k rotated where they are), or from the fused projection's rows
+    // (q returned; k reaches only the cache, which the comparison below covers).
+    let (q_gpu, k_gpu) = if *fused {
+        let qkv: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                let row = |x: &[f32], cols: usize| x[t * cols..(t + 1) * cols].to_vec();
+                [row(&q, q_cols), row(&k, kv_cols), row(&v, kv_cols)].concat()
+            })
+            .collect();
+        let qkv_gpu = gpu.tensor_from_host(&qkv, n, q_cols + 2 * kv_cols);
+        // Best-effort poison: free a NaN buffer the new q's allocation may reuse.
+        drop(gpu.tensor_from_host(&vec![f32::NAN; n * q_cols], n, q_cols));
+        (gpu.rope_qkv_and_store_kv(&qkv_gpu, batch, rope, &mut cache_gpu, LAYER, *shape), None)
+    } else {
+        let mut q_gpu = gpu.tensor_from_host(&q, n, q_cols);
+        let mut k_gpu = gpu.tensor_from_host(&k, n, kv_cols);
+        let v_gpu = gpu.tensor_from_host(&v, n, kv_cols);
+        gpu.rope_and_store_kv(
+            &mut q_gpu,
+            &mut k_gpu,
+            &v_gpu,
+            batch,
+            rope,
+            &mut cache_gpu,
+            LAYER,
+            *shape,
+        );
+        (q_gpu, Some(k_gpu))
+    };
 
     // q and k, element by element, with everything needed to find the bad one.
-    for (what, gpu_t, cpu_t, input, cols) in
-        [("q", &q_gpu, &q_cpu, &q, q_cols), ("k", &k_gpu, &k_cpu, &k, kv_cols)]
-    {
+    let mut tensors = vec![("q", &q_gpu, &q_cpu, &q, q_cols)];
+    if let Some(k_gpu) = &k_gpu {
+        tensors.push(("k", k_gpu, &k_cpu, &k, kv_cols));
+    }
+    for (what, gpu_t, cpu_t, input, cols) in tensors {
         let got = gpu.to_host(gpu_t);
         assert_eq!(got.len(), n * cols, "{label}: {what} size");
         if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != bf16_bits(cpu_t.data[i])) {
@@ -294,7 +321,7 @@ fn rope_and_kv_write_match_the_cpu_twin() {
     if skip_without_gpu_tests() {
         return;
     }
-    let gpu = open_gpu();
+    let mut gpu = open_gpu();
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     eprintln!("seed {seed}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -339,12 +366,18 @@ fn rope_and_kv_write_match_the_cpu_twin() {
                     shape.head_dim,
                     batch.n_tokens()
                 );
-                check_case(
-                    &gpu,
-                    &mut rng,
-                    &Case { label: label.clone(), batch: &batch, rope, shape },
-                );
-                eprintln!("{label}: bit-exact");
+                // Both kernels; the qkv-reading one also through the trait's default
+                // (split_cols, then the in-place kernel) when its switch is off.
+                for (fused, rope_qkv) in [(false, false), (true, true), (true, false)] {
+                    gpu.dev.paths.rope_qkv = rope_qkv;
+                    let label = format!("{label}, fused {fused}, QILIN_CUDA_ROPE_QKV {rope_qkv}");
+                    check_case(
+                        &gpu,
+                        &mut rng,
+                        &Case { label: label.clone(), batch: &batch, rope, shape, fused },
+                    );
+                    eprintln!("{label}: bit-exact");
+                }
             }
         }
     }

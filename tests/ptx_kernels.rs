@@ -193,6 +193,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_rope.rs",
     },
     Coverage {
+        entry: "qilin_rope_qkv_store_kv_bf16",
+        launcher: "src/backend/cuda/rope.rs",
+        twin: "rope_and_store_kv",
+        parity: "tests/gpu_rope.rs",
+    },
+    Coverage {
         entry: "qilin_gemv_bf16",
         launcher: "src/backend/cuda/linear.rs",
         twin: "linear",
@@ -561,6 +567,10 @@ fn elementwise_and_rope_params_match_the_rust_layout() {
         ),
         (
             ptx::ROPE_STORE_KV_BF16,
+            layout(size_of::<QilinRopeParams>(), align_of::<QilinRopeParams>()),
+        ),
+        (
+            ptx::ROPE_QKV_STORE_KV_BF16,
             layout(size_of::<QilinRopeParams>(), align_of::<QilinRopeParams>()),
         ),
     ];

@@ -129,6 +129,24 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
     );
 
+    /// The attention's query from the fused projection `qkv [n, (heads + 2*kv_heads) *
+    /// head_dim]` (q, k, v columns in that order): returns q `[n, heads*head_dim]` rotated
+    /// and writes k rotated and v into layer `layer` of the cache, exactly as `split_cols`
+    /// then `rope_and_store_kv` (the default, `rope_qkv_by_split`); a backend may read the
+    /// columns in place instead of copying them out.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qkv_and_store_kv(
+        &self,
+        qkv: &Self::Tensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> Self::Tensor {
+        rope_qkv_by_split(self, qkv, batch, rope, cache, layer, shape)
+    }
+
     /// Causal paged attention over a batch mixing prefill chunks and decode tokens.
     /// q `[n, heads*head_dim]` -> `[n, heads*head_dim]`; K/V read from `cache` through
     /// each sequence's block table.
@@ -226,6 +244,27 @@ pub trait Backend: Send + Sync {
 pub type StepFn<'a, T> = dyn FnMut(&Batch, &RopeTable) -> Option<T> + 'a;
 
 /// Runs `step` on `batch` once, with `rope` grown to cover its positions.
+/// `Backend::rope_qkv_and_store_kv` by its definition: `split_cols`, then
+/// `rope_and_store_kv`; returns q.
+pub fn rope_qkv_by_split<B: Backend + ?Sized>(
+    b: &B,
+    qkv: &B::Tensor,
+    batch: &Batch,
+    rope: &RopeTable,
+    cache: &mut B::KvCache,
+    layer: usize,
+    shape: AttentionShape,
+) -> B::Tensor {
+    let q_width = shape.num_heads * shape.head_dim;
+    let kv_width = shape.num_kv_heads * shape.head_dim;
+    let [mut q, mut k, v]: [B::Tensor; 3] = b
+        .split_cols(qkv, &[q_width, kv_width, kv_width])
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("split_cols returns one tensor per width"));
+    b.rope_and_store_kv(&mut q, &mut k, &v, batch, rope, cache, layer, shape);
+    q
+}
+
 pub fn run_eagerly<T>(batch: &Batch, rope: &mut RopeTable, step: &mut StepFn<'_, T>) -> Option<T> {
     let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
     rope.ensure(max_pos + 1);

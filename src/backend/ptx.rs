@@ -28,6 +28,10 @@ pub const COPY_COLS_BF16: Kernel = Kernel { module: "elementwise", entry: "qilin
 pub const SILU_MUL_BF16: Kernel = Kernel { module: "elementwise", entry: "qilin_silu_mul_bf16" };
 /// RoPE on q and k fused with the K/V cache write, bf16; see kernels/rope.cu.
 pub const ROPE_STORE_KV_BF16: Kernel = Kernel { module: "rope", entry: "qilin_rope_store_kv_bf16" };
+/// The same reading q, k and v from the fused qkv projection (no split copies; opt-in,
+/// QILIN_CUDA_ROPE_QKV=1); see kernels/rope.cu.
+pub const ROPE_QKV_STORE_KV_BF16: Kernel =
+    Kernel { module: "rope", entry: "qilin_rope_qkv_store_kv_bf16" };
 
 /// Dense bf16 linear layer for up to 8 tokens (decode), bias fused; see kernels/gemv.cu.
 pub const GEMV_BF16: Kernel = Kernel { module: "gemv", entry: "qilin_gemv_bf16" };
@@ -137,6 +141,7 @@ pub const KERNELS: &[Kernel] = &[
     COPY_COLS_BF16,
     SILU_MUL_BF16,
     ROPE_STORE_KV_BF16,
+    ROPE_QKV_STORE_KV_BF16,
     GEMV_BF16,
     BIAS_ROUND_BF16,
     ATTENTION_DECODE_G4_BF16,

@@ -35,7 +35,8 @@ use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
 use crate::backend::cuda::gemv_mma_wins;
 use crate::backend::cuda::{AttentionKernels, CudaBackend};
 use crate::backend::{
-    AttentionShape, Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken, RowSampling,
+    rope_qkv_by_split, AttentionShape, Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken,
+    RowSampling,
 };
 use crate::config::BenchKernelsArgs;
 use crate::engine::load::open_cuda;
@@ -378,8 +379,28 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         let bytes =
             (2 * n * q + 2 * n * kv + n * kv + 2 * n * kv) as f64 * bf + (n * hd) as f64 * 4.0;
         let what = format!("{label}: {n} tokens, q [{n}, {q}], kv [{n}, {kv}]");
-        bench.measure("rope_and_store_kv", what, bytes, 0.0, &mut || {
+        bench.measure("rope_and_store_kv", what.clone(), bytes, 0.0, &mut || {
             b.rope_and_store_kv(&mut qt, &mut kt, &v, &batch, &rope, &mut cache, 0, shape);
+        });
+        // From the fused projection, as a layer runs it: the dispatch's split copies and
+        // the in-place kernel, then the kernel reading the columns (QILIN_CUDA_ROPE_QKV=1).
+        let qkv = rand.tensor(n, q + 2 * kv, 1.0);
+        // qkv read, q written, K and V written to the cache, cos/sin read.
+        let fused_bytes =
+            (n * (q + 2 * kv) + n * q + 2 * n * kv) as f64 * bf + (n * hd) as f64 * 4.0;
+        // The copies read qkv and write q, k, v; then the in-place kernel's bytes.
+        let copies_bytes = bytes + (2 * n * (q + 2 * kv)) as f64 * bf;
+        bench.measure(
+            "split_cols + rope_and_store_kv",
+            what.clone(),
+            copies_bytes,
+            0.0,
+            &mut || {
+                drop(rope_qkv_by_split(b, &qkv, &batch, &rope, &mut cache, 0, shape));
+            },
+        );
+        bench.measure("rope_qkv_and_store_kv (one kernel)", what, fused_bytes, 0.0, &mut || {
+            drop(b.rope_qkv_in_one_kernel(&qkv, &batch, &rope, &mut cache, 0, shape));
         });
     }
     for &n_seqs in &decode_batches {

@@ -99,19 +99,13 @@ fn layers<B: Backend>(
     cache: &mut B::KvCache,
 ) -> Option<B::Tensor> {
     let eps = config.rms_norm_eps;
-    let q_width = config.num_heads * config.head_dim;
-    let kv_width = config.num_kv_heads * config.head_dim;
 
     let mut residual = b.embedding(&w.embed_tokens, &batch.token_ids);
     let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
     for (i, layer) in w.layers.iter().enumerate() {
         let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
         let qkv = b.linear(&x, &layer.qkv_proj);
-        let [mut q, mut k, v]: [B::Tensor; 3] = b
-            .split_cols(&qkv, &[q_width, kv_width, kv_width])
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("split_cols returns one tensor per width"));
-        b.rope_and_store_kv(&mut q, &mut k, &v, batch, rope, cache, i, shape);
+        let q = b.rope_qkv_and_store_kv(&qkv, batch, rope, cache, i, shape);
         let attn = b.attention(&q, batch, cache, i, shape);
         let attn_out = b.linear(&attn, &layer.o_proj);
         let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);

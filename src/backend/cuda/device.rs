@@ -101,6 +101,10 @@ pub struct FastPaths {
     /// of rows up to 16 chunks long by one block per chunk (qilin_argmax_split_bf16,
     /// qilin_sample_split_bf16) instead of one block per row.
     pub sample_split: bool,
+    /// `QILIN_CUDA_ROPE_QKV=1` (opt-in, compiles, unverified): RoPE and the K/V cache
+    /// write read q, k and v from the fused qkv projection (qilin_rope_qkv_store_kv_bf16)
+    /// instead of three column copies and qilin_rope_store_kv_bf16.
+    pub rope_qkv: bool,
     /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in until a GPU run times whole steps with it): 4-bit
     /// layers much wider than deep (gate_up) at 33-64 tokens through the tensor-core GEMM
     /// qilin_qgemm_w4_bf16 (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
@@ -118,6 +122,7 @@ impl Default for FastPaths {
             qgemv_mma_wide: true,
             device_penalties: true,
             sample_split: false,
+            rope_qkv: false,
             qgemm_wide: false,
         }
     }
@@ -136,6 +141,7 @@ impl FastPaths {
             qgemv_mma_wide: on("QILIN_CUDA_QGEMV_MMA_WIDE"),
             device_penalties: on("QILIN_CUDA_DEVICE_PENALTIES"),
             sample_split: opt_in("QILIN_CUDA_SAMPLE_SPLIT"),
+            rope_qkv: opt_in("QILIN_CUDA_ROPE_QKV"),
             qgemm_wide: opt_in("QILIN_CUDA_QGEMM_WIDE"),
         }
     }

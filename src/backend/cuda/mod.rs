@@ -30,8 +30,8 @@ pub use sampling::argmax_rows_on_device;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
 use super::{
-    run_eagerly, AttentionShape, Backend, BackendError, Batch, KvCacheShape, LinearPart,
-    PenaltyBatch, RowSampling, StepFn,
+    rope_qkv_by_split, run_eagerly, AttentionShape, Backend, BackendError, Batch, KvCacheShape,
+    LinearPart, PenaltyBatch, RowSampling, StepFn,
 };
 use crate::model::rope::RopeTable;
 use crate::model::WeightTensor;
@@ -62,6 +62,21 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
+    /// `Backend::rope_qkv_and_store_kv` through qilin_rope_qkv_store_kv_bf16 whatever
+    /// `paths.rope_qkv` says (benchmarks).
+    pub fn rope_qkv_in_one_kernel(
+        &self,
+        qkv: &CudaTensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CudaTensor {
+        let meta = self.device_batch(batch);
+        rope::rope_qkv_and_store_kv(&self.dev, qkv, &meta, rope, cache, layer, shape)
+    }
+
     pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
         Ok(CudaBackend {
             dev: Device::open(ordinal)?,
@@ -223,6 +238,21 @@ impl Backend for CudaBackend {
     ) {
         let meta = self.device_batch(batch);
         rope::rope_and_store_kv(&self.dev, q, k, v, &meta, rope, cache, layer, shape)
+    }
+
+    fn rope_qkv_and_store_kv(
+        &self,
+        qkv: &CudaTensor,
+        batch: &Batch,
+        rope: &RopeTable,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        shape: AttentionShape,
+    ) -> CudaTensor {
+        if !self.dev.paths.rope_qkv {
+            return rope_qkv_by_split(self, qkv, batch, rope, cache, layer, shape);
+        }
+        self.rope_qkv_in_one_kernel(qkv, batch, rope, cache, layer, shape)
     }
 
     fn attention(

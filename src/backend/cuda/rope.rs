@@ -12,14 +12,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::batch_meta::DeviceBatch;
 use super::device::{check, Device};
 use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{rope_block_threads, QilinRopeParams};
-use crate::backend::{ptx, AttentionShape, BLOCK_SIZE};
+use crate::backend::ptx::{self, Kernel};
+use crate::backend::{AttentionShape, BLOCK_SIZE};
 use crate::model::rope::RopeTable;
 
 /// A RopeTable's cos/sin on one device.
@@ -39,16 +40,18 @@ struct DeviceTable {
 /// A device table kept alive by a captured graph that reads it, after the engine's table
 /// has grown and the entry here was replaced.
 pub struct PinnedTable {
-    _cos: Arc<CudaSlice<f32>>,
-    _sin: Arc<CudaSlice<f32>>,
+    cos: Arc<CudaSlice<f32>>, // [len, half]
+    sin: Arc<CudaSlice<f32>>, // [len, half]
 }
 
-/// The device copy of `rope` that `rope_and_store_kv` reads (uploaded if it is not yet),
-/// kept alive for as long as the result is.
+/// The device copy of `rope` that the RoPE kernels read (uploaded if it is not yet), kept
+/// alive for as long as the result is: by a captured graph, and by each launch until it is
+/// queued (the engine's table may grow meanwhile on another thread and replace this one;
+/// a drop after the launch is ordered after the kernel on the stream).
 pub fn pin_table(dev: &Device, rope: &RopeTable) -> PinnedTable {
     let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
     let table = device_table(dev, &mut tables, rope);
-    PinnedTable { _cos: table.cos.clone(), _sin: table.sin.clone() }
+    PinnedTable { cos: table.cos.clone(), sin: table.sin.clone() }
 }
 
 /// At most this many contexts keep a table (tests open several backends; production one
@@ -96,11 +99,100 @@ pub fn rope_and_store_kv(
     shape: AttentionShape,
 ) {
     let n = batch.n_tokens;
-    let (heads, kv_heads, head_dim) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
-    let kv_width = kv_heads * head_dim;
-    assert_eq!((q.rows, q.cols), (n, heads * head_dim), "rope: q does not match the batch");
+    let kv_width = shape.num_kv_heads * shape.head_dim;
+    assert_eq!((q.rows, q.cols), (n, shape.num_heads * shape.head_dim), "rope: q vs the batch");
     assert_eq!((k.rows, k.cols), (n, kv_width), "rope: k does not match the batch");
     assert_eq!((v.rows, v.cols), (n, kv_width), "rope: v does not match the batch");
+    let Some((params, cfg)) = launch_shape(batch, rope, cache, layer, shape) else { return };
+    let table = pin_table(dev, rope);
+    // SAFETY (with launch's): q holds n * heads * head_dim bf16, k and v n * kv_heads *
+    // head_dim (asserted above), in qilin_rope_store_kv_bf16's order.
+    unsafe {
+        launch(dev, ptx::ROPE_STORE_KV_BF16, &params, cfg, batch, &table, cache, layer, |l| {
+            l.arg(&mut q.data).arg(&mut k.data).arg(&v.data);
+        })
+    }
+}
+
+/// `Backend::rope_qkv_and_store_kv` in one kernel (qilin_rope_qkv_store_kv_bf16): reads
+/// q, k and v from the columns of `qkv [n, (heads + 2*kv_heads) * head_dim]`, returns q
+/// rotated and writes k rotated and v into layer `layer` of the cache, with no split
+/// copies.
+pub fn rope_qkv_and_store_kv(
+    dev: &Device,
+    qkv: &CudaTensor,
+    batch: &DeviceBatch,
+    rope: &RopeTable,
+    cache: &mut CudaKvCache,
+    layer: usize,
+    shape: AttentionShape,
+) -> CudaTensor {
+    let n = batch.n_tokens;
+    let q_width = shape.num_heads * shape.head_dim;
+    let width = q_width + 2 * shape.num_kv_heads * shape.head_dim;
+    assert_eq!((qkv.rows, qkv.cols), (n, width), "rope: qkv does not match the batch");
+    let mut q = CudaTensor { data: dev.alloc_output(n * q_width), rows: n, cols: q_width };
+    let Some((params, cfg)) = launch_shape(batch, rope, cache, layer, shape) else { return q };
+    let table = pin_table(dev, rope);
+    // SAFETY (with launch's): q holds n * heads * head_dim bf16 (allocated above), qkv n
+    // rows of (heads + 2 * kv_heads) * head_dim (asserted), in
+    // qilin_rope_qkv_store_kv_bf16's order.
+    unsafe {
+        launch(dev, ptx::ROPE_QKV_STORE_KV_BF16, &params, cfg, batch, &table, cache, layer, |l| {
+            l.arg(&mut q.data).arg(&qkv.data);
+        })
+    };
+    q
+}
+
+/// Launches a RoPE kernel: its params, then what `tensors` pushes (the kernel's own
+/// tensors), then the cos/sin tables, positions, slots, and layer `layer`'s keys and
+/// values, the arguments both kernels end with.
+///
+/// # Safety
+/// `tensors` must push exactly the kernel's tensor arguments, in order, each holding the
+/// values the kernel reads or writes for `batch.n_tokens` tokens.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch<'a>(
+    dev: &'a Device,
+    kernel: Kernel,
+    params: &'a QilinRopeParams,
+    cfg: LaunchConfig,
+    batch: &'a DeviceBatch,
+    table: &'a PinnedTable,
+    cache: &'a mut CudaKvCache,
+    layer: usize,
+    tensors: impl FnOnce(&mut LaunchArgs<'a>),
+) {
+    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    launch.arg(params);
+    tensors(&mut launch);
+    launch
+        .arg(table.cos.as_ref())
+        .arg(table.sin.as_ref())
+        .arg(&batch.positions)
+        .arg(&batch.slot_mapping)
+        .arg(&mut cache.keys[layer])
+        .arg(&mut cache.values[layer]);
+    // SAFETY: cos and sin hold table_len * head_dim / 2 f32; positions and slot_mapping
+    // n u32 (DeviceBatch of the same batch); keys and values num_slots * kv_heads *
+    // head_dim bf16 (one layer of alloc_kv_cache; launch_shape checked the geometry).
+    // Positions >= table_len and slots >= num_slots trap in the kernel. The caller
+    // vouches for the tensors.
+    check(unsafe { launch.launch(cfg) }, kernel.entry);
+}
+
+/// Checks what both RoPE kernels need of the batch, table and cache; their parameters and
+/// launch geometry, or None for an empty batch (nothing to launch).
+fn launch_shape(
+    batch: &DeviceBatch,
+    rope: &RopeTable,
+    cache: &CudaKvCache,
+    layer: usize,
+    shape: AttentionShape,
+) -> Option<(QilinRopeParams, LaunchConfig)> {
+    let n = batch.n_tokens;
+    let (heads, kv_heads, head_dim) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     let cs = cache.shape;
     assert_eq!(
         (cs.num_kv_heads, cs.head_dim),
@@ -110,7 +202,7 @@ pub fn rope_and_store_kv(
     assert!(layer < cs.num_layers, "rope: layer {layer} of a {}-layer cache", cs.num_layers);
     assert_eq!(rope.half_dim() * 2, head_dim, "rope: table built for another head_dim");
     if n == 0 {
-        return;
+        return None;
     }
     // Positions are < context_len of their sequence; the kernel traps on any beyond.
     assert!(
@@ -142,31 +234,7 @@ pub fn rope_and_store_kv(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-
-    // The lock is held until the launch is queued, so no other thread can drop the table
-    // in between (a later drop is ordered after the kernel on the stream).
-    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-    let table = device_table(dev, &mut tables, rope);
-    let keys = &mut cache.keys[layer];
-    let values = &mut cache.values[layer];
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::ROPE_STORE_KV_BF16));
-    launch
-        .arg(&params)
-        .arg(&mut q.data)
-        .arg(&mut k.data)
-        .arg(&v.data)
-        .arg(table.cos.as_ref())
-        .arg(table.sin.as_ref())
-        .arg(&batch.positions)
-        .arg(&batch.slot_mapping)
-        .arg(keys)
-        .arg(values);
-    // SAFETY: argument order and types follow qilin_rope_store_kv_bf16. q holds
-    // n * heads * head_dim bf16, k and v n * kv_heads * head_dim; cos and sin
-    // table_len * head_dim / 2 f32; positions and slot_mapping n u32 (DeviceBatch of the
-    // same batch); keys and values num_slots * kv_heads * head_dim bf16 (one layer of
-    // alloc_kv_cache). Positions >= table_len and slots >= num_slots trap in the kernel.
-    check(unsafe { launch.launch(cfg) }, "launching qilin_rope_store_kv_bf16");
+    Some((params, cfg))
 }
 
 /// The device copy of `rope` on `dev`'s context, uploaded when missing or stale.
