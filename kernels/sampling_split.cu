@@ -296,14 +296,12 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
 
     const unsigned kk = topk_on ? sample_topk_key(scan_cands, rp.top_k, max_key, s_pu) : 0u;
     // Over the candidates, counts of keys >= floor_key are the row's: kk is the row's k-th
-    // largest key when it is >= floor_key, and below floor_key whenever the row's is.
-    if (topk_on && kk < floor_key) {
-        sample_row(rp, x, cols, ids + row);  // the k-th largest among keys a chunk dropped
-        return;
-    }
+    // largest key when it is >= floor_key, and below floor_key whenever the row's is (then
+    // the k-th largest lies among keys a chunk dropped: the whole row it is).
+    bool whole_row = topk_on && kk < floor_key;
     unsigned v0 = kk;
     unsigned keep_ties = 0xffffffffu;
-    if (rp.top_p < 1.0f) {
+    if (!whole_row && rp.top_p < 1.0f) {
         double mass_k = 0.0;
         if (topk_on) {
             scan_cands([&](unsigned k, unsigned) {
@@ -322,11 +320,12 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
         const double target = top_p * mass_k;
         sample_topp_cut(scan_cands, kk, max_key, target, m, inv_t, s_pd, s_d, s_u, v0,
                         keep_ties);
-        if (!topk_on && v0 < floor_key) {
-            // The cut lies among keys some chunk did not keep: the whole row, one block.
-            sample_row(rp, x, cols, ids + row);
-            return;
-        }
+        // Likewise the cut (with top-k, v0 >= kk >= floor_key).
+        whole_row = v0 < floor_key;
+    }
+    if (whole_row) {
+        sample_row(rp, x, cols, ids + row);  // one block, this one
+        return;
     }
 
     // The draw: thread t takes candidates 8t .. 8t + 7 (id order).

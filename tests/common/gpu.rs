@@ -49,3 +49,14 @@ pub fn runs_tokens(n: usize) -> bool {
     let cap = std::env::var("QILIN_GPU_TEST_MAX_TOKENS").ok().and_then(|s| s.parse().ok());
     cap.is_none_or(|cap: usize| n <= cap)
 }
+
+/// Rounds of random inputs a suite repeats its shapes for: `full`, or 1 under a capped
+/// run (QILIN_GPU_TEST_MAX_TOKENS set: tools/gpu-check's racecheck, where coverage comes
+/// from the code paths, not from more random rows).
+pub fn rounds(full: usize) -> usize {
+    if std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_some() {
+        1
+    } else {
+        full
+    }
+}
