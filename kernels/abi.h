@@ -351,7 +351,7 @@ typedef struct QilinSampleRow {
 #define QILIN_SAMPLE_SPLIT_MAX_BLOCKS 16
 /* Each block's candidates: the keys of its chunk at or above its TOP-th largest, ties
  * included while they fit CAP slots (beyond: only the keys above it). Rows with top_k
- * above TOP take the one-block algorithm. */
+ * above TOP, or with min-p but neither top-k nor top-p, take the one-block algorithm. */
 #define QILIN_SAMPLE_SPLIT_TOP 128
 #define QILIN_SAMPLE_SPLIT_CAP 256
 /* Rows per launch: one merge counter each, kept by the device (zero between launches). */
@@ -374,8 +374,8 @@ typedef struct QilinSampleSplitParams {
 typedef struct QilinSampleSplitPart {
     /** (key << 32) | ~index of the chunk's largest key at its first index. */
     uint64_t best;
-    /** Sum over the chunk of p relative to the chunk's own maximum (rows with top-p but no
-     * top-k only; 0 otherwise). */
+    /** Sum over the chunk of p relative to the chunk's own maximum (rows without top-k;
+     * 0 otherwise). */
     double mass;
     /** The candidates are the chunk's keys >= this one. */
     uint32_t threshold;

@@ -344,6 +344,93 @@ QILIN_DEVICE void sample_topp_cut(Scan scan, unsigned kk, unsigned max_key, doub
     }
 }
 
+// Keys of a walk tile's items start .. start + 7 of a row (x), 0 at and past `end`.
+QILIN_DEVICE void sample_load_walk_keys(const unsigned short* x, bool aligned, unsigned start,
+                                        unsigned end, unsigned (&key)[QILIN_SAMPLE_WALK_ITEMS]) {
+    static_assert(QILIN_SAMPLE_WALK_ITEMS == 8, "the walk loads its items as one uint4");
+    if (aligned && start + QILIN_SAMPLE_WALK_ITEMS <= end) {
+        const uint4 w = __ldg(reinterpret_cast<const uint4*>(x + start));
+        const unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            key[j] = sample_key(j % 2 == 0 ? words[j / 2] & 0xffffu : words[j / 2] >> 16);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            key[j] = start + j < end ? sample_load_key(x, start + j) : 0u;
+        }
+    }
+}
+
+// The draw's walk over positions [begin, end) in order, in tiles of SAMPLE_TILE (thread t
+// takes the tile's items 8t .. 8t + 7, which `load(start, key)` fills, 0 past end): a
+// position survives when its key is above v0, or equals it and ranks below keep_ties
+// among v0's ties in position order (tie_base of them came before begin), with p > 0
+// and not below min_p; the first survivor whose running mass (from `base`) exceeds
+// target is the draw, else (rounding) the last survivor. *id = id_of(that position).
+// *s_found must be 0xffffffff, set before a barrier, when the block calls this.
+template <typename Load, typename IdOf>
+QILIN_DEVICE void sample_walk(Load load, IdOf id_of, unsigned begin, unsigned end, double base,
+                              double target, unsigned v0, unsigned keep_ties, unsigned tie_base,
+                              float m, float inv_t, float min_p, double* s_d, unsigned* s_u,
+                              unsigned long long* s_l, unsigned* s_found, uint32_t* id) {
+    const unsigned tid = threadIdx.x;
+    unsigned last = 0;  // the last survivor with p > 0 seen: the answer if rounding runs out
+    for (unsigned tile = begin; tile < end; tile += SAMPLE_TILE) {
+        const unsigned start = tile + tid * QILIN_SAMPLE_WALK_ITEMS;
+        unsigned key[QILIN_SAMPLE_WALK_ITEMS];
+        load(start, key);
+        unsigned my_ties = 0;
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            my_ties += start + j < end && key[j] == v0;
+        }
+        unsigned tile_ties;
+        unsigned rank = tie_base + sample_block_scan(my_ties, s_u, &tile_ties);
+        tie_base += tile_ties;
+        unsigned kept = 0;  // bit j: element start + j survives with p > 0
+        double my_mass = 0.0;
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            const bool in_chunk = start + j < end;
+            bool keep = in_chunk && (key[j] > v0 || (key[j] == v0 && rank < keep_ties));
+            rank += in_chunk && key[j] == v0;
+            const float pk = keep ? sample_prob(key[j], m, inv_t) : 0.0f;
+            keep = keep && pk > 0.0f && !(pk < min_p);
+            kept |= (unsigned)keep << j;
+            my_mass += keep ? (double)pk : 0.0;
+        }
+        double tile_mass;
+        double acc = base + sample_block_scan(my_mass, s_d, &tile_mass);
+        base += tile_mass;
+        unsigned hit = 0xffffffffu;
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            if (kept & (1u << j)) {
+                acc += (double)sample_prob(key[j], m, inv_t);
+                last = max(last, start + j);
+                if (acc > target && hit == 0xffffffffu) {
+                    hit = start + j;
+                }
+            }
+        }
+        if (hit != 0xffffffffu) {
+            atomicMin(s_found, hit);
+        }
+        __syncthreads();
+        if (*s_found != 0xffffffffu) {
+            break;
+        }
+    }
+    // Rounding: nothing crossed; the last survivor.
+    const unsigned found = *s_found;
+    const unsigned long long lastc = sample_block_max_u64((unsigned long long)last, s_l);
+    if (tid == 0) {
+        *id = id_of(found != 0xffffffffu ? found : (unsigned)lastc);
+    }
+}
+
 // One block samples one row of `cols` logits (bf16 bits at x) as rp says and writes the
 // token to *id: the algorithm of the comment at the top of this file. Every thread of the
 // block calls it (QILIN_SAMPLE_THREADS of them).
@@ -487,72 +574,10 @@ QILIN_DEVICE void sample_row(const QilinSampleRow rp, const unsigned short* x, u
     const unsigned chunk_end = min(chunk_begin + chunk_len, cols);
 
     // The walk through that chunk, in token-id order.
-    static_assert(QILIN_SAMPLE_WALK_ITEMS == 8, "the walk loads its items as one uint4");
-    double base = s_walk_base;
-    unsigned tie_base = s_chunk_ties[s_walk_chunk];
-    unsigned last = 0;  // the last survivor with p > 0 seen: the answer if rounding runs out
-    for (unsigned tile = chunk_begin; tile < chunk_end; tile += SAMPLE_TILE) {
-        const unsigned start = tile + tid * QILIN_SAMPLE_WALK_ITEMS;
-        unsigned key[QILIN_SAMPLE_WALK_ITEMS];
-        if (aligned && start + QILIN_SAMPLE_WALK_ITEMS <= chunk_end) {
-            const uint4 w = __ldg(reinterpret_cast<const uint4*>(x + start));
-            const unsigned words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-            for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
-                key[j] = sample_key(j % 2 == 0 ? words[j / 2] & 0xffffu : words[j / 2] >> 16);
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
-                key[j] = start + j < chunk_end ? sample_load_key(x, start + j) : 0u;
-            }
-        }
-        unsigned my_ties = 0;
-#pragma unroll
-        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
-            my_ties += start + j < chunk_end && key[j] == v0;
-        }
-        unsigned tile_ties;
-        unsigned rank = tie_base + sample_block_scan(my_ties, s_u, &tile_ties);
-        tie_base += tile_ties;
-        unsigned kept = 0;  // bit j: element start + j survives with p > 0
-        double my_mass = 0.0;
-#pragma unroll
-        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
-            const bool in_chunk = start + j < chunk_end;
-            bool keep = in_chunk && (key[j] > v0 || (key[j] == v0 && rank < keep_ties));
-            rank += in_chunk && key[j] == v0;
-            const float pk = keep ? sample_prob(key[j], m, inv_t) : 0.0f;
-            keep = keep && pk > 0.0f && !(pk < min_p);
-            kept |= (unsigned)keep << j;
-            my_mass += keep ? (double)pk : 0.0;
-        }
-        double tile_mass;
-        double acc = base + sample_block_scan(my_mass, s_d, &tile_mass);
-        base += tile_mass;
-        unsigned hit = 0xffffffffu;
-#pragma unroll
-        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
-            if (kept & (1u << j)) {
-                acc += (double)sample_prob(key[j], m, inv_t);
-                last = max(last, start + j);
-                if (acc > target && hit == 0xffffffffu) {
-                    hit = start + j;
-                }
-            }
-        }
-        if (hit != 0xffffffffu) {
-            atomicMin(&s_found, hit);
-        }
-        __syncthreads();
-        if (s_found != 0xffffffffu) {
-            break;
-        }
-    }
-    // Rounding: nothing crossed; the last survivor.
-    const unsigned found = s_found;
-    const unsigned long long lastc = sample_block_max_u64((unsigned long long)last, s_l);
-    if (tid == 0) {
-        *id = found != 0xffffffffu ? found : (unsigned)lastc;
-    }
+    const auto load_row = [&](unsigned start, unsigned (&key)[QILIN_SAMPLE_WALK_ITEMS]) {
+        sample_load_walk_keys(x, aligned, start, chunk_end, key);
+    };
+    sample_walk(load_row, [](unsigned i) { return i; }, chunk_begin, chunk_end, s_walk_base,
+                target, v0, keep_ties, s_chunk_ties[s_walk_chunk], m, inv_t, min_p, s_d, s_u, s_l,
+                &s_found, id);
 }

@@ -20,7 +20,7 @@
 //      t's ties would take more than QILIN_SAMPLE_SPLIT_CAP slots; its candidates, every
 //      key >= t, are written in id order (three block scans) as (key << 16) | offset in
 //      the chunk;
-//   4. rows with top-p but no top-k: the chunk's mass relative to its own maximum;
+//   4. rows without top-k: the chunk's mass relative to its own maximum;
 //   5. the block counts itself done on the row's counter; the last merges:
 //        - the row's largest key and argmax from the chunks' (greedy rows: done);
 //        - top-k: kk over the candidates. Every key >= T* (the largest chunk threshold) is
@@ -37,8 +37,11 @@
 //        - the draw over the candidates in id order (one tile of QILIN_SAMPLE_THREADS x 8):
 //          the survivors' mass, the first survivor whose running sum exceeds u * mass, the
 //          last survivor when rounding leaves none.
-//      Rows the split cannot take (no top-k and no top-p, or top_k > TOP) run the one-block
-//      algorithm in their first block; the others return at once.
+//      Rows with temperature alone (no top-k, no top-p, no min-p: the OpenAI API's default)
+//      skip the candidates: the merge picks the chunk where u * (sum of the rescaled chunk
+//      masses) falls and walks that chunk of the row (sample_walk, as sample_row's last
+//      step). Rows the split cannot take (top_k > TOP, or min-p without top-k and top-p)
+//      run the one-block algorithm in their first block; the others return at once.
 // Masses are f64 as in sample_row; the chunks' rescaled masses differ from the host's sum
 // by ~1e-7 relative (f32 exponentials of another difference), inside the 5e-5 tolerance of
 // tests/gpu_sampling.rs. Argmax and top-k are comparisons: exact.
@@ -142,7 +145,11 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
     }
     const bool greedy = !(rp.inv_t > 0.0f);
     const bool topk_on = rp.top_k > 0 && rp.top_k < cols;
-    const bool split_row = greedy || (topk_on ? rp.top_k <= SPLIT_TOP : rp.top_p < 1.0f);
+    // Temperature alone (the OpenAI API's default): every key survives; the draw needs only
+    // the chunks' masses and a walk through one chunk.
+    const bool temp_only = !greedy && !topk_on && !(rp.top_p < 1.0f) && !(rp.min_p > 0.0f);
+    const bool split_row =
+        greedy || temp_only || (topk_on ? rp.top_k <= SPLIT_TOP : rp.top_p < 1.0f);
     if (!split_row) {
         if (z == 0) {
             sample_row(rp, x, cols, ids + row);
@@ -164,9 +171,8 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
     }
     best = sample_block_max_u64(best, s_l);
     QilinSampleSplitPart part{best, 0.0, 0u, 0u};
-    if (!greedy) {
-        const unsigned chunk_max = (unsigned)(best >> 32);
-        const float m_chunk = sample_value(chunk_max);
+    if (!greedy) {  // the chunk's mass, for rows without top-k
+        const float m_chunk = sample_value((unsigned)(best >> 32));
         if (!topk_on && m_chunk != -INFINITY) {
             double mass = 0.0;
 #pragma unroll
@@ -175,6 +181,9 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
             }
             part.mass = sample_block_sum(mass, s_d);
         }
+    }
+    if (!greedy && !temp_only) {  // the candidates
+        const unsigned chunk_max = (unsigned)(best >> 32);
         const auto scan_keys = [&](auto f) {
 #pragma unroll
             for (int j = 0; j < SPLIT_ITEMS; ++j) {
@@ -275,6 +284,50 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
         return;
     }
 
+    const float min_p = fminf(rp.min_p, 1.0f);
+    if (tid == 0) {
+        s_found = 0xffffffffu;  // for sample_walk; barriers follow before it runs
+    }
+    // The chunks' masses relative to the row's maximum (rows without top-k).
+    const auto chunk_mass = [&](unsigned b) {
+        const float m_b = sample_value((unsigned)(s_part[b].best >> 32));
+        return m_b != -INFINITY ? s_part[b].mass * exp(((double)m_b - (double)m) * (double)inv_t)
+                                : 0.0;
+    };
+    if (temp_only) {
+        // The chunk where u * total falls (the last with mass when rounding runs out, as in
+        // sample_row), then the walk through it from the mass of the chunks before.
+        double total = 0.0;
+        for (unsigned b = 0; b < p.splits; ++b) {
+            total += chunk_mass(b);
+        }
+        const double target = rp.u * total;
+        double acc = 0.0;
+        double base = 0.0;
+        unsigned chosen = 0;
+        for (unsigned b = 0; b < p.splits; ++b) {
+            const double mass = chunk_mass(b);
+            if (mass > 0.0) {
+                chosen = b;
+                base = acc;
+                acc += mass;
+                if (acc > target) {
+                    break;
+                }
+            }
+        }
+        __syncthreads();  // s_found
+        const unsigned walk_begin = chosen * p.chunk;
+        const unsigned walk_end = min(walk_begin + p.chunk, cols);
+        const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+        const auto load_row = [&](unsigned start, unsigned (&k)[QILIN_SAMPLE_WALK_ITEMS]) {
+            sample_load_walk_keys(x, aligned, start, walk_end, k);
+        };
+        sample_walk(load_row, [](unsigned i) { return i; }, walk_begin, walk_end, base, target,
+                    0u, 0xffffffffu, 0u, m, inv_t, min_p, s_d, s_u, s_l, &s_found, ids + row);
+        return;
+    }
+
     // The candidates into shared memory, chunk by chunk: id order.
     for (unsigned i = tid; i < n_cands; i += QILIN_SAMPLE_THREADS) {
         unsigned b = 0;
@@ -310,10 +363,7 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
             mass_k = sample_block_sum(mass_k, s_d);
         } else {
             for (unsigned b = 0; b < p.splits; ++b) {
-                const float m_b = sample_value((unsigned)(s_part[b].best >> 32));
-                if (m_b != -INFINITY) {
-                    mass_k += s_part[b].mass * exp(((double)m_b - (double)m) * (double)inv_t);
-                }
+                mass_k += chunk_mass(b);
             }
         }
         const double top_p = (double)fmaxf(rp.top_p, 1.17549435e-38f);  // f32::MIN_POSITIVE
@@ -328,57 +378,33 @@ QILIN_DEVICE void sample_split(const QilinSampleSplitParams& p,
         return;
     }
 
-    // The draw: thread t takes candidates 8t .. 8t + 7 (id order).
-    const float min_p = fminf(rp.min_p, 1.0f);
-    const unsigned first = tid * 8;
+    // The draw over the candidates (id order): the survivors' mass (keys above v0 not
+    // below min-p, and v0's kept ties), then the walk.
+    double above = 0.0;
     unsigned ties = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        ties += first + j < n_cands && s_ckey[first + j] == v0;
-    }
-    unsigned all_ties;
-    unsigned rank = sample_block_scan(ties, s_u, &all_ties);
-    unsigned kept = 0;  // bit j: candidate first + j survives with p > 0
-    double my_mass = 0.0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const unsigned i = first + j;
-        const unsigned k = i < n_cands ? s_ckey[i] : 0u;
-        bool keep = i < n_cands && (k > v0 || (k == v0 && rank < keep_ties));
-        rank += i < n_cands && k == v0;
-        const float pk = keep ? sample_prob(k, m, inv_t) : 0.0f;
-        keep = keep && pk > 0.0f && !(pk < min_p);
-        kept |= (unsigned)keep << j;
-        my_mass += keep ? (double)pk : 0.0;
-    }
-    double total;
-    double acc = sample_block_scan(my_mass, s_d, &total);
-    const double target = rp.u * total;
-    if (tid == 0) {
-        s_found = 0xffffffffu;
-    }
-    __syncthreads();
-    unsigned last = 0;  // the last survivor's position + 1 (0: none in this thread)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        if (kept & (1u << j)) {
-            acc += (double)sample_prob(s_ckey[first + j], m, inv_t);
-            last = first + j + 1;
-            if (acc > target) {
-                atomicMin(&s_found, first + j);
-                break;
-            }
+    scan_cands([&](unsigned k, unsigned) {
+        if (k > v0) {
+            const float pk = sample_prob(k, m, inv_t);
+            above += !(pk < min_p) ? (double)pk : 0.0;
         }
-    }
-    __syncthreads();
-    const unsigned found = s_found;
-    const unsigned long long last_pos = sample_block_max_u64((unsigned long long)last, s_l);
-    if (tid == 0) {
-        // Rounding: nothing crossed; the last survivor (there is one: the best token has
-        // p = 1, survives top-p and min-p <= 1).
-        const unsigned pos = found != 0xffffffffu ? found : (unsigned)max(last_pos, 1ull) - 1;
-        ids[row] = s_cid[pos];
-    }
+        ties += k == v0;
+    });
+    above = sample_block_sum(above, s_d);
+    ties = sample_block_sum(ties, s_u);
+    const unsigned kept_ties = min(ties, keep_ties);
+    const float p_v0 = kept_ties > 0 ? sample_prob(v0, m, inv_t) : 0.0f;
+    const double total = above + (!(p_v0 < min_p) ? (double)kept_ties * (double)p_v0 : 0.0);
+    const auto load_cands = [&](unsigned start, unsigned (&k)[QILIN_SAMPLE_WALK_ITEMS]) {
+#pragma unroll
+        for (int j = 0; j < QILIN_SAMPLE_WALK_ITEMS; ++j) {
+            k[j] = start + j < n_cands ? (unsigned)s_ckey[start + j] : 0u;
+        }
+    };
+    // The survivors include the best token (p = 1, first in top-p's order, min-p <= 1), so
+    // the walk's answer is a candidate's position.
+    sample_walk(load_cands, [&](unsigned i) { return s_cid[i]; }, 0u, n_cands, 0.0,
+                rp.u * total, v0, keep_ties, 0u, m, inv_t, min_p, s_d, s_u, s_l, &s_found,
+                ids + row);
 }
 
 // ids:      u32                  [rows]                  the greedy choice of each row

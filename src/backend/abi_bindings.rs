@@ -383,7 +383,7 @@ const _: () = {
 pub struct QilinSampleSplitPart {
     #[doc = " (key << 32) | ~index of the chunk's largest key at its first index."]
     pub best: u64,
-    #[doc = " Sum over the chunk of p relative to the chunk's own maximum (rows with top-p but no\n top-k only; 0 otherwise)."]
+    #[doc = " Sum over the chunk of p relative to the chunk's own maximum (rows without top-k;\n 0 otherwise)."]
     pub mass: f64,
     #[doc = " The candidates are the chunk's keys >= this one."]
     pub threshold: u32,

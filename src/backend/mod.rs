@@ -243,7 +243,6 @@ pub trait Backend: Send + Sync {
 /// the token ids to the logits of `batch.logits_rows` (None when no row wants them).
 pub type StepFn<'a, T> = dyn FnMut(&Batch, &RopeTable) -> Option<T> + 'a;
 
-/// Runs `step` on `batch` once, with `rope` grown to cover its positions.
 /// `Backend::rope_qkv_and_store_kv` by its definition: `split_cols`, then
 /// `rope_and_store_kv`; returns q.
 pub fn rope_qkv_by_split<B: Backend + ?Sized>(
@@ -265,6 +264,7 @@ pub fn rope_qkv_by_split<B: Backend + ?Sized>(
     q
 }
 
+/// Runs `step` on `batch` once, with `rope` grown to cover its positions.
 pub fn run_eagerly<T>(batch: &Batch, rope: &mut RopeTable, step: &mut StepFn<'_, T>) -> Option<T> {
     let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
     rope.ensure(max_pos + 1);

@@ -33,7 +33,7 @@ use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use super::kernel_timer::{ceilings, print_header, Bench, Flush, Timer};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
 use crate::backend::cuda::gemv_mma_wins;
-use crate::backend::cuda::{AttentionKernels, CudaBackend};
+use crate::backend::cuda::{AttentionKernels, CudaBackend, CudaTensor};
 use crate::backend::{
     rope_qkv_by_split, AttentionShape, Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken,
     RowSampling,
@@ -301,6 +301,19 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                 drop(b.split_rows(&logits, Some(&rows)));
             });
         }
+        // Top-p alone on logits shaped like a model's (a few confident tokens over a broad
+        // base): uniform logits at T 0.7 put the nucleus over ~20% of the vocabulary, past
+        // the split kernel's candidates, which then falls back to the one-block algorithm.
+        let peaked = peaked_logits(b, n, c.vocab_size, &mut rng);
+        let rows =
+            vec![RowSampling { temperature: 0.7, top_k: 0, top_p: 0.9, min_p: 0.0, u: 0.5 }; n];
+        let op = "sample (top_p 0.9, T 0.7, peaked logits)";
+        bench.measure(op, shape.clone(), bytes, 0.0, &mut || {
+            drop(b.sample_rows(&peaked, &rows));
+        });
+        bench.measure(&format!("{op} (split)"), shape.clone(), bytes, 0.0, &mut || {
+            drop(b.split_rows(&peaked, Some(&rows)));
+        });
         // Qwen2.5's defaults, without and with its repetition penalty on the device
         // (qilin_apply_penalties_bf16 + its per-step upload, then qilin_sample_bf16):
         // PENALTY_IDS distinct ids per row, a long prompt's worth. The penalised logits
@@ -455,6 +468,20 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
 const PENALTY_IDS: usize = 1536;
 
 /// `rows` rows of repetition penalty 1.05 over PENALTY_IDS distinct ids each (a quarter of
+/// `[n, vocab]` logits like a language model's: normal-ish (sigma 2) with eight tokens per
+/// row at 12 to 20, which carry most of the probability at T 0.7.
+fn peaked_logits(b: &CudaBackend, n: usize, vocab: usize, rng: &mut ChaCha8Rng) -> CudaTensor {
+    let mut values: Vec<f32> = (0..n * vocab)
+        .map(|_| (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 2.0)
+        .collect();
+    for row in values.chunks_mut(vocab) {
+        for _ in 0..8 {
+            row[rng.random_range(0..vocab)] = rng.random_range(12.0f32..20.0);
+        }
+    }
+    b.tensor_from_host(&values, n, vocab)
+}
+
 /// them also in the output, counts 1-3), as `Sampler::penalty_row` builds them.
 fn bench_penalties(rows: usize, vocab: usize, rng: &mut ChaCha8Rng) -> PenaltyBatch {
     let mut batch = PenaltyBatch::default();
