@@ -16,7 +16,8 @@
 //! dropped, or a split merged wrongly moves the output far beyond the tolerance).
 //!
 //! Every case runs under each launcher path (the bisecting switches of
-//! src/backend/cuda/attention.rs): default (the pipelined tensor-core decode kernel,
+//! src/backend/cuda/attention.rs, set on the device with `Device::set_attention_switches`;
+//! each switch's environment variable is named below): default (the pipelined tensor-core decode kernel,
 //! which merges its splits in the same launch, for one-token sequences where head_dim is
 //! 64 or 128, tensor-core prefill for the rest), the decode kernel forced to 16-key
 //! splits (every context above 16 goes through the counters and the last-block merge,
@@ -65,7 +66,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use half::bf16;
 use qilin::backend::batch::slot_of;
 use qilin::backend::cpu::{CpuBackend, CpuKvCache, CpuTensor};
-use qilin::backend::cuda::{CudaBackend, CudaKvCache};
+use qilin::backend::cuda::{AttentionSwitches, CudaBackend, CudaKvCache};
 use qilin::backend::{AttentionShape, Backend, Batch, KvCacheShape, BLOCK_SIZE};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -77,140 +78,41 @@ const LAYER: usize = 1;
 /// Physical blocks in the pool beyond those the batch needs (left NaN, never read).
 const SPARE_BLOCKS: usize = 7;
 
-/// One launcher path: the environment switches it sets (see the module docs).
+/// One launcher path: the switches it sets on the device (see the module docs).
 struct Path {
     name: &'static str,
-    simple: bool,
-    no_decode: bool,
-    decode_fma: bool,
-    split_tokens: Option<&'static str>,
-    prefill_narrow: bool,
-    /// QILIN_ATTN_PREFILL_V2=1 (head_dim 128; SmolLM2's 64 keeps the wide kernel).
-    prefill_v2: bool,
-    decode_pipe: bool,
+    switches: AttentionSwitches,
 }
 
+/// A path named `name` that sets `switches`.
+const fn path(name: &'static str, switches: AttentionSwitches) -> Path {
+    Path { name, switches }
+}
+
+const DISPATCH: AttentionSwitches = AttentionSwitches::DISPATCH;
+
 const PATHS: &[Path] = &[
-    Path {
-        name: "default",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "decode-split-16",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: Some("16"),
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "decode-fma",
-        simple: false,
-        no_decode: false,
-        decode_fma: true,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "decode-fma-split-16",
-        simple: false,
-        no_decode: false,
-        decode_fma: true,
-        split_tokens: Some("16"),
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "decode-mma",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: false,
-    },
-    Path {
-        name: "decode-mma-split-16",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: Some("16"),
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: false,
-    },
-    Path {
-        name: "prefill-kernel-only",
-        simple: false,
-        no_decode: true,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "prefill-narrow",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: true,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "prefill-narrow-only",
-        simple: false,
-        no_decode: true,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: true,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
-    Path {
-        name: "prefill-v2",
-        simple: false,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: true,
-        decode_pipe: true,
-    },
-    Path {
-        name: "prefill-v2-only",
-        simple: false,
-        no_decode: true,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: true,
-        decode_pipe: true,
-    },
-    Path {
-        name: "simple-fma",
-        simple: true,
-        no_decode: false,
-        decode_fma: false,
-        split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: false,
-        decode_pipe: true,
-    },
+    path("default", DISPATCH),
+    path("decode-split-16", AttentionSwitches { split_tokens: Some(16), ..DISPATCH }),
+    path("decode-fma", AttentionSwitches { decode_fma: true, ..DISPATCH }),
+    path(
+        "decode-fma-split-16",
+        AttentionSwitches { decode_fma: true, split_tokens: Some(16), ..DISPATCH },
+    ),
+    path("decode-mma", AttentionSwitches { decode_pipe: false, ..DISPATCH }),
+    path(
+        "decode-mma-split-16",
+        AttentionSwitches { split_tokens: Some(16), decode_pipe: false, ..DISPATCH },
+    ),
+    path("prefill-kernel-only", AttentionSwitches { no_decode: true, ..DISPATCH }),
+    path("prefill-narrow", AttentionSwitches { prefill_narrow: true, ..DISPATCH }),
+    path(
+        "prefill-narrow-only",
+        AttentionSwitches { no_decode: true, prefill_narrow: true, ..DISPATCH },
+    ),
+    path("prefill-v2", AttentionSwitches { prefill_v2: true, ..DISPATCH }),
+    path("prefill-v2-only", AttentionSwitches { no_decode: true, prefill_v2: true, ..DISPATCH }),
+    path("simple-fma", AttentionSwitches { simple: true, ..DISPATCH }),
 ];
 
 #[derive(Clone, Copy)]
@@ -238,7 +140,8 @@ impl Geometry {
 /// (largest |q| element, name): mild and peaky queries (module docs).
 const Q_SCALES: &[(f32, &str)] = &[(1.0, "mild q"), (12.0, "peaky q")];
 
-/// The switches are process-wide: the tests of this file take turns.
+/// The switches belong to the one device the tests share: the tests of this file take
+/// turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn gpu() -> &'static CudaBackend {
@@ -249,17 +152,7 @@ fn gpu() -> &'static CudaBackend {
 }
 
 fn set_path(path: &Path) {
-    let set = |name: &str, value: Option<&str>| match value {
-        Some(v) => std::env::set_var(name, v),
-        None => std::env::remove_var(name),
-    };
-    set("QILIN_ATTN_SIMPLE", path.simple.then_some("1"));
-    set("QILIN_ATTN_NO_DECODE", path.no_decode.then_some("1"));
-    set("QILIN_ATTN_DECODE_FMA", path.decode_fma.then_some("1"));
-    set("QILIN_ATTN_DECODE_SPLIT_TOKENS", path.split_tokens);
-    set("QILIN_ATTN_PREFILL_NARROW", path.prefill_narrow.then_some("1"));
-    set("QILIN_ATTN_PREFILL_V2", path.prefill_v2.then_some("1"));
-    set("QILIN_ATTN_DECODE_PIPE", (!path.decode_pipe).then_some("0"));
+    gpu().dev.set_attention_switches(path.switches);
 }
 
 /// The paths to run: all, or the one QILIN_ATTN_TEST_PATH names.

@@ -22,8 +22,9 @@
 //! device and the launches are the same for every layer). The output starts as NaN (all
 //! bits set), so a row that no kernel wrote shows up in any comparison.
 //!
-//! Switches for bisecting a parity failure on a GPU, read at every call (a process sets
-//! them once; they are not for production):
+//! Switches for bisecting a parity failure on a GPU, read from the environment once, when
+//! the device opens (`Device::attention_switches`; tests/gpu_attention.rs sets them per
+//! path through `Device::set_attention_switches`); they are not for production:
 //! - `QILIN_ATTN_SIMPLE=1`: the plain-FMA kernel writes every row;
 //! - `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row, decode rows included;
 //! - `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels instead of the tensor-core one;
@@ -90,7 +91,7 @@ pub fn attention(
     shape: AttentionShape,
     kernels: AttentionKernels,
 ) -> CudaTensor {
-    let mut switches = Switches::from_env();
+    let mut switches = dev.attention_switches();
     match kernels {
         AttentionKernels::Dispatch => {}
         AttentionKernels::NarrowPrefill => switches.prefill_narrow = true,
@@ -468,27 +469,41 @@ fn as_grid_x(blocks: usize) -> u32 {
 }
 
 /// The bisecting switches (module docs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Switches {
-    simple: bool,
-    no_decode: bool,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionSwitches {
+    /// `QILIN_ATTN_SIMPLE=1`: the plain-FMA kernel writes every row.
+    pub simple: bool,
+    /// `QILIN_ATTN_NO_DECODE=1`: the prefill kernel writes every row.
+    pub no_decode: bool,
     /// `QILIN_ATTN_DECODE_FMA=1`: the FMA decode kernels even where a tensor-core one
     /// exists.
-    decode_fma: bool,
+    pub decode_fma: bool,
     /// Unless `QILIN_ATTN_DECODE_PIPE=0`: the pipelined decode kernel where one exists.
-    decode_pipe: bool,
-    split_tokens: Option<usize>,
+    pub decode_pipe: bool,
+    /// `QILIN_ATTN_DECODE_SPLIT_TOKENS=N`: the decode kernel's keys per split.
+    pub split_tokens: Option<usize>,
     /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
-    prefill_narrow: bool,
+    pub prefill_narrow: bool,
     /// `QILIN_ATTN_PREFILL_V2=1`: the v2 head_dim-128 prefill kernel.
-    prefill_v2: bool,
+    pub prefill_v2: bool,
 }
 
-impl Switches {
-    fn from_env() -> Switches {
+impl AttentionSwitches {
+    /// The dispatch's own choices: every switch off.
+    pub const DISPATCH: AttentionSwitches = AttentionSwitches {
+        simple: false,
+        no_decode: false,
+        decode_fma: false,
+        decode_pipe: true,
+        split_tokens: None,
+        prefill_narrow: false,
+        prefill_v2: false,
+    };
+
+    pub fn from_env() -> AttentionSwitches {
         let on = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
         let split = std::env::var("QILIN_ATTN_DECODE_SPLIT_TOKENS").ok();
-        Switches {
+        AttentionSwitches {
             simple: on("QILIN_ATTN_SIMPLE"),
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),

@@ -15,6 +15,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 
+use super::attention::AttentionSwitches;
 use super::CudaError;
 use crate::backend::abi::{
     QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES,
@@ -55,6 +56,9 @@ pub struct Device {
     /// so a captured graph can replay a kernel without a memset; one stream orders every
     /// launch that uses them.
     merge_counters: Mutex<CudaSlice<u32>>,
+    /// The attention's bisecting switches (attention.rs), read from the environment at
+    /// open; tests set them per path.
+    attention_switches: Mutex<AttentionSwitches>,
     /// Set once any graph has been captured (`capture`).
     graphs_exist: AtomicBool,
     /// While a graph is being captured: copies to or from the host and synchronisation,
@@ -231,6 +235,7 @@ impl Device {
             retired_scratch: Mutex::new(Vec::new()),
             smem_refused,
             merge_counters: Mutex::new(merge_counters),
+            attention_switches: Mutex::new(AttentionSwitches::from_env()),
             graphs_exist: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             functions,
@@ -304,6 +309,17 @@ impl Device {
     /// `n` zeroed values (benchmark inputs are then filled with random data).
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
         check(self.stream.alloc_zeros::<T>(n.max(1)), "allocating device memory")
+    }
+
+    /// The attention's bisecting switches now (field docs).
+    pub fn attention_switches(&self) -> AttentionSwitches {
+        *self.attention_switches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the attention's bisecting switches, for the launches that follow (the
+    /// parity tests' paths; a captured graph keeps the kernels it was captured with).
+    pub fn set_attention_switches(&self, switches: AttentionSwitches) {
+        *self.attention_switches.lock().unwrap_or_else(|e| e.into_inner()) = switches;
     }
 
     /// The split-merge counters (field docs): all zero between launches.

@@ -21,7 +21,7 @@ mod weights;
 
 use std::sync::{Arc, Mutex};
 
-pub use attention::AttentionKernels;
+pub use attention::{AttentionKernels, AttentionSwitches};
 pub use batch_meta::DeviceBatch;
 pub use device::{Device, FastPaths};
 pub use linear::gemv_mma_wins;
