@@ -115,9 +115,16 @@ fn layers<B: Backend>(
     if batch.logits_rows.is_empty() {
         return None;
     }
-    // Only the rows that need logits go through the final norm and lm_head.
-    let mut last = b.gather_rows(&residual, &batch.logits_rows);
-    let pending_last = pending.map(|p| b.gather_rows(&p, &batch.logits_rows));
+    // Only the rows that need logits go through the final norm and lm_head; a decode step
+    // wants every row in order, which needs no gather.
+    let every_row = batch.logits_rows.len() == batch.n_tokens()
+        && batch.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i);
+    let (mut last, pending_last) = if every_row {
+        (residual, pending)
+    } else {
+        let last = b.gather_rows(&residual, &batch.logits_rows);
+        (last, pending.map(|p| b.gather_rows(&p, &batch.logits_rows)))
+    };
     let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
     Some(b.linear(&x, w.lm_head()))
 }
