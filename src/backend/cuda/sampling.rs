@@ -46,20 +46,21 @@ pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    let ids = argmax_rows_on_device(dev, logits);
+    let ids = match split_geometry(logits.cols).filter(|_| dev.paths.sample_split) {
+        Some(geometry) => split_rows(dev, logits, None, geometry),
+        None => argmax_rows_on_device(dev, logits),
+    };
     dev.download(&ids, n)
 }
 
-/// `ids [n]` on the device, queued on the stream and not waited for: the benchmark's L2
+/// `ids [n]` by qilin_argmax_bf16 (one block per row, whatever `paths.sample_split`
+/// says), on the device, queued on the stream and not waited for: the benchmark's L2
 /// flush (a read of a large buffer) must not stop the host while it runs, or the timed
 /// op after it would be measured from a GPU idling until the host's launch arrives.
 pub fn argmax_rows_on_device(dev: &Device, logits: &CudaTensor) -> CudaSlice<u32> {
     let (n, vocab) = (logits.rows, logits.cols);
     assert!(n > 0, "argmax: no rows (an empty grid is not a launch)");
     assert!(logits.data.len() >= n * vocab, "argmax: logits buffer shorter than [{n}, {vocab}]");
-    if let Some(geometry) = split_geometry(vocab).filter(|_| dev.paths.sample_split) {
-        return split_rows(dev, logits, None, geometry);
-    }
     let params = QilinArgmaxParams {
         rows: u32::try_from(n).expect("argmax: rows fit u32"),
         cols: u32::try_from(vocab).expect("argmax: vocab fits u32"),
@@ -168,6 +169,9 @@ pub fn split_rows(
     (splits, chunk): (u32, u32),
 ) -> CudaSlice<u32> {
     let (n, vocab) = (logits.rows, logits.cols);
+    assert!(n > 0, "split sampling: no rows (an empty grid is not a launch)");
+    assert!(logits.data.len() >= n * vocab, "split sampling: logits shorter than [{n}, {vocab}]");
+    assert!(rows.is_none_or(|r| r.len() == n), "split sampling: one RowSampling per row");
     let per_launch = QILIN_SAMPLE_SPLIT_MAX_ROWS as usize;
     let mut ids = dev.alloc_output::<u32>(n); // [n]
                                               // Scratch for one launch: [rows, splits] parts and [rows, splits, CAP] candidates.
