@@ -6,13 +6,14 @@ use crate::backend::Backend;
 use crate::bench::throughput;
 use crate::config::ThroughputArgs;
 use crate::engine::load::{load_engine, AnyEngine};
+use crate::engine::workers::as_rayon_worker;
 use crate::engine::Engine;
 
 pub fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     super::set_threads(args.engine.threads)?;
     let (engine, _) = load_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
     match engine {
-        AnyEngine::Cpu(mut engine) => throughput_on(&mut engine, args),
+        AnyEngine::Cpu(mut engine) => as_rayon_worker(|| throughput_on(&mut engine, args)),
         AnyEngine::Cuda(mut engine) => throughput_on(&mut engine, args),
     }
 }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::backend::Backend;
 use crate::config::GenerateArgs;
 use crate::engine::load::{load_engine, AnyEngine};
+use crate::engine::workers::as_rayon_worker;
 use crate::engine::{Engine, GenerationOutput, SamplingParams};
 use crate::model::loader::GenerationDefaults;
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -20,7 +21,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let (engine, defaults) =
         load_engine(&args.engine.model_path()?, &args.engine.engine_options())?;
     match engine {
-        AnyEngine::Cpu(mut engine) => run_on(&mut engine, args, &defaults),
+        AnyEngine::Cpu(mut engine) => as_rayon_worker(|| run_on(&mut engine, args, &defaults)),
         AnyEngine::Cuda(mut engine) => run_on(&mut engine, args, &defaults),
     }
 }

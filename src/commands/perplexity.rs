@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::bench::perplexity::{perplexity, PerplexityConfig, PerplexityReport};
 use crate::config::PerplexityArgs;
 use crate::engine::load::{load_engine, AnyEngine, EngineOptions};
+use crate::engine::workers::as_rayon_worker;
 use crate::engine::Engine;
 
 pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
@@ -36,7 +37,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     let (engine, _) = load_engine(&path, &options)
         .with_context(|| format!("loading {} for --ctx {}", path.display(), config.ctx))?;
     let report = match engine {
-        AnyEngine::Cpu(mut engine) => run_on(&mut engine, &text, &config)?,
+        AnyEngine::Cpu(mut engine) => as_rayon_worker(|| run_on(&mut engine, &text, &config))?,
         AnyEngine::Cuda(mut engine) => run_on(&mut engine, &text, &config)?,
     };
     if let Some(json) = &args.json {

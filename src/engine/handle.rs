@@ -108,7 +108,7 @@ impl EngineHandle {
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new().name("qilin-engine".into()).spawn(move || {
             let _guard = AliveGuard(for_thread.clone());
-            run(engine, rx, &for_thread)
+            super::workers::as_rayon_worker(|| run(engine, rx, &for_thread))
         })?;
         Ok(EngineHandle { commands: Some(tx), thread: Some(thread), shared })
     }

@@ -14,6 +14,7 @@ pub mod sampling_params;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod workers;
 
 pub use batch_engine::{Engine, EngineEvent, GenerateError};
 pub use handle::{EngineHandle, EngineStats, RequestEvent};
