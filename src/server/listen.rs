@@ -105,16 +105,32 @@ impl Listener {
         }
     }
 
-    /// Opens (and drops) a connection to ourselves so a thread blocked in `accept`
-    /// wakes up and sees that the server is shutting down.
+    /// What wakes a thread blocked in this listener's `accept`, for another thread to
+    /// hold while the accepting one owns (and at shutdown closes) the listener.
+    pub fn waker(&self) -> Waker {
+        match self {
+            Listener::Tcp(l) => Waker::Tcp(l.local_addr().ok()),
+            Listener::Unix { path, .. } => Waker::Unix(path.clone()),
+        }
+    }
+}
+
+/// Where a listener can be reached (`Listener::waker`).
+pub enum Waker {
+    Tcp(Option<SocketAddr>),
+    Unix(PathBuf),
+}
+
+impl Waker {
+    /// Opens (and drops) a connection to the listener so a thread blocked in `accept`
+    /// wakes up and sees that the server is shutting down; nothing once it is closed.
     pub fn wake(&self) {
         match self {
-            Listener::Tcp(l) => {
-                if let Ok(addr) = l.local_addr() {
-                    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-                }
+            Waker::Tcp(Some(addr)) => {
+                let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
             }
-            Listener::Unix { path, .. } => {
+            Waker::Tcp(None) => {}
+            Waker::Unix(path) => {
                 let _ = UnixStream::connect(path);
             }
         }

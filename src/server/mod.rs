@@ -36,7 +36,7 @@ use crate::engine::load::load_engine;
 use audit::AuditLog;
 use auth::ApiKeys;
 use http::{Conn, Limits};
-use listen::{Listener, Stream};
+use listen::{Listener, Stream, Waker};
 use metrics::Metrics;
 use proxy::TrustedProxies;
 use state::App;
@@ -54,10 +54,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut keys = ApiKeys::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
     let proxies = TrustedProxies::parse(&args.trusted_proxy)?;
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
-    let listener = Arc::new(match &args.uds {
+    let listener = match &args.uds {
         Some(path) => Listener::bind_unix(path)?,
         None => Listener::bind_tcp(&args.host, args.port)?,
-    });
+    };
 
     let model_path = args.engine.model_path()?;
     let (engine, defaults) = load_engine(&model_path, &args.engine.engine_options())?;
@@ -93,10 +93,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         aborting: AtomicBool::new(false),
     });
-    watch_signals(app.clone(), listener.clone())?;
+    watch_signals(app.clone(), listener.waker())?;
     let limits = Limits { max_body_bytes: args.max_body_bytes, ..Limits::default() };
     eprintln!("listening on {} (model: {})", listener.describe(), app.model_name());
     accept_loop(&app, &listener, &limits, args.max_connections);
+    // Closed before the drain, so new connections are refused (not left waiting in the
+    // backlog) while in-flight requests finish.
+    drop(listener);
     drain(&app, shutdown_timeout);
     if let Some(audit) = &app.audit {
         if let Err(e) = audit.sync() {
@@ -160,7 +163,7 @@ fn serve_connection(app: &App, stream: Stream, limits: Limits) {
 }
 
 /// SIGTERM / SIGINT: stop accepting and drain. A second signal aborts at once.
-fn watch_signals(app: Arc<App>, listener: Arc<Listener>) -> anyhow::Result<()> {
+fn watch_signals(app: Arc<App>, waker: Waker) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing the signal handlers")?;
@@ -171,7 +174,7 @@ fn watch_signals(app: Arc<App>, listener: Arc<Listener>) -> anyhow::Result<()> {
                 app.aborting.store(true, Ordering::SeqCst);
             } else {
                 tracing::info!("signal {signal}: no new requests; draining");
-                listener.wake();
+                waker.wake();
             }
         }
     })?;
