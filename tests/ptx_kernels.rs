@@ -681,14 +681,7 @@ fn penalties_module_entries_and_params_match_the_rust_side() {
     if !ptx_available() {
         return;
     }
-    let text = module_ptx(ptx::APPLY_PENALTIES_BF16.module).expect("module embedded");
-    let entries: BTreeSet<&str> = entry_names(text).into_iter().collect();
-    assert_eq!(entries, [ptx::APPLY_PENALTIES_BF16.entry].into_iter().collect());
-    assert_eq!(
-        byte_param(text, ptx::APPLY_PENALTIES_BF16.entry, 0),
-        Some((align_of::<QilinPenaltyParams>(), size_of::<QilinPenaltyParams>())),
-        "qilin_apply_penalties_bf16: params struct as nvcc sees it vs as Rust sees it"
-    );
+    module_is_these_kernels_taking::<QilinPenaltyParams>(&[ptx::APPLY_PENALTIES_BF16]);
 }
 
 #[test]

@@ -44,6 +44,12 @@ impl Batch {
         self.token_ids.len()
     }
 
+    /// Whether every row wants its logits, in row order (every decode step does).
+    pub fn logits_from_every_row(&self) -> bool {
+        self.logits_rows.len() == self.n_tokens()
+            && self.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i)
+    }
+
     /// Appends one sequence's chunk: `tokens` at positions `first_pos..`, with K/V slots
     /// from `block_table`, asking for the logits of its last token when `want_logits`.
     pub fn push_seq(

@@ -468,20 +468,6 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
 const PENALTY_IDS: usize = 1536;
 
 /// `rows` rows of repetition penalty 1.05 over PENALTY_IDS distinct ids each (a quarter of
-/// `[n, vocab]` logits like a language model's: normal-ish (sigma 2) with eight tokens per
-/// row at 12 to 20, which carry most of the probability at T 0.7.
-fn peaked_logits(b: &CudaBackend, n: usize, vocab: usize, rng: &mut ChaCha8Rng) -> CudaTensor {
-    let mut values: Vec<f32> = (0..n * vocab)
-        .map(|_| (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 2.0)
-        .collect();
-    for row in values.chunks_mut(vocab) {
-        for _ in 0..8 {
-            row[rng.random_range(0..vocab)] = rng.random_range(12.0f32..20.0);
-        }
-    }
-    b.tensor_from_host(&values, n, vocab)
-}
-
 /// them also in the output, counts 1-3), as `Sampler::penalty_row` builds them.
 fn bench_penalties(rows: usize, vocab: usize, rng: &mut ChaCha8Rng) -> PenaltyBatch {
     let mut batch = PenaltyBatch::default();
@@ -495,4 +481,18 @@ fn bench_penalties(rows: usize, vocab: usize, rng: &mut ChaCha8Rng) -> PenaltyBa
         batch.push_row(1.05, 0.0, 0.0, entries);
     }
     batch
+}
+
+/// `[n, vocab]` logits like a language model's: normal-ish (sigma 2) with eight tokens per
+/// row at 12 to 20, which carry most of the probability at T 0.7.
+fn peaked_logits(b: &CudaBackend, n: usize, vocab: usize, rng: &mut ChaCha8Rng) -> CudaTensor {
+    let mut values: Vec<f32> = (0..n * vocab)
+        .map(|_| (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 2.0)
+        .collect();
+    for row in values.chunks_mut(vocab) {
+        for _ in 0..8 {
+            row[rng.random_range(0..vocab)] = rng.random_range(12.0f32..20.0);
+        }
+    }
+    b.tensor_from_host(&values, n, vocab)
 }

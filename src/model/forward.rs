@@ -117,9 +117,7 @@ fn layers<B: Backend>(
     }
     // Only the rows that need logits go through the final norm and lm_head; a decode step
     // wants every row in order, which needs no gather.
-    let every_row = batch.logits_rows.len() == batch.n_tokens()
-        && batch.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i);
-    let (mut last, pending_last) = if every_row {
+    let (mut last, pending_last) = if batch.logits_from_every_row() {
         (residual, pending)
     } else {
         let last = b.gather_rows(&residual, &batch.logits_rows);

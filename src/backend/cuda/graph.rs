@@ -86,8 +86,7 @@ impl GraphKey {
         let decode_only = n > 0
             && batch.seqs.len() == n
             && batch.seqs.iter().enumerate().all(|(i, s)| s.start == i && s.len == 1)
-            && batch.logits_rows.len() == n
-            && batch.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+            && batch.logits_from_every_row();
         if !decode_only {
             return None;
         }

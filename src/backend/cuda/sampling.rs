@@ -46,7 +46,7 @@ pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    let ids = match split_geometry(logits.cols).filter(|_| dev.paths.sample_split) {
+    let ids = match split_path(dev, logits.cols) {
         Some(geometry) => split_rows(dev, logits, None, geometry),
         None => argmax_rows_on_device(dev, logits),
     };
@@ -98,7 +98,7 @@ pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> V
         return Vec::new();
     }
     assert!(logits.data.len() >= n * vocab, "sample: logits buffer shorter than [{n}, {vocab}]");
-    if let Some(geometry) = split_geometry(vocab).filter(|_| dev.paths.sample_split) {
+    if let Some(geometry) = split_path(dev, vocab) {
         let ids = split_rows(dev, logits, Some(rows), geometry);
         return dev.download(&ids, n);
     }
@@ -159,6 +159,12 @@ pub fn split_geometry(cols: usize) -> Option<(u32, u32)> {
     Some((splits as u32, chunk as u32))
 }
 
+/// The split kernels' geometry for rows of `cols` logits when the dispatch takes them
+/// (`paths.sample_split` and a row they can cut).
+fn split_path(dev: &Device, cols: usize) -> Option<(u32, u32)> {
+    split_geometry(cols).filter(|_| dev.paths.sample_split)
+}
+
 /// The split kernels (kernels/sampling_split.cu) over `logits [n, vocab]`: argmax
 /// (`rows` None) or sampling as `rows` say, QILIN_SAMPLE_SPLIT_MAX_ROWS rows per launch;
 /// `ids [n]` queued on the stream.
@@ -174,7 +180,8 @@ pub fn split_rows(
     assert!(rows.is_none_or(|r| r.len() == n), "split sampling: one RowSampling per row");
     let per_launch = QILIN_SAMPLE_SPLIT_MAX_ROWS as usize;
     let mut ids = dev.alloc_output::<u32>(n); // [n]
-                                              // Scratch for one launch: [rows, splits] parts and [rows, splits, CAP] candidates.
+
+    // Scratch for one launch: [rows, splits] parts and [rows, splits, CAP] candidates.
     let parts = dev.alloc_output::<QilinSampleSplitPart>(n.min(per_launch) * splits as usize);
     let cands = rows.map(|_| {
         dev.alloc_output::<u32>(n.min(per_launch) * (splits * QILIN_SAMPLE_SPLIT_CAP) as usize)
