@@ -1,5 +1,7 @@
 //! One forward step of the demo model (SmolLM2-135M, Q4_1 GGUF) on the CPU backend:
-//! a decode step at a 512-token context and a 128-token prefill chunk. These are the
+//! a decode step at a 512-token context and a 128-token prefill chunk, with the default
+//! 8-bit activations (`q8`) and the f32 reference (`f32`; prefill chunks take the f32
+//! GEMM either way). These are the
 //! numbers to hold against llama.cpp's tg128 / pp512 on the same machine
 //! (shared/toolchain.md); `qilin generate` prints the end-to-end equivalents.
 //!
@@ -9,7 +11,7 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use qilin::backend::cpu::CpuBackend;
+use qilin::backend::cpu::{CpuActivations, CpuBackend};
 use qilin::backend::{Backend, Batch, KvCacheShape};
 use qilin::kv::block_manager::blocks_for;
 use qilin::kv::BlockManager;
@@ -18,8 +20,14 @@ use qilin::model::load_model;
 use qilin::model::weights::ModelWeights;
 
 fn forward_steps(c: &mut Criterion) {
+    for (label, activations) in [("q8", CpuActivations::Q8), ("f32", CpuActivations::F32)] {
+        forward_steps_with(c, label, activations);
+    }
+}
+
+fn forward_steps_with(c: &mut Criterion, label: &str, activations: CpuActivations) {
     let loaded = load_model(&common::smollm2_gguf()).expect("load the demo model");
-    let backend = CpuBackend::new();
+    let backend = CpuBackend::with_activations(activations);
     let weights = ModelWeights::load(&backend, &loaded).expect("weights");
     let config = loaded.config.clone();
     let mut model = Model::new(loaded.config, backend, weights);
@@ -42,7 +50,7 @@ fn forward_steps(c: &mut Criterion) {
     prefill.push_seq(&tokens, 0, &table, true);
     model.forward(&prefill, &mut cache);
 
-    let mut group = c.benchmark_group("smollm2_q4_1");
+    let mut group = c.benchmark_group(format!("smollm2_q4_1_{label}"));
     group.sample_size(10);
     let mut chunk = Batch::default();
     chunk.push_seq(&tokens[..128], 0, &table, true);

@@ -10,6 +10,7 @@ use std::hint::black_box;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use qilin::model::quant::dot_row;
+use qilin::model::quant::q8_activations::{dot_row_q8, Q8Activations};
 use qilin::model::DType;
 
 const DTYPES: [DType; 6] =
@@ -124,5 +125,46 @@ fn bench_intq(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_kquants, bench_intq);
+/// Quantized activations (`dot_row_q8`, the CPU backend's default for these formats)
+/// against f32 activations (`dot_row`) on the same matrix, in GB/s of weight bytes. The
+/// q8 rows include quantizing x once per matrix, as a decode step does per linear layer.
+fn bench_q8(c: &mut Criterion) {
+    for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
+        let mut group = c.benchmark_group(format!("dot_row_q8_{label}"));
+        group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+        for cols in [576usize, 1536] {
+            for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::I8, DType::I4] {
+                if dtype.row_bytes(cols).is_none() {
+                    continue;
+                }
+                let l2_rows = if cols == 576 { 1536 } else { 576 };
+                let rows = rows_for(dtype, cols, target_bytes, l2_rows);
+                bench_rows(&mut group, dtype, rows, cols);
+                bench_rows_q8(&mut group, dtype, rows, cols);
+            }
+        }
+        group.finish();
+    }
+}
+
+/// As `bench_rows`, through `dot_row_q8`.
+fn bench_rows_q8(group: &mut BenchmarkGroup<'_, WallTime>, dtype: DType, rows: usize, cols: usize) {
+    let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+    let w = matrix(dtype, rows, cols);
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+    let mut q = Q8Activations::default();
+    let mut out = vec![0f32; rows];
+    group.throughput(Throughput::Bytes(w.len() as u64));
+    group.bench_function(format!("{dtype}/{cols}/q8"), |b| {
+        b.iter(|| {
+            q.quantize(black_box(&x), cols);
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                *o = dot_row_q8(dtype, row, q.row(0)).expect("an integer format");
+            }
+            black_box(&out);
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_kquants, bench_intq, bench_q8);
 criterion_main!(benches);

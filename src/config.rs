@@ -190,6 +190,11 @@ pub struct EngineArgs {
     /// as they are.
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
+    /// CPU backend: `q8` (default) multiplies decode steps' activations as 8-bit blocks
+    /// with Q4_0/Q4_1/Q8_0/I8/I4 weights in integers, as llama.cpp does; `f32` keeps f32
+    /// activations everywhere (the reference numerics, slower).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]
+    pub cpu_activations: crate::backend::cpu::CpuActivations,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
 }
@@ -297,6 +302,7 @@ impl EngineArgs {
             quantize: self.quantize,
             calibration: self.calibration.source(),
             cpu_emulates_bf16: false,
+            cpu_activations: self.cpu_activations,
         }
     }
 }
@@ -410,6 +416,11 @@ pub struct PerplexityArgs {
     /// Quantize the linear layers at load, as for `generate` (`none`, `int8`, `int4`).
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
+    /// CPU backend: `q8` (default) multiplies decode steps' activations as 8-bit blocks
+    /// with Q4_0/Q4_1/Q8_0/I8/I4 weights in integers, as llama.cpp does; `f32` keeps f32
+    /// activations everywhere (the reference numerics, slower).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]
+    pub cpu_activations: crate::backend::cpu::CpuActivations,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
     /// Also write the report (PPL, error, per-window NLL) as JSON to this file.

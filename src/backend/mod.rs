@@ -112,6 +112,15 @@ pub trait Backend: Send + Sync {
     /// `x [n, in]` -> `[n, out]` = x W^T + b.
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Self::Tensor;
 
+    /// The logits projection: `x [n, hidden]` -> `[n, vocab]` through the lm_head (or
+    /// the tied embedding table). `linear` unless a backend trades precision for speed
+    /// in `linear` and must not here: the CPU's 8-bit activations would move logprobs by
+    /// a few hundredths and flip greedy choices at near-ties (SmolLM2's first answer
+    /// token has a margin of 0.08).
+    fn logits(&self, x: &Self::Tensor, lm_head: &Self::Linear) -> Self::Tensor {
+        self.linear(x, lm_head)
+    }
+
     /// Rotates q `[n, heads*head_dim]` and k `[n, kv_heads*head_dim]` (rotate-half /
     /// NEOX layout) at `batch.positions`, then writes k and v `[n, kv_heads*head_dim]`
     /// into layer `layer` of the cache at `batch.slot_mapping` (a token at `NO_SLOT` is

@@ -33,6 +33,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
         quantize: args.quantize,
         calibration: args.calibration.source(),
         cpu_emulates_bf16: false,
+        cpu_activations: args.cpu_activations,
     };
     let (engine, _) = load_engine(&path, &options)
         .with_context(|| format!("loading {} for --ctx {}", path.display(), config.ctx))?;

@@ -14,7 +14,7 @@ use anyhow::Context;
 use super::batch_engine::Engine;
 use super::handle::EngineHandle;
 use super::scheduler::SchedulerConfig;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuActivations, CpuBackend};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, KvCacheShape, BLOCK_SIZE};
 use crate::kv::block_manager::blocks_for;
@@ -78,6 +78,9 @@ pub struct EngineOptions<'a> {
     /// CPU only: round activations and the KV cache to bf16 as the CUDA backend stores
     /// them (`CpuBackend::emulating_bf16`), the reference of tests/gpu_e2e.rs.
     pub cpu_emulates_bf16: bool,
+    /// CPU only: `--cpu-activations` (ignored when `cpu_emulates_bf16`, which keeps f32
+    /// activations as its reference role needs).
+    pub cpu_activations: CpuActivations,
 }
 
 impl Default for EngineOptions<'_> {
@@ -92,6 +95,7 @@ impl Default for EngineOptions<'_> {
             quantize: crate::model::quantize::QuantizeMethod::None,
             calibration: None,
             cpu_emulates_bf16: false,
+            cpu_activations: CpuActivations::default(),
         }
     }
 }
@@ -248,8 +252,11 @@ pub fn load_cpu_engine(
     options: &EngineOptions,
 ) -> anyhow::Result<(Engine<CpuBackend>, GenerationDefaults)> {
     let loaded = load_weights(path, options)?;
-    let backend =
-        if options.cpu_emulates_bf16 { CpuBackend::emulating_bf16() } else { CpuBackend::new() };
+    let backend = if options.cpu_emulates_bf16 {
+        CpuBackend::emulating_bf16()
+    } else {
+        CpuBackend::with_activations(options.cpu_activations)
+    };
     let weights = ModelWeights::load(&backend, &loaded)?;
     let max_model_len = check_limits(path, &loaded, options, DEFAULT_MAX_MODEL_LEN)?;
     let shape = kv_shape(&loaded.config);

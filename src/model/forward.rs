@@ -124,5 +124,5 @@ fn layers<B: Backend>(
         (last, pending.map(|p| b.gather_rows(&p, &batch.logits_rows)))
     };
     let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
-    Some(b.linear(&x, w.lm_head()))
+    Some(b.logits(&x, w.lm_head()))
 }

@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{weight_to_f32, CpuTensor};
+use super::{weight_to_f32, CpuActivations, CpuTensor};
 use crate::backend::{BackendError, LinearPart};
+use crate::model::quant::q8_activations::{self, dot_row_q8, Q8Activations};
 use crate::model::quant::{dequantize_row, dot_row};
 use crate::model::{DType, WeightTensor};
 
@@ -30,6 +31,8 @@ pub struct CpuLinear {
     bias: Option<Vec<f32>>, // [out]; zeros for parts without bias
     pub out_features: usize,
     pub in_features: usize,
+    /// Every part has an integer dot product with 8-bit activations.
+    q8_capable: bool,
 }
 
 impl CpuLinear {
@@ -77,6 +80,7 @@ impl CpuLinear {
             out_features += rows;
         }
         Ok(CpuLinear {
+            q8_capable: parts.iter().all(|p| q8_activations::supports(p.weight.dtype)),
             parts: parts.iter().map(|p| p.weight.clone()).collect(),
             part_starts,
             bias: any_bias.then_some(bias),
@@ -92,13 +96,24 @@ impl CpuLinear {
         (part.dtype, part.row(r - self.part_starts[p]))
     }
 
-    /// `x [n, in]` -> `[n, out]`.
-    pub fn forward(&self, x: &CpuTensor) -> CpuTensor {
+    /// `x [n, in]` -> `[n, out]`; `activations` picks the decode path's numerics.
+    pub fn forward(&self, x: &CpuTensor, activations: CpuActivations) -> CpuTensor {
         assert_eq!(x.cols, self.in_features, "linear input width");
         let n = x.rows;
         // Computed as [out, n] so that each task owns whole output rows.
         let mut out_t = vec![0.0f32; self.out_features * n];
-        if n <= DIRECT_DOT_MAX_TOKENS {
+        if n <= DIRECT_DOT_MAX_TOKENS && activations == CpuActivations::Q8 && self.q8_capable {
+            let mut xq = Q8Activations::default();
+            xq.quantize(&x.data, x.cols);
+            out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
+                for (i, outs) in chunk.chunks_mut(n).enumerate() {
+                    let (dtype, row) = self.row(task * ROWS_PER_TASK + i);
+                    for (t, o) in outs.iter_mut().enumerate() {
+                        *o = dot_row_q8(dtype, row, xq.row(t)).expect("checked by q8_capable");
+                    }
+                }
+            });
+        } else if n <= DIRECT_DOT_MAX_TOKENS {
             out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
                 for (i, outs) in chunk.chunks_mut(n).enumerate() {
                     let (dtype, row) = self.row(task * ROWS_PER_TASK + i);
@@ -181,5 +196,103 @@ impl CpuLinear {
             dequantize_row(dtype, row, dst);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quantize::quantize_row;
+    use crate::model::tensor::Bytes;
+
+    fn weight(dtype: DType, rows: usize, cols: usize, seed: u64) -> (WeightTensor, Vec<f32>) {
+        let mut state = seed;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        let row_bytes = dtype.row_bytes(cols).unwrap();
+        let mut data = vec![0u8; rows * row_bytes];
+        let mut decoded = vec![0f32; rows * cols];
+        for ((w, out), dec) in
+            values.chunks(cols).zip(data.chunks_mut(row_bytes)).zip(decoded.chunks_mut(cols))
+        {
+            if dtype == DType::F32 {
+                out.iter_mut()
+                    .zip(w.iter().flat_map(|v| v.to_le_bytes()))
+                    .for_each(|(o, b)| *o = b);
+            } else {
+                quantize_row(dtype, w, out).unwrap();
+            }
+            dequantize_row(dtype, out, dec);
+        }
+        let tensor =
+            WeightTensor { dtype, shape: vec![rows, cols], data: Bytes::Owned(data.into()) };
+        (tensor, decoded)
+    }
+
+    /// Activations with one outlier per row, as real hidden states have: the blocks
+    /// holding it quantize coarsely, the others finely.
+    fn activations(n: usize, cols: usize) -> CpuTensor {
+        let data = (0..n * cols)
+            .map(|i| if i % cols == 37 { 20.0 } else { ((i * 7919) % 101) as f32 / 50.0 - 1.0 })
+            .collect();
+        CpuTensor::from_vec(data, n, cols)
+    }
+
+    /// Decode-sized inputs through the integer path land within the activation rounding
+    /// of the f32 path: each input moves by at most half its block's step `d`, so an
+    /// output moves by at most `sum |w| * d / 2` over its row. Prefill-sized inputs and
+    /// layers with a part that has no integer path give exactly the f32 result.
+    #[test]
+    fn quantized_activations_stay_within_their_rounding_of_f32() {
+        let cols = 256;
+        let parts_q = [(DType::Q4_1, 48), (DType::Q8_0, 16), (DType::I4, 8), (DType::I8, 8)];
+        let made: Vec<_> =
+            parts_q.iter().zip(1u64..).map(|(&(d, r), s)| weight(d, r, cols, s)).collect();
+        let parts: Vec<LinearPart<'_>> =
+            made.iter().map(|(w, _)| LinearPart { weight: w, bias: None }).collect();
+        let linear = CpuLinear::new("mixed_q", &parts).unwrap();
+        let decoded: Vec<f32> = made.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        for n in 1..=DIRECT_DOT_MAX_TOKENS {
+            let x = activations(n, cols);
+            let exact = linear.forward(&x, CpuActivations::F32);
+            let q8 = linear.forward(&x, CpuActivations::Q8);
+            let mut moved = 0;
+            for t in 0..n {
+                let xs = x.row(t);
+                let steps: Vec<f32> = xs
+                    .chunks(32)
+                    .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                    .collect();
+                for (r, w) in decoded.chunks(cols).enumerate() {
+                    let bound: f32 =
+                        w.iter().enumerate().map(|(i, v)| v.abs() * steps[i / 32] / 2.0).sum();
+                    let (e, q) = (
+                        exact.data[t * linear.out_features + r],
+                        q8.data[t * linear.out_features + r],
+                    );
+                    assert!(
+                        (e - q).abs() <= bound * 1.001 + 1e-4,
+                        "n={n} t={t} row {r}: {q} vs {e} (bound {bound})"
+                    );
+                    moved += (e != q) as usize;
+                }
+            }
+            assert!(moved > 0, "n={n}: the integer path did not run");
+        }
+        let x = activations(DIRECT_DOT_MAX_TOKENS + 1, cols);
+        assert_eq!(linear.forward(&x, CpuActivations::Q8), linear.forward(&x, CpuActivations::F32));
+
+        let (plain, _) = weight(DType::F32, 8, cols, 9);
+        let mixed =
+            CpuLinear::new("mixed_plain", &[parts[0], LinearPart { weight: &plain, bias: None }])
+                .unwrap();
+        let x = activations(1, cols);
+        assert_eq!(mixed.forward(&x, CpuActivations::Q8), mixed.forward(&x, CpuActivations::F32));
     }
 }

@@ -41,7 +41,22 @@ impl CpuTensor {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+/// How the CPU backend multiplies activations with block-quantized weights
+/// (`--cpu-activations`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuActivations {
+    /// Decode-sized steps (up to 4 tokens) quantize the input of each Q4_0, Q4_1, Q8_0,
+    /// I8 or I4 linear layer to 8 bits per 32 values and multiply in integers
+    /// (`model::quant::q8_activations`), as llama.cpp's CPU backend does. Prefill chunks
+    /// and other weight formats keep f32.
+    #[default]
+    Q8,
+    /// f32 activations everywhere: the reference numerics, which the tests hold against
+    /// transformers and the CUDA kernels are checked against.
+    F32,
+}
+
+#[derive(Clone, Copy, Debug)]
 pub struct CpuBackend {
     /// Round every op's output (activations, the residual stream, K and V, logits) to
     /// bf16, where the CUDA backend stores them, while still computing each op in f32.
@@ -53,16 +68,24 @@ pub struct CpuBackend {
     /// GPU (unless QILIN_CUDA_DEVICE_PENALTIES=0). Off by default: the CPU keeps the host
     /// sampler's exact f32 penalties. For tests of that routing without a GPU.
     device_penalties: bool,
+    /// `CpuActivations::F32` unless `with_activations` says otherwise: the reference.
+    activations: CpuActivations,
 }
 
 impl CpuBackend {
+    /// The reference: f32 activations everywhere.
     pub fn new() -> Self {
-        CpuBackend { round_bf16: false, device_penalties: false }
+        CpuBackend { round_bf16: false, device_penalties: false, activations: CpuActivations::F32 }
     }
 
     /// The backend that rounds like the CUDA backend (see `round_bf16`).
     pub fn emulating_bf16() -> Self {
-        CpuBackend { round_bf16: true, device_penalties: false }
+        CpuBackend { round_bf16: true, ..Self::new() }
+    }
+
+    /// The reference backend with `activations` for quantized linear layers.
+    pub fn with_activations(activations: CpuActivations) -> Self {
+        CpuBackend { activations, ..Self::new() }
     }
 
     /// Sets `device_penalties` (see the field).
@@ -81,6 +104,12 @@ impl CpuBackend {
                 *v = half::bf16::from_f32(*v).to_f32();
             }
         }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -158,7 +187,11 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> CpuTensor {
-        self.rounded(w.forward(x))
+        self.rounded(w.forward(x, self.activations))
+    }
+
+    fn logits(&self, x: &CpuTensor, lm_head: &CpuLinear) -> CpuTensor {
+        self.rounded(lm_head.forward(x, CpuActivations::F32))
     }
 
     fn rope_and_store_kv(

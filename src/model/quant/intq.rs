@@ -174,32 +174,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-        let mut state = seed;
-        move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        }
-    }
-
-    /// Random rows with finite scales of either sign and any zero byte (the kernels
-    /// must not assume z <= 15 even though writers keep it there).
-    fn random_row(dtype: DType, n: usize, next: &mut impl FnMut() -> u64) -> Vec<u8> {
-        let mut row: Vec<u8> = (0..dtype.row_bytes(n).unwrap()).map(|_| next() as u8).collect();
-        for blk in row.chunks_exact_mut(dtype.block_bytes()) {
-            match dtype {
-                DType::I8 => {
-                    let s = (next() % 2000) as f32 / 1e5 - 0.01;
-                    blk[..4].copy_from_slice(&s.to_le_bytes());
-                }
-                _ => blk[1] &= 0xbf, // exponent below 0x1f: finite f16
-            }
-        }
-        row
-    }
+    use crate::model::quant::test_rows::{random_row, xorshift};
 
     /// The formats' definitions, written out element by element in f64.
     fn reference(dtype: DType, row: &[u8], n: usize) -> Vec<f64> {

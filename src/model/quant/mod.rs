@@ -17,6 +17,9 @@ mod avx512;
 mod intq;
 mod kquants;
 pub mod levels;
+pub mod q8_activations;
+#[cfg(test)]
+mod test_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
