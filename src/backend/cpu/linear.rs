@@ -5,8 +5,8 @@ use rayon::prelude::*;
 
 use super::{weight_to_f32, CpuActivations, CpuTensor};
 use crate::backend::{BackendError, LinearPart};
-use crate::model::quant::q8_activations::{self, dot_row_q8, Q8Activations};
-use crate::model::quant::{dequantize_row, dot_row};
+use crate::model::quant::q8_activations::{self, dot_rows_q8, Q8Activations};
+use crate::model::quant::{dequantize_row, dot_rows};
 use crate::model::{DType, WeightTensor};
 
 /// Output rows handed to one rayon task; large enough to amortise scheduling, small
@@ -96,6 +96,22 @@ impl CpuLinear {
         (part.dtype, part.row(r - self.part_starts[p]))
     }
 
+    /// Output rows `range` as runs of consecutive rows within one part: (format, the
+    /// run's bytes, its first row's offset from `range.start`).
+    fn row_runs(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (DType, &[u8], usize)> + '_ {
+        self.parts.iter().zip(&self.part_starts).filter_map(move |(part, &start)| {
+            let (lo, hi) = (range.start.max(start), range.end.min(start + part.rows()));
+            (lo < hi).then(|| {
+                let row_bytes = part.row(0).len();
+                let bytes = &part.bytes()[(lo - start) * row_bytes..(hi - start) * row_bytes];
+                (part.dtype, bytes, lo - range.start)
+            })
+        })
+    }
+
     /// `x [n, in]` -> `[n, out]`; `activations` picks the decode path's numerics.
     pub fn forward(&self, x: &CpuTensor, activations: CpuActivations) -> CpuTensor {
         assert_eq!(x.cols, self.in_features, "linear input width");
@@ -106,19 +122,19 @@ impl CpuLinear {
             let mut xq = Q8Activations::default();
             xq.quantize(&x.data, x.cols);
             out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
-                for (i, outs) in chunk.chunks_mut(n).enumerate() {
-                    let (dtype, row) = self.row(task * ROWS_PER_TASK + i);
-                    for (t, o) in outs.iter_mut().enumerate() {
-                        *o = dot_row_q8(dtype, row, xq.row(t)).expect("checked by q8_capable");
+                let first = task * ROWS_PER_TASK;
+                for (dtype, rows, at) in self.row_runs(first..first + chunk.len() / n) {
+                    for t in 0..n {
+                        dot_rows_q8(dtype, rows, xq.row(t), &mut chunk[at * n + t..], n);
                     }
                 }
             });
         } else if n <= DIRECT_DOT_MAX_TOKENS {
             out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
-                for (i, outs) in chunk.chunks_mut(n).enumerate() {
-                    let (dtype, row) = self.row(task * ROWS_PER_TASK + i);
-                    for (t, o) in outs.iter_mut().enumerate() {
-                        *o = dot_row(dtype, row, x.row(t));
+                let first = task * ROWS_PER_TASK;
+                for (dtype, rows, at) in self.row_runs(first..first + chunk.len() / n) {
+                    for t in 0..n {
+                        dot_rows(dtype, rows, x.row(t), &mut chunk[at * n + t..], n);
                     }
                 }
             });

@@ -49,6 +49,33 @@ pub unsafe fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Option<f32> {
     })
 }
 
+/// `out[i * stride]` = `dot_row` of row `i` of `rows` (whole rows of `row_bytes`), with
+/// the format's kernel chosen once; false (nothing written) for formats without a
+/// 512-bit kernel.
+///
+/// # Safety
+/// As `dot_row`, for every row; `out` has room for every row (checked by the caller).
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+pub unsafe fn dot_rows(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    let rows = rows.chunks_exact(row_bytes);
+    let outs = out.iter_mut().step_by(stride);
+    match dtype {
+        DType::Q4_1 => rows.zip(outs).for_each(|(r, o)| *o = dot_q4::<true>(r, x)),
+        DType::Q4_0 => rows.zip(outs).for_each(|(r, o)| *o = dot_q4::<false>(r, x)),
+        DType::Q8_0 => rows.zip(outs).for_each(|(r, o)| *o = dot_q8_0(r, x)),
+        DType::I8 => rows.zip(outs).for_each(|(r, o)| *o = dot_i8(r, x)),
+        _ => return false,
+    }
+    true
+}
+
 #[inline(always)]
 fn read_i32(b: &[u8], at: usize) -> i32 {
     i32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])

@@ -40,28 +40,43 @@ fn isa() -> Isa {
     })
 }
 
-/// The dot product on the best instruction set this CPU has; None without AVX2.
-/// The caller (`dot_row_q8`) checked that `row` holds `x.qs.len()` values of `dtype`.
-pub fn dot_row(dtype: DType, row: &[u8], x: Q8Row<'_>) -> Option<f32> {
-    // SAFETY: each arm runs only on a CPU with its features; lengths were checked.
-    match isa() {
-        Isa::Vnni => Some(unsafe { dot_row_vnni(dtype, row, x) }),
-        Isa::Avx2 => Some(unsafe { dot_row_avx2(dtype, row, x) }),
-        Isa::None => None,
-    }
+/// Consecutive weight rows of one format against one activation row.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8], // [rows, row_bytes]
+    pub row_bytes: usize,
+    pub x: Q8Row<'a>,
 }
 
-/// Both instruction sets, for the tests: (name, result) of each the CPU has.
+/// `dot_rows_q8` on the best instruction set this CPU has; false (nothing written)
+/// without AVX2. The caller checked that `rows.bytes` is whole rows of `row_bytes`
+/// holding `x.qs.len()` values of `dtype` each and that `out` has room for every row.
+pub fn dot_rows(rows: Rows<'_>, out: &mut [f32], stride: usize) -> bool {
+    // SAFETY: each arm runs only on a CPU with its features; lengths were checked.
+    match isa() {
+        Isa::Vnni => unsafe { dot_rows_vnni(rows, out, stride) },
+        Isa::Avx2 => unsafe { dot_rows_avx2(rows, out, stride) },
+        Isa::None => return false,
+    }
+    true
+}
+
+/// Both instruction sets on one row, for the tests: (name, result) of each the CPU has.
 #[cfg(test)]
 pub fn every_path(dtype: DType, row: &[u8], x: Q8Row<'_>) -> Vec<(&'static str, f32)> {
+    let rows = Rows { dtype, bytes: row, row_bytes: row.len(), x };
     let mut paths = Vec::new();
+    let mut out = [0f32];
     if isa() != Isa::None {
         // SAFETY: the CPU has AVX2/FMA/F16C; lengths were checked by the caller.
-        paths.push(("avx2", unsafe { dot_row_avx2(dtype, row, x) }));
+        unsafe { dot_rows_avx2(rows, &mut out, 1) };
+        paths.push(("avx2", out[0]));
     }
     if isa() == Isa::Vnni {
         // SAFETY: the CPU has AVX512-VNNI/VL as well.
-        paths.push(("vnni", unsafe { dot_row_vnni(dtype, row, x) }));
+        unsafe { dot_rows_vnni(rows, &mut out, 1) };
+        paths.push(("vnni", out[0]));
     }
     paths
 }
@@ -93,28 +108,31 @@ impl ByteDot for Avx2 {
 }
 
 /// # Safety
-/// AVX2/FMA/F16C and AVX512-VNNI/VL; `row` holds `x.qs.len()` values of `dtype`.
+/// AVX2/FMA/F16C and AVX512-VNNI/VL; as `dot_rows`'s contract.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn dot_row_vnni(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
-    dispatch::<Vnni>(dtype, row, x)
+unsafe fn dot_rows_vnni(rows: Rows<'_>, out: &mut [f32], stride: usize) {
+    each_row::<Vnni>(rows, out, stride)
 }
 
 /// # Safety
-/// AVX2/FMA/F16C; `row` holds `x.qs.len()` values of `dtype`.
+/// AVX2/FMA/F16C; as `dot_rows`'s contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_row_avx2(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
-    dispatch::<Avx2>(dtype, row, x)
+unsafe fn dot_rows_avx2(rows: Rows<'_>, out: &mut [f32], stride: usize) {
+    each_row::<Avx2>(rows, out, stride)
 }
 
+/// The format's kernel on every row, chosen once.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dispatch<D: ByteDot>(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
-    match dtype {
-        DType::Q4_1 => dot_q4::<D, true>(row, x),
-        DType::Q4_0 => dot_q4::<D, false>(row, x),
-        DType::Q8_0 => dot_q8_0::<D>(row, x),
-        DType::I8 => dot_i8::<D>(row, x),
-        DType::I4 => dot_i4::<D>(row, x),
+unsafe fn each_row<D: ByteDot>(rows: Rows<'_>, out: &mut [f32], stride: usize) {
+    let x = rows.x;
+    let each = rows.bytes.chunks_exact(rows.row_bytes).zip(out.iter_mut().step_by(stride));
+    match rows.dtype {
+        DType::Q4_1 => each.for_each(|(r, o)| *o = dot_q4::<D, true>(r, x)),
+        DType::Q4_0 => each.for_each(|(r, o)| *o = dot_q4::<D, false>(r, x)),
+        DType::Q8_0 => each.for_each(|(r, o)| *o = dot_q8_0::<D>(r, x)),
+        DType::I8 => each.for_each(|(r, o)| *o = dot_i8::<D>(r, x)),
+        DType::I4 => each.for_each(|(r, o)| *o = dot_i4::<D>(r, x)),
         other => unreachable!("no integer dot product for {other}"),
     }
 }
