@@ -156,7 +156,7 @@ fn smollm2_matches_transformers_loss() {
     check(case, &f.text, 100);
 }
 
-/// The default 8-bit activations: with 4 tokens per step every linear layer of the
+/// `--cpu-activations q8`: with 4 tokens per step every linear layer of the
 /// blocks takes the integer path (`model::quant::q8_activations`), and each window's
 /// mean NLL moves from transformers' by 2.9e-3 to 6.5e-3 nats (measured; ppl 26.23 vs
 /// 26.35). Q8_NLL_TOL (0.02) bounds that; a broken integer kernel, a missing bos swap or

@@ -8,7 +8,7 @@
 //! place shifts them by whole units). Token choices must agree wherever transformers'
 //! top-2 margin exceeds 1e-2.
 //!
-//! The default, 8-bit activations on decode steps, rounds every linear layer's input
+//! `--cpu-activations q8`, 8-bit activations on decode steps, rounds every linear layer's input
 //! to 8 bits per 32 values: logprobs of the reference's top tokens then move by up to
 //! 0.51 (0.20 for the chosen token; measured on all cases), which Q8_LOGPROB_TOL (0.75)
 //! bounds, and choices must agree where the margin exceeds Q8_MIN_MARGIN (0.75). A

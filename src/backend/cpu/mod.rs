@@ -45,14 +45,17 @@ impl CpuTensor {
 /// (`--cpu-activations`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuActivations {
-    /// Decode-sized steps (up to 4 tokens) quantize the input of each Q4_0, Q4_1, Q8_0,
-    /// I8 or I4 linear layer to 8 bits per 32 values and multiply in integers
-    /// (`model::quant::q8_activations`), as llama.cpp's CPU backend does. Prefill chunks
-    /// and other weight formats keep f32.
-    #[default]
+    /// Steps of up to 16 tokens (decode, small batches) quantize the input of each
+    /// Q4_0, Q4_1, Q8_0, I8 or I4 linear layer to 8 bits per 32 values and multiply in
+    /// integers (`model::quant::q8_activations`), as llama.cpp's CPU backend does.
+    /// Longer prefill chunks, other weight formats and the logits projection keep f32.
+    /// Opt-in: a token's numerics then depend on how many tokens share its step (a
+    /// prompt's uncached suffix after a prefix-cache hit, a batch above 16), so greedy
+    /// output at a near-tie can change with the cache state or the load.
     Q8,
     /// f32 activations everywhere: the reference numerics, which the tests hold against
     /// transformers and the CUDA kernels are checked against.
+    #[default]
     F32,
 }
 
