@@ -1,8 +1,9 @@
 //! One forward step of the demo model (SmolLM2-135M, Q4_1 GGUF) on the CPU backend:
 //! a decode step at a 512-token context and a 128-token prefill chunk, with the f32
 //! reference (`f32`, the default) and 8-bit activations (`q8`; prefill chunks take the
-//! f32 GEMM either way). These are the numbers to hold against llama.cpp's tg128 / pp512 on the same machine
-//! (shared/toolchain.md); `qilin generate` prints the end-to-end equivalents.
+//! f32 GEMM either way). These are the numbers to hold against llama.cpp's tg128 /
+//! pp512 on the same machine (shared/toolchain.md); `qilin generate` prints the
+//! end-to-end equivalents.
 //!
 //! tools/setup && cargo bench --bench cpu_forward   (QILIN_SMOLLM2_GGUF overrides the path)
 

@@ -125,7 +125,7 @@ fn bench_intq(c: &mut Criterion) {
     }
 }
 
-/// Quantized activations (`dot_row_q8`, the CPU backend's default for these formats)
+/// Quantized activations (`dot_row_q8`, the CPU backend's `--cpu-activations q8`)
 /// against f32 activations (`dot_row`) on the same matrix, in GB/s of weight bytes. The
 /// q8 rows include quantizing x once per matrix, as a decode step does per linear layer.
 fn bench_q8(c: &mut Criterion) {

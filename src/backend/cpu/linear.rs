@@ -249,19 +249,14 @@ impl CpuLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::quant::test_rows::xorshift;
     use crate::model::quantize::quantize_row;
     use crate::model::tensor::Bytes;
 
     fn weight(dtype: DType, rows: usize, cols: usize, seed: u64) -> (WeightTensor, Vec<f32>) {
-        let mut state = seed;
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
+        let mut next = xorshift(seed);
+        let values: Vec<f32> =
+            (0..rows * cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
         let row_bytes = dtype.row_bytes(cols).unwrap();
         let mut data = vec![0u8; rows * row_bytes];
         let mut decoded = vec![0f32; rows * cols];

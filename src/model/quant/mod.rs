@@ -19,7 +19,7 @@ mod kquants;
 pub mod levels;
 pub mod q8_activations;
 #[cfg(test)]
-mod test_rows;
+pub(crate) mod test_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -144,17 +144,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 ///
 /// Panics when `rows` is not whole rows or `out` is too short (bugs in the caller).
 pub fn dot_rows(dtype: DType, rows: &[u8], x: &[f32], out: &mut [f32], stride: usize) {
-    let row_bytes = dtype.row_bytes(x.len()).filter(|&b| b > 0);
-    let count = row_bytes.map(|b| rows.len() / b);
-    assert!(
-        row_bytes.zip(count).is_some_and(|(b, c)| b * c == rows.len())
-            && count.is_some_and(|c| c == 0 || (c - 1) * stride < out.len()),
-        "{dtype} rows of {} bytes do not match {} values and {} outputs",
-        rows.len(),
-        x.len(),
-        out.len()
-    );
-    let row_bytes = row_bytes.unwrap_or(1);
+    let row_bytes = check_rows(dtype, rows, x.len(), out, stride);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has the features; the lengths were checked above.
     if avx512::available() && unsafe { avx512::dot_rows(dtype, rows, row_bytes, x, out, stride) } {
@@ -163,6 +153,23 @@ pub fn dot_rows(dtype: DType, rows: &[u8], x: &[f32], out: &mut [f32], stride: u
     for (row, o) in rows.chunks_exact(row_bytes).zip(out.iter_mut().step_by(stride)) {
         *o = dot_row(dtype, row, x);
     }
+}
+
+/// The bytes of one row of `values` values of `dtype`, after checking that `rows` is
+/// whole rows of it and that `out` has room for each at `stride`: the contract of the
+/// batched dot products (`dot_rows`, `q8_activations::dot_rows_q8`). Panics otherwise,
+/// a bug in the caller.
+fn check_rows(dtype: DType, rows: &[u8], values: usize, out: &[f32], stride: usize) -> usize {
+    let row_bytes = dtype.row_bytes(values).filter(|&b| b > 0);
+    let count = row_bytes.map(|b| rows.len() / b);
+    assert!(
+        row_bytes.zip(count).is_some_and(|(b, c)| b * c == rows.len())
+            && count.is_some_and(|c| c == 0 || (c - 1) * stride < out.len()),
+        "{dtype} rows of {} bytes do not match {values} values and {} outputs",
+        rows.len(),
+        out.len()
+    );
+    row_bytes.unwrap_or(1)
 }
 
 /// The portable kernels (any CPU); `dot_row` uses them where AVX2/FMA is missing.

@@ -29,7 +29,7 @@
 mod x86;
 
 use super::intq::{BLOCK as INT_BLOCK, I4_BLOCK_BYTES, I8_BLOCK_BYTES};
-use super::{f16_to_f32, le_u16, QK};
+use super::{check_row, check_rows, f16_to_f32, le_u16, QK};
 use crate::model::DType;
 
 /// Largest magnitude of a quantized activation: symmetric, so -128 never occurs and
@@ -128,18 +128,8 @@ pub fn dot_row_q8(dtype: DType, row: &[u8], x: Q8Row<'_>) -> Option<f32> {
 /// `out` is too short: all bugs in the caller (`CpuLinear` checks the formats).
 pub fn dot_rows_q8(dtype: DType, rows: &[u8], x: Q8Row<'_>, out: &mut [f32], stride: usize) {
     assert!(supports(dtype), "no integer dot product for {dtype}");
-    let row_bytes = dtype.row_bytes(x.qs.len()).filter(|&b| b > 0);
-    let count = row_bytes.map(|b| rows.len() / b);
-    assert!(
-        x.scales.len() * QK == x.qs.len()
-            && row_bytes.zip(count).is_some_and(|(b, c)| b * c == rows.len())
-            && count.is_some_and(|c| c == 0 || (c - 1) * stride < out.len()),
-        "{dtype} rows of {} bytes do not match {} activations and {} outputs",
-        rows.len(),
-        x.qs.len(),
-        out.len()
-    );
-    let row_bytes = row_bytes.unwrap_or(1);
+    assert_eq!(x.scales.len() * QK, x.qs.len(), "one scale pair per block of activations");
+    let row_bytes = check_rows(dtype, rows, x.qs.len(), out, stride);
     #[cfg(target_arch = "x86_64")]
     if x86::dot_rows(x86::Rows { dtype, bytes: rows, row_bytes, x }, out, stride) {
         return;
@@ -149,18 +139,10 @@ pub fn dot_rows_q8(dtype: DType, rows: &[u8], x: Q8Row<'_>, out: &mut [f32], str
     }
 }
 
-fn check(dtype: DType, row: &[u8], x: Q8Row<'_>) {
-    let n = x.qs.len();
-    assert!(
-        dtype.row_bytes(n) == Some(row.len()) && x.scales.len() * QK == n,
-        "{dtype} row of {} bytes does not hold the {n} activations",
-        row.len()
-    );
-}
-
 /// The portable kernels (any CPU); the SIMD ones compute the same integer sums.
 pub fn dot_row_q8_portable(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
-    check(dtype, row, x);
+    check_row(dtype, row, x.qs.len());
+    assert_eq!(x.scales.len() * QK, x.qs.len(), "one scale pair per block of activations");
     let blocks = x.qs.chunks_exact(QK).zip(x.scales);
     let mut acc = 0f32;
     match dtype {

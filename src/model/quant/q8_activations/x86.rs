@@ -5,7 +5,7 @@
 //! The pair sums of `vpmaddubsw` cannot saturate: at most 2 * 128 * 127 < 2^15.
 //!
 //! The eight lanes are converted to f32 once per block and accumulated with the block's
-//! scale product by FMA; the min or zero-point term is a scalar sum beside them.
+//! scale product by FMA; the min or zero-point term is summed in one lane beside them.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
