@@ -1,7 +1,7 @@
 //! One forward step of the demo model (SmolLM2-135M, Q4_1 GGUF) on the CPU backend:
-//! a decode step at a 512-token context and a 128-token prefill chunk, with the f32
-//! reference (`f32`, the default) and 8-bit activations (`q8`; prefill chunks take the
-//! f32 GEMM either way). These are the numbers to hold against llama.cpp's tg128 /
+//! a decode step at a 512-token context and a 128-token prefill chunk, with 8-bit
+//! activations (`q8`, the default: decode rows only, prompt chunks take the f32 GEMM
+//! either way) and the f32 reference (`f32`). These are the numbers to hold against llama.cpp's tg128 /
 //! pp512 on the same machine (shared/toolchain.md); `qilin generate` prints the
 //! end-to-end equivalents.
 //!
@@ -57,7 +57,7 @@ fn forward_steps_with(c: &mut Criterion, label: &str, activations: CpuActivation
     group.throughput(Throughput::Elements(128));
     group.bench_function("prefill_128_tokens", |b| b.iter(|| model.forward(&chunk, &mut cache)));
     let mut step = Batch::default();
-    step.push_seq(&[42], context, &table, true);
+    step.push_decode(42, context, &table);
     group.throughput(Throughput::Elements(1));
     group.bench_function("decode_step_ctx512", |b| b.iter(|| model.forward(&step, &mut cache)));
     group.finish();

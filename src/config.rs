@@ -190,11 +190,11 @@ pub struct EngineArgs {
     /// as they are.
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
-    /// CPU backend: `f32` (default) keeps f32 activations everywhere, the reference
-    /// numerics; `q8` multiplies the activations of steps up to 16 tokens as 8-bit blocks
-    /// with Q4_0/Q4_1/Q8_0/I8/I4 weights in integers, as llama.cpp does (~1.4x faster
-    /// decode; a token's numerics then depend on how many tokens share its step).
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::F32)]
+    /// CPU backend: `q8` (default) multiplies the activations of generated tokens as
+    /// 8-bit blocks with Q4_0/Q4_1/Q8_0/I8/I4 weights in integers, as llama.cpp does
+    /// (~1.4x faster decode), while prompt tokens and the logits projection keep f32;
+    /// `f32` keeps f32 activations everywhere, the reference numerics.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]
     pub cpu_activations: crate::backend::cpu::CpuActivations,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
@@ -417,12 +417,15 @@ pub struct PerplexityArgs {
     /// Quantize the linear layers at load, as for `generate` (`none`, `int8`, `int4`).
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
-    /// CPU backend: `f32` (default) keeps f32 activations everywhere, the reference
-    /// numerics; `q8` multiplies the activations of steps up to 16 tokens as 8-bit blocks
-    /// with Q4_0/Q4_1/Q8_0/I8/I4 weights in integers, as llama.cpp does (~1.4x faster
-    /// decode; a token's numerics then depend on how many tokens share its step).
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::F32)]
+    /// CPU backend, as for `generate`. The text is a prompt, which `q8` computes in
+    /// f32 as well, so this matters with `--as-generated` only.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]
     pub cpu_activations: crate::backend::cpu::CpuActivations,
+    /// Feed the text as if the model had generated it, so that every token is computed
+    /// with the numerics of a decode step (on the CPU with `--cpu-activations q8`: 8-bit
+    /// activations) and the score measures their quality instead of the prompt path's.
+    #[arg(long)]
+    pub as_generated: bool,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
     /// Also write the report (PPL, error, per-window NLL) as JSON to this file.

@@ -256,6 +256,35 @@ fn shared_prefix_starts_at_the_cached_tokens() {
     assert_eq!(sim.s.blocks().num_free_blocks(), 64);
 }
 
+/// A follow-up prompt that repeats an earlier prompt and its answer (a chat's next turn)
+/// reuses the answer's blocks too, unless the scheduler caches prompts only
+/// (`cache_prompts_only`, for backends whose generated rows compute differently): then
+/// it reuses the blocks wholly inside the earlier prompt and recomputes the rest.
+#[test]
+fn next_turn_reuses_answer_blocks_unless_prompts_only() {
+    for prompts_only in [false, true] {
+        let mut sim = Sim::new(config(4, 512, 4096), 64);
+        if prompts_only {
+            sim.s.cache_prompts_only();
+        }
+        // 40 prompt tokens, then 30 generated: blocks 0-1 are prompt, 2 mixes both
+        // (positions 32-47), 3 is all answer (48-63).
+        sim.s.add(Sequence::new(1, prompt(5, 40), 30)).unwrap();
+        sim.run_to_end(100);
+        let turn = sim.done[&1].tokens.clone();
+        assert_eq!(turn.len(), 70);
+        let mut next = turn.clone();
+        next.extend([4, 5, 6]);
+        sim.s.add(Sequence::new(2, next, 2)).unwrap();
+        let plan = sim.s.schedule();
+        let reused = if prompts_only { 32 } else { 64 };
+        assert_eq!(plan.chunks[0].first_pos, reused, "prompts only: {prompts_only}");
+        sim.s.complete_step(&plan, &[(2, fake_token(2, 73))]);
+        sim.run_to_end(100);
+        assert_generated(&sim.done[&2]);
+    }
+}
+
 /// An abort between `schedule` and `complete_step` frees the blocks, and the stale plan
 /// is ignored for that sequence.
 #[test]

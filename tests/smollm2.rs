@@ -8,8 +8,8 @@
 //! place shifts them by whole units). Token choices must agree wherever transformers'
 //! top-2 margin exceeds 1e-2.
 //!
-//! `--cpu-activations q8`, 8-bit activations on decode steps, rounds every linear layer's input
-//! to 8 bits per 32 values: logprobs of the reference's top tokens then move by up to
+//! `--cpu-activations q8` (the default), 8-bit activations for generated tokens, rounds every
+//! linear layer's input of a decode step to 8 bits per 32 values: logprobs of the reference's top tokens then move by up to
 //! 0.51 (0.20 for the chosen token; measured on all cases), which Q8_LOGPROB_TOL (0.75)
 //! bounds, and choices must agree where the margin exceeds Q8_MIN_MARGIN (0.75). A
 //! broken integer kernel moves them by whole units. tests/perplexity.rs holds the mean
@@ -80,6 +80,48 @@ fn chat_prompts_follow_transformers_with_8_bit_activations() {
     let worst = run_cases(CpuActivations::Q8, Q8_MIN_MARGIN, Q8_LOGPROB_TOL);
     // The f32 path stays within 7e-5: an error this size shows the integer path ran.
     assert!(worst > 1e-3, "8-bit activations left every logprob within {worst}");
+}
+
+/// With 8-bit activations (the default), prompt tokens keep f32 numerics in whatever
+/// step computes them. A repeated request takes most of its prompt from the prefix cache
+/// and computes the rest in a step of a few tokens, where the first request ran the
+/// whole prompt in one step; it must answer the same with the same logprobs, up to the
+/// f32 summation order (LOGPROB_TOL). When steps of up to 16 tokens took the integer
+/// path, the suffix did, and the demo answer's first token (margin 0.08) flipped.
+#[test]
+fn a_cached_prompt_answers_as_an_uncached_one() {
+    let expected = read_expected(&manifest_dir().join("tests/fixtures/smollm2/expected.json"));
+    let options = EngineOptions::default();
+    assert_eq!(options.cpu_activations, CpuActivations::Q8, "the default this test is about");
+    let (mut generator, _) = load_cpu_engine(&smollm2_gguf(), &options).expect("load SmolLM2");
+    // Prompts of a whole cache block (16 tokens) or more: shorter ones have none to reuse.
+    let cases: Vec<_> = expected.cases.iter().filter(|c| c.prompt_ids.len() > 16).collect();
+    assert!(cases.len() >= 2, "{} cases with a reusable block", cases.len());
+    for case in cases {
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 6,
+            top_logprobs: Some(3),
+            ..SamplingParams::default()
+        };
+        let first = generator.generate(&case.prompt_ids, &params, |_| {}).expect("generate");
+        let again = generator.generate(&case.prompt_ids, &params, |_| {}).expect("generate");
+        let cached = again.cached_prompt_tokens;
+        assert!(cached > 0 && cached < case.prompt_ids.len(), "{}: {cached} cached", case.name);
+        assert_eq!(first.output_ids, again.output_ids, "{}", case.name);
+        for (step, (a, b)) in
+            our_top_logprobs(&first).iter().zip(our_top_logprobs(&again)).enumerate()
+        {
+            for (&(id_a, lp_a), &(id_b, lp_b)) in a.iter().zip(&b) {
+                assert_eq!(id_a, id_b, "{} step {step}", case.name);
+                assert!(
+                    (lp_a - lp_b).abs() <= LOGPROB_TOL,
+                    "{} step {step}: logprob {lp_a} uncached, {lp_b} cached",
+                    case.name
+                );
+            }
+        }
+    }
 }
 
 /// The acceptance check, through the real binary: transformers answers

@@ -37,6 +37,11 @@ pub struct Batch {
     pub seqs: Vec<SeqSlice>,    // [n_seqs], in token order
     /// Rows of the batch whose logits are wanted (usually each sequence's last token).
     pub logits_rows: Vec<u32>, // [n_logits]
+    /// Whether each row's token was generated (sampled by the model and fed back) rather
+    /// than given in the prompt. A backend may compute generated rows with cheaper
+    /// numerics (`Backend::step_linear`); prompt rows never, so that a prompt token's
+    /// K/V does not depend on which step computed it (a prefix-cache hit, a chunk size).
+    pub generated: Vec<bool>, // [n_tokens]
 }
 
 impl Batch {
@@ -50,8 +55,14 @@ impl Batch {
             && self.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i)
     }
 
-    /// Appends one sequence's chunk: `tokens` at positions `first_pos..`, with K/V slots
-    /// from `block_table`, asking for the logits of its last token when `want_logits`.
+    /// Whether any row holds a generated token.
+    pub fn any_generated(&self) -> bool {
+        self.generated.iter().any(|&g| g)
+    }
+
+    /// Appends one sequence's chunk of prompt tokens: `tokens` at positions
+    /// `first_pos..`, with K/V slots from `block_table`, asking for the logits of its
+    /// last token when `want_logits`.
     pub fn push_seq(
         &mut self,
         tokens: &[u32],
@@ -59,12 +70,31 @@ impl Batch {
         block_table: &[u32],
         want_logits: bool,
     ) {
+        self.push_seq_of_prompt(tokens, first_pos, block_table, want_logits, usize::MAX);
+    }
+
+    /// A decode row: one generated `token` at position `pos`, wanting its logits.
+    pub fn push_decode(&mut self, token: u32, pos: usize, block_table: &[u32]) {
+        self.push_seq_of_prompt(&[token], pos, block_table, true, pos);
+    }
+
+    /// `push_seq` for a sequence whose prompt is its first `prompt_len` tokens: the
+    /// tokens at positions `prompt_len..` are generated rows (`generated`).
+    pub fn push_seq_of_prompt(
+        &mut self,
+        tokens: &[u32],
+        first_pos: usize,
+        block_table: &[u32],
+        want_logits: bool,
+        prompt_len: usize,
+    ) {
         let start = self.token_ids.len();
         for (i, &t) in tokens.iter().enumerate() {
             let pos = first_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
             self.slot_mapping.push(slot_of(block_table, pos) as u32);
+            self.generated.push(pos >= prompt_len);
         }
         if want_logits && !tokens.is_empty() {
             self.logits_rows.push((start + tokens.len() - 1) as u32);

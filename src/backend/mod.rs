@@ -109,16 +109,28 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Self::Tensor;
 
-    /// `x [n, in]` -> `[n, out]` = x W^T + b.
+    /// `x [n, in]` -> `[n, out]` = x W^T + b, in the backend's reference numerics (the
+    /// logits projection, and every layer of a prompt row).
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Self::Tensor;
 
-    /// The logits projection: `x [n, hidden]` -> `[n, vocab]` through the lm_head (or
-    /// the tied embedding table). `linear` unless a backend trades precision for speed
-    /// in `linear` and must not here: the CPU's 8-bit activations would move logprobs by
-    /// a few hundredths and flip greedy choices at near-ties (SmolLM2's first answer
-    /// token has a margin of 0.08).
-    fn logits(&self, x: &Self::Tensor, lm_head: &Self::Linear) -> Self::Tensor {
-        self.linear(x, lm_head)
+    /// `linear` on a step's rows (`x`'s row i is `batch`'s token i). A backend may
+    /// trade precision for speed on generated rows (`Batch::generated`), never on prompt
+    /// rows, so that a prompt token computes the same in whatever step it lands: a
+    /// repeated request that hits the prefix cache computes its uncached suffix in a
+    /// shorter step than the first request did, and must still choose the same answer
+    /// (SmolLM2's first answer token to the demo prompt has a margin of 0.08). The CPU's
+    /// 8-bit activations work this way; the default is `linear`.
+    fn step_linear(&self, x: &Self::Tensor, w: &Self::Linear, batch: &Batch) -> Self::Tensor {
+        let _ = batch;
+        self.linear(x, w)
+    }
+
+    /// Whether `step_linear` computes generated rows differently from prompt rows. Then
+    /// the K/V of generated tokens must not serve a later prompt through the prefix
+    /// cache: a prompt that repeats an earlier answer would otherwise compute differently
+    /// with and without the cache.
+    fn generated_rows_differ(&self) -> bool {
+        false
     }
 
     /// Rotates q `[n, heads*head_dim]` and k `[n, kv_heads*head_dim]` (rotate-half /

@@ -372,7 +372,7 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         for s in 0..n_seqs {
             let first = (s * per_seq) as u32;
             let table: Vec<u32> = (first..first + per_seq as u32).collect();
-            batch.push_seq(&[0], args.context - 1, &table, true);
+            batch.push_decode(0, args.context - 1, &table);
         }
         batch
     };

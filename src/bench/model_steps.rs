@@ -193,7 +193,7 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
                 let first = (s * blocks_per_seq) as u32;
                 let table: Vec<u32> = (first..first + blocks_per_seq as u32).collect();
                 let token = rng.random_range(0..vocab);
-                batch.push_seq(&[token], args.context + step, &table, true);
+                batch.push_decode(token, args.context + step, &table);
             }
             let started = Instant::now();
             let ids = model.forward_argmax(&batch, &mut cache);

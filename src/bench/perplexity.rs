@@ -65,6 +65,9 @@ pub struct PerplexityConfig {
     pub batch: usize,
     /// Evaluate at most this many windows (llama.cpp `--chunks`); None: all.
     pub max_chunks: Option<usize>,
+    /// Feed every token as a generated row (`Batch::generated`), so the score measures
+    /// the numerics of decode steps rather than of prompts.
+    pub as_generated: bool,
 }
 
 impl PerplexityConfig {
@@ -128,6 +131,8 @@ pub struct PerplexityReport {
     pub n_tokens: usize,
     pub ctx: usize,
     pub batch: usize,
+    /// Every token was fed as a generated row (`PerplexityConfig::as_generated`).
+    pub as_generated: bool,
     pub n_chunks: usize,
     /// Tokens scored over all windows.
     pub count: usize,
@@ -204,11 +209,12 @@ pub fn perplexity<B: Backend>(
                     window[0] = bos;
                 }
                 let row0 = batch.n_tokens();
-                batch.push_seq(
+                batch.push_seq_of_prompt(
                     &window[piece_start..piece_start + piece_len],
                     piece_start,
                     table,
                     false,
+                    if config.as_generated { 0 } else { usize::MAX },
                 );
                 for pos in piece_start.max(first)..(piece_start + piece_len).min(ctx - 1) {
                     batch.logits_rows.push((row0 + pos - piece_start) as u32);
@@ -250,6 +256,7 @@ pub fn perplexity<B: Backend>(
         n_tokens: tokens.len(),
         ctx,
         batch: config.batch,
+        as_generated: config.as_generated,
         n_chunks: n_chunk,
         count,
         mean_nll: mean,
@@ -273,7 +280,7 @@ mod tests {
     use super::*;
 
     fn cfg(ctx: usize, batch: usize, max_chunks: Option<usize>) -> PerplexityConfig {
-        PerplexityConfig { ctx, batch, max_chunks }
+        PerplexityConfig { ctx, batch, max_chunks, as_generated: false }
     }
 
     #[test]

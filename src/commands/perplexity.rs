@@ -15,7 +15,12 @@ use crate::engine::workers::as_rayon_worker;
 use crate::engine::Engine;
 
 pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
-    let config = PerplexityConfig { ctx: args.ctx, batch: args.batch, max_chunks: args.chunks };
+    let config = PerplexityConfig {
+        ctx: args.ctx,
+        batch: args.batch,
+        max_chunks: args.chunks,
+        as_generated: args.as_generated,
+    };
     // Flag errors before the (slow) model load.
     config.validate()?;
     let text = read_text(&args.file)?;
@@ -77,7 +82,7 @@ fn run_on<B: Backend>(
         if engine.tokenizer.special().add_bos { engine.tokenizer.bos_token_id() } else { None };
     let n_chunks = config.n_chunks(tokens.len())?;
     eprintln!(
-        "perplexity: {} tokens (tokenized in {:.0} ms); {n_chunks} windows of {} tokens, batch {}, {} window(s) per step, backend {}{}",
+        "perplexity: {} tokens (tokenized in {:.0} ms); {n_chunks} windows of {} tokens, batch {}, {} window(s) per step, backend {}{}{}",
         tokens.len(),
         started.elapsed().as_secs_f64() * 1e3,
         config.ctx,
@@ -85,6 +90,7 @@ fn run_on<B: Backend>(
         config.windows_per_step(),
         engine.model.backend.name(),
         if bos.is_some() { ", bos at the start of each window" } else { "" },
+        if config.as_generated { ", fed as generated tokens" } else { "" },
     );
     let mut stdout = std::io::stdout();
     let report = perplexity(&mut engine.model, &tokens, bos, config, |chunk| {

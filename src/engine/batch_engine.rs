@@ -122,11 +122,15 @@ impl<B: Backend> Engine<B> {
             head_dim: c.head_dim,
         })?;
         let max_model_len = config.max_model_len;
+        let mut scheduler = Scheduler::new(config, BlockManager::new(num_blocks));
+        if model.backend.generated_rows_differ() {
+            scheduler.cache_prompts_only();
+        }
         Ok(Engine {
             model,
             tokenizer,
             cache,
-            scheduler: Scheduler::new(config, BlockManager::new(num_blocks)),
+            scheduler,
             states: HashMap::new(),
             eos_ids,
             max_model_len,

@@ -13,7 +13,13 @@ pub fn build_batch(plan: &StepPlan, scheduler: &Scheduler) -> Batch {
             .sequence(chunk.seq)
             .unwrap_or_else(|| unreachable!("the scheduler planned sequence {}", chunk.seq));
         let tokens = &seq.tokens[chunk.first_pos..chunk.first_pos + chunk.len];
-        batch.push_seq(tokens, chunk.first_pos, &seq.block_table, chunk.want_logits);
+        batch.push_seq_of_prompt(
+            tokens,
+            chunk.first_pos,
+            &seq.block_table,
+            chunk.want_logits,
+            seq.prompt_len,
+        );
     }
     batch
 }

@@ -107,6 +107,9 @@ pub struct Scheduler {
     /// Arrival order; preempted sequences go back to the front.
     waiting: VecDeque<SeqId>,
     num_preemptions: u64,
+    /// Whether blocks holding generated tokens enter the prefix cache (see
+    /// `cache_prompts_only`).
+    cache_generated: bool,
 }
 
 impl Scheduler {
@@ -127,7 +130,17 @@ impl Scheduler {
             running: Vec::new(),
             waiting: VecDeque::new(),
             num_preemptions: 0,
+            cache_generated: true,
         }
+    }
+
+    /// Only blocks wholly inside a prompt enter the prefix cache from now on: for a
+    /// backend that computes generated tokens with other numerics than prompt tokens
+    /// (`Backend::generated_rows_differ`), a later prompt repeating an answer must not
+    /// get that answer's K/V from the cache, or it would compute differently with and
+    /// without a cache hit. A multi-turn chat still reuses every earlier prompt.
+    pub fn cache_prompts_only(&mut self) {
+        self.cache_generated = false;
     }
 
     /// The limits actually in force (after `new`'s adjustments).
@@ -243,7 +256,8 @@ impl Scheduler {
                 continue;
             }
             seq.num_computed = end;
-            self.blocks.mark_computed(&seq.block_table, &seq.tokens, end);
+            let cacheable = if self.cache_generated { end } else { end.min(seq.prompt_len) };
+            self.blocks.mark_computed(&seq.block_table, &seq.tokens, cacheable);
         }
         for &(id, token) in sampled {
             let Some(seq) = self.seqs.get_mut(&id) else { continue };

@@ -104,13 +104,13 @@ fn layers<B: Backend>(
     let mut pending: Option<B::Tensor> = None; // output of the last block, not yet added
     for (i, layer) in w.layers.iter().enumerate() {
         let x = b.add_rms_norm(&mut residual, pending.as_ref(), &layer.input_norm, eps);
-        let qkv = b.linear(&x, &layer.qkv_proj);
+        let qkv = b.step_linear(&x, &layer.qkv_proj, batch);
         let q = b.rope_qkv_and_store_kv(&qkv, batch, rope, cache, i, shape);
         let attn = b.attention(&q, batch, cache, i, shape);
-        let attn_out = b.linear(&attn, &layer.o_proj);
+        let attn_out = b.step_linear(&attn, &layer.o_proj, batch);
         let x = b.add_rms_norm(&mut residual, Some(&attn_out), &layer.post_attention_norm, eps);
-        let gate_up = b.linear(&x, &layer.gate_up_proj);
-        pending = Some(b.linear(&b.silu_mul(&gate_up), &layer.down_proj));
+        let gate_up = b.step_linear(&x, &layer.gate_up_proj, batch);
+        pending = Some(b.step_linear(&b.silu_mul(&gate_up), &layer.down_proj, batch));
     }
     if batch.logits_rows.is_empty() {
         return None;
@@ -124,5 +124,5 @@ fn layers<B: Backend>(
         (last, pending.map(|p| b.gather_rows(&p, &batch.logits_rows)))
     };
     let x = b.add_rms_norm(&mut last, pending_last.as_ref(), &w.norm, eps);
-    Some(b.logits(&x, w.lm_head()))
+    Some(b.linear(&x, w.lm_head()))
 }

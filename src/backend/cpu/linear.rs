@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{weight_to_f32, CpuActivations, CpuTensor};
+use super::{weight_to_f32, CpuTensor};
 use crate::backend::{BackendError, LinearPart};
 use crate::model::quant::q8_activations::{self, dot_rows_q8, Q8Activations};
 use crate::model::quant::{dequantize_row, dot_rows};
@@ -17,17 +17,12 @@ const ROWS_PER_TASK: usize = 16;
 /// of x again, so tasks are made as large as load balance allows: two per thread.
 const GEMM_MIN_ROWS_PER_TASK: usize = 64;
 
-/// Up to this many tokens (decode), dot products read the encoded rows directly, so
-/// each weight byte is read once; above it (prefill), tiles of rows are decoded to f32
-/// and multiplied by all tokens at once with a GEMM.
+/// Up to this many f32 rows, dot products read the encoded rows directly, so each
+/// weight byte is read once; above it, tiles of rows are decoded to f32 and multiplied
+/// by all rows at once with a GEMM. Rows with 8-bit activations always take the direct
+/// integer path, whatever their number, so that a generated token computes the same in
+/// any batch.
 const DIRECT_DOT_MAX_TOKENS: usize = 4;
-
-/// The same bound for 8-bit activations, whose dot products cost a third of the f32
-/// ones. Each step decodes every weight to f32 on the GEMM path, so small batches of
-/// sequences run faster directly: with 16 sequences decoding SmolLM2 on 2 cores,
-/// 138 -> 184 output tok/s at 16 instead of 4; above ~32 tokens the GEMM wins (a
-/// 50-token prompt: 320 tok/s through it, 256 directly).
-const Q8_DIRECT_DOT_MAX_TOKENS: usize = 16;
 
 /// One or more weights stacked along the output dimension (fused QKV, gate+up), kept in
 /// their file formats and not copied: `[sum of out, in]`.
@@ -119,12 +114,22 @@ impl CpuLinear {
         })
     }
 
-    /// `x [n, in]` -> `[n, out]`; `activations` picks the decode path's numerics.
-    pub fn forward(&self, x: &CpuTensor, activations: CpuActivations) -> CpuTensor {
+    /// `x [n, in]` -> `[n, out]`. The rows flagged in `q8_rows` (`[n]`, or empty for
+    /// none) are multiplied with 8-bit activations when every part has an integer path;
+    /// the others in f32. A row's result depends on its flag and on nothing else in `x`,
+    /// except that up to DIRECT_DOT_MAX_TOKENS f32 rows are summed in another order than
+    /// the GEMM's (float rounding, ~1e-6 relative).
+    pub fn forward(&self, x: &CpuTensor, q8_rows: &[bool]) -> CpuTensor {
         assert_eq!(x.cols, self.in_features, "linear input width");
-        let quantized = activations == CpuActivations::Q8 && self.q8_capable;
-        let direct_max = if quantized { Q8_DIRECT_DOT_MAX_TOKENS } else { DIRECT_DOT_MAX_TOKENS };
-        let mut out = if x.rows <= direct_max { self.direct(x, quantized) } else { self.gemm(x) };
+        assert!(q8_rows.is_empty() || q8_rows.len() == x.rows, "one q8 flag per row");
+        let n_q8 = if self.q8_capable { q8_rows.iter().filter(|&&q| q).count() } else { 0 };
+        let mut out = if n_q8 == 0 {
+            self.f32_rows(x)
+        } else if n_q8 == x.rows {
+            self.direct(x, true)
+        } else {
+            self.mixed(x, q8_rows)
+        };
         if let Some(bias) = &self.bias {
             for row in out.data.chunks_mut(self.out_features) {
                 row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
@@ -133,8 +138,37 @@ impl CpuLinear {
         out
     }
 
-    /// Decode-sized inputs: dot products straight from the encoded rows, so each weight
-    /// byte is read once per step; `quantized`: with 8-bit activations.
+    /// Every row in f32: directly for a few rows, through the GEMM for more.
+    fn f32_rows(&self, x: &CpuTensor) -> CpuTensor {
+        if x.rows <= DIRECT_DOT_MAX_TOKENS {
+            self.direct(x, false)
+        } else {
+            self.gemm(x)
+        }
+    }
+
+    /// A step mixing both kinds of rows (decodes beside a prefill chunk): each kind
+    /// gathered, multiplied on its own path, and scattered back.
+    fn mixed(&self, x: &CpuTensor, q8_rows: &[bool]) -> CpuTensor {
+        let (q8, plain): (Vec<usize>, Vec<usize>) = (0..x.rows).partition(|&r| q8_rows[r]);
+        let gather = |rows: &[usize]| {
+            let data = rows.iter().flat_map(|&r| x.row(r).iter().copied()).collect();
+            CpuTensor::from_vec(data, rows.len(), x.cols)
+        };
+        let mut out = CpuTensor::zeros(x.rows, self.out_features);
+        let parts =
+            [(self.direct(&gather(&q8), true), q8), (self.f32_rows(&gather(&plain)), plain)];
+        for (part, rows) in &parts {
+            for (i, &r) in rows.iter().enumerate() {
+                out.data[r * self.out_features..(r + 1) * self.out_features]
+                    .copy_from_slice(part.row(i));
+            }
+        }
+        out
+    }
+
+    /// Dot products straight from the encoded rows, so each weight byte is read once per
+    /// step; `quantized`: with 8-bit activations.
     fn direct(&self, x: &CpuTensor, quantized: bool) -> CpuTensor {
         let n = x.rows;
         // Computed as [out, n] so that each task owns whole output rows.
@@ -286,24 +320,18 @@ mod tests {
         CpuTensor::from_vec(data, n, cols)
     }
 
-    /// Decode-sized inputs through the integer path land within the activation rounding
-    /// of the f32 path: each input moves by at most half its block's step `d`, so an
-    /// output moves by at most `sum |w| * d / 2` over its row. Prefill-sized inputs and
-    /// layers with a part that has no integer path give exactly the f32 result.
+    /// Rows through the integer path land within the activation rounding of the f32
+    /// path: each input moves by at most half its block's step `d`, so an output moves
+    /// by at most `sum |w| * d / 2` over its row. That holds at any number of rows, above
+    /// the f32 path's GEMM bound too.
     #[test]
     fn quantized_activations_stay_within_their_rounding_of_f32() {
         let cols = 256;
-        let parts_q = [(DType::Q4_1, 48), (DType::Q8_0, 16), (DType::I4, 8), (DType::I8, 8)];
-        let made: Vec<_> =
-            parts_q.iter().zip(1u64..).map(|(&(d, r), s)| weight(d, r, cols, s)).collect();
-        let parts: Vec<LinearPart<'_>> =
-            made.iter().map(|(w, _)| LinearPart { weight: w, bias: None }).collect();
-        let linear = CpuLinear::new("mixed_q", &parts).unwrap();
-        let decoded: Vec<f32> = made.iter().flat_map(|(_, d)| d.iter().copied()).collect();
-        for n in [1, 2, 3, 4, 5, 8, Q8_DIRECT_DOT_MAX_TOKENS] {
+        let (linear, decoded) = mixed_q_linear(cols);
+        for n in [1, 2, 3, 4, 5, 8, 16, 40] {
             let x = activations(n, cols);
-            let exact = linear.forward(&x, CpuActivations::F32);
-            let q8 = linear.forward(&x, CpuActivations::Q8);
+            let exact = linear.forward(&x, &[]);
+            let q8 = linear.forward(&x, &vec![true; n]);
             let mut moved = 0;
             for t in 0..n {
                 let xs = x.row(t);
@@ -327,14 +355,56 @@ mod tests {
             }
             assert!(moved > 0, "n={n}: the integer path did not run");
         }
-        let x = activations(Q8_DIRECT_DOT_MAX_TOKENS + 1, cols);
-        assert_eq!(linear.forward(&x, CpuActivations::Q8), linear.forward(&x, CpuActivations::F32));
+    }
 
+    /// A row's result does not depend on what shares its step: an 8-bit row equals
+    /// that row multiplied alone, bit for bit, in any mix of flags and batch sizes; an
+    /// f32 row equals it up to the GEMM's summation order. A layer with a part that has
+    /// no integer path ignores the flags.
+    #[test]
+    fn each_row_computes_as_it_would_alone() {
+        let cols = 256;
+        let (linear, _) = mixed_q_linear(cols);
+        for (n, pattern) in [(2, 0b01u64), (6, 0b101100), (9, 0b1), (20, 0xF0F0F)] {
+            let x = activations(n, cols);
+            let flags: Vec<bool> = (0..n).map(|r| pattern >> r & 1 == 1).collect();
+            let out = linear.forward(&x, &flags);
+            for (r, &q8) in flags.iter().enumerate() {
+                let alone = CpuTensor::from_vec(x.row(r).to_vec(), 1, cols);
+                let single = linear.forward(&alone, &[q8]);
+                let got = out.row(r);
+                if q8 {
+                    assert_eq!(got, single.row(0), "n={n} row {r} (8-bit)");
+                } else {
+                    for (a, b) in got.iter().zip(single.row(0)) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "n={n} row {r}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+
+        let (q4, _) = weight(DType::Q4_1, 8, cols, 1);
         let (plain, _) = weight(DType::F32, 8, cols, 9);
-        let mixed =
-            CpuLinear::new("mixed_plain", &[parts[0], LinearPart { weight: &plain, bias: None }])
-                .unwrap();
-        let x = activations(1, cols);
-        assert_eq!(mixed.forward(&x, CpuActivations::Q8), mixed.forward(&x, CpuActivations::F32));
+        let parts =
+            [LinearPart { weight: &q4, bias: None }, LinearPart { weight: &plain, bias: None }];
+        let mixed = CpuLinear::new("mixed_plain", &parts).unwrap();
+        let x = activations(3, cols);
+        assert_eq!(mixed.forward(&x, &[true, false, true]), mixed.forward(&x, &[]));
+    }
+
+    /// A layer stacking every format with an integer path, and its weights decoded to
+    /// f32 (`[out, cols]`).
+    fn mixed_q_linear(cols: usize) -> (CpuLinear, Vec<f32>) {
+        let parts_q = [(DType::Q4_1, 48), (DType::Q8_0, 16), (DType::I4, 8), (DType::I8, 8)];
+        let made: Vec<_> =
+            parts_q.iter().zip(1u64..).map(|(&(d, r), s)| weight(d, r, cols, s)).collect();
+        let parts: Vec<LinearPart<'_>> =
+            made.iter().map(|(w, _)| LinearPart { weight: w, bias: None }).collect();
+        let linear = CpuLinear::new("mixed_q", &parts).unwrap();
+        let decoded = made.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        (linear, decoded)
     }
 }

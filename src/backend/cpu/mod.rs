@@ -45,17 +45,16 @@ impl CpuTensor {
 /// (`--cpu-activations`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuActivations {
-    /// Steps of up to 16 tokens (decode, small batches) quantize the input of each
-    /// Q4_0, Q4_1, Q8_0, I8 or I4 linear layer to 8 bits per 32 values and multiply in
-    /// integers (`model::quant::q8_activations`), as llama.cpp's CPU backend does.
-    /// Longer prefill chunks, other weight formats and the logits projection keep f32.
-    /// Opt-in: a token's numerics then depend on how many tokens share its step (a
-    /// prompt's uncached suffix after a prefix-cache hit, a batch above 16), so greedy
-    /// output at a near-tie can change with the cache state or the load.
+    /// Generated tokens (every decode step) quantize the input of each Q4_0, Q4_1,
+    /// Q8_0, I8 or I4 linear layer to 8 bits per 32 values and multiply in integers
+    /// (`model::quant::q8_activations`), as llama.cpp's CPU backend does. Prompt tokens,
+    /// other weight formats and the logits projection keep f32, so a prompt token
+    /// computes the same in any step (`Backend::step_linear`), and the prefix cache
+    /// keeps prompt blocks only (`Scheduler::cache_prompts_only`).
+    #[default]
     Q8,
     /// f32 activations everywhere: the reference numerics, which the tests hold against
     /// transformers and the CUDA kernels are checked against.
-    #[default]
     F32,
 }
 
@@ -190,11 +189,18 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> CpuTensor {
-        self.rounded(w.forward(x, self.activations))
+        self.rounded(w.forward(x, &[]))
     }
 
-    fn logits(&self, x: &CpuTensor, lm_head: &CpuLinear) -> CpuTensor {
-        self.rounded(lm_head.forward(x, CpuActivations::F32))
+    fn step_linear(&self, x: &CpuTensor, w: &CpuLinear, batch: &Batch) -> CpuTensor {
+        match self.activations {
+            CpuActivations::Q8 => self.rounded(w.forward(x, &batch.generated)),
+            CpuActivations::F32 => self.linear(x, w),
+        }
+    }
+
+    fn generated_rows_differ(&self) -> bool {
+        self.activations == CpuActivations::Q8
     }
 
     fn rope_and_store_kv(

@@ -109,6 +109,7 @@ pub fn padded(batch: &Batch, key: GraphKey) -> Batch {
         out.token_ids.push(0);
         out.positions.push(0);
         out.slot_mapping.push(NO_SLOT);
+        out.generated.push(true);
         out.seqs.push(crate::backend::SeqSlice {
             start: row,
             len: 1,
