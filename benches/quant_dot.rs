@@ -10,7 +10,7 @@ use std::hint::black_box;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use qilin::model::quant::dot_row;
-use qilin::model::quant::q8_activations::{dot_row_q8, Q8Activations};
+use qilin::model::quant::q8_activations::{dot_row_q8, dot_rows_q8_tokens, Q8Activations, Q8Row};
 use qilin::model::DType;
 
 const DTYPES: [DType; 6] =
@@ -166,5 +166,34 @@ fn bench_rows_q8(group: &mut BenchmarkGroup<'_, WallTime>, dtype: DType, rows: u
     });
 }
 
-criterion_group!(benches, bench, bench_kquants, bench_intq, bench_q8);
+/// Several tokens at once (`dot_rows_q8_tokens`, a decode step of several sequences):
+/// each weight block is unpacked once per group of tokens. In GB/s of weight bytes
+/// times tokens, so that 16 tokens at the one-token rate would read as the `/1` row.
+fn bench_q8_tokens(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dot_rows_q8_tokens");
+    group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+    let cols = 576;
+    for dtype in [DType::Q4_1, DType::Q8_0] {
+        let rows = 256; // L2-resident, as CpuLinear's tasks of 16 rows are in L1
+        let w = matrix(dtype, rows, cols);
+        for tokens in [1usize, 2, 4, 16] {
+            let x: Vec<f32> =
+                (0..tokens * cols).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+            let mut q = Q8Activations::default();
+            q.quantize(&x, cols);
+            let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| q.row(t)).collect();
+            let mut out = vec![0f32; rows * tokens];
+            group.throughput(Throughput::Bytes((w.len() * tokens) as u64));
+            group.bench_function(format!("{dtype}/{cols}/{tokens}"), |b| {
+                b.iter(|| {
+                    dot_rows_q8_tokens(dtype, black_box(&w), &xs, &mut out, tokens);
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_kquants, bench_intq, bench_q8, bench_q8_tokens);
 criterion_main!(benches);

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::{weight_to_f32, CpuTensor};
 use crate::backend::{BackendError, LinearPart};
-use crate::model::quant::q8_activations::{self, dot_rows_q8, Q8Activations};
+use crate::model::quant::q8_activations::{self, dot_rows_q8_tokens, Q8Activations, Q8Row};
 use crate::model::quant::{dequantize_row, dot_rows};
 use crate::model::{DType, WeightTensor};
 
@@ -14,8 +14,14 @@ use crate::model::{DType, WeightTensor};
 const ROWS_PER_TASK: usize = 16;
 
 /// Fewest output rows per rayon task on the GEMM path (prefill). Each task packs all
-/// of x again, so tasks are made as large as load balance allows: two per thread.
+/// of x again, so tasks are made as large as load balance and GEMM_MAX_TILE_BYTES allow.
 const GEMM_MIN_ROWS_PER_TASK: usize = 64;
+
+/// Most bytes of f32 weights one GEMM task decodes, so that they are still in L2 when
+/// the multiply packs and reads them. Without the cap, two tasks per thread split the
+/// 49152-row logits table of SmolLM2 into 28 MB tiles that went through DRAM three
+/// times (decode, pack, multiply) and took a third of a 16-sequence decode step.
+const GEMM_MAX_TILE_BYTES: usize = 1 << 20;
 
 /// Up to this many f32 rows, dot products read the encoded rows directly, so each
 /// weight byte is read once; above it, tiles of rows are decoded to f32 and multiplied
@@ -178,14 +184,17 @@ impl CpuLinear {
             xq.quantize(&x.data, x.cols);
             xq
         });
+        let q8_rows: Vec<Q8Row<'_>> =
+            quantized.as_ref().map_or_else(Vec::new, |xq| (0..n).map(|t| xq.row(t)).collect());
         out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
             let first = task * ROWS_PER_TASK;
             for (dtype, rows, at) in self.row_runs(first..first + chunk.len() / n) {
-                for t in 0..n {
-                    let out = &mut chunk[at * n + t..];
-                    match &quantized {
-                        Some(xq) => dot_rows_q8(dtype, rows, xq.row(t), out, n),
-                        None => dot_rows(dtype, rows, x.row(t), out, n),
+                let out = &mut chunk[at * n..];
+                if quantized.is_some() {
+                    dot_rows_q8_tokens(dtype, rows, &q8_rows, out, n);
+                } else {
+                    for t in 0..n {
+                        dot_rows(dtype, rows, x.row(t), &mut out[t..], n);
                     }
                 }
             }
@@ -209,7 +218,9 @@ impl CpuLinear {
     fn gemm(&self, x: &CpuTensor) -> CpuTensor {
         let n = x.rows;
         let tasks = 2 * rayon::current_num_threads();
-        let rows_per_task = self.out_features.div_ceil(tasks).max(GEMM_MIN_ROWS_PER_TASK);
+        let by_cache = (GEMM_MAX_TILE_BYTES / (4 * self.in_features)).max(GEMM_MIN_ROWS_PER_TASK);
+        let rows_per_task =
+            self.out_features.div_ceil(tasks).clamp(GEMM_MIN_ROWS_PER_TASK, by_cache);
         let tiles: Vec<(usize, Vec<f32>)> = (0..self.out_features.div_ceil(rows_per_task))
             .into_par_iter()
             .map_init(Vec::new, |decoded, task| {

@@ -127,15 +127,45 @@ pub fn dot_row_q8(dtype: DType, row: &[u8], x: Q8Row<'_>) -> Option<f32> {
 /// Panics when `dtype` has no integer path, when `rows` is not whole rows, or when
 /// `out` is too short: all bugs in the caller (`CpuLinear` checks the formats).
 pub fn dot_rows_q8(dtype: DType, rows: &[u8], x: Q8Row<'_>, out: &mut [f32], stride: usize) {
+    dot_rows_q8_tokens(dtype, rows, &[x], out, stride);
+}
+
+/// `out[i * stride + t]` = the dot product of row `i` of `rows` with `xs[t]`: each
+/// weight block is read and unpacked once for up to four tokens. Every token's result
+/// is bit-identical to `dot_rows_q8` on it alone, so a generated token computes the
+/// same whatever shares its step. Panics as `dot_rows_q8` does, and when `stride` is
+/// below `xs.len()` (a row's outputs would overlap the next row's).
+pub fn dot_rows_q8_tokens(
+    dtype: DType,
+    rows: &[u8],
+    xs: &[Q8Row<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
     assert!(supports(dtype), "no integer dot product for {dtype}");
-    assert_eq!(x.scales.len() * QK, x.qs.len(), "one scale pair per block of activations");
-    let row_bytes = check_rows(dtype, rows, x.qs.len(), out, stride);
+    let Some(first) = xs.first() else { return };
+    let values = first.qs.len();
+    for x in xs {
+        assert_eq!(x.qs.len(), values, "activation rows of one width");
+        assert_eq!(x.scales.len() * QK, values, "one scale pair per block of activations");
+    }
+    assert!(stride >= xs.len(), "stride {stride} below {} tokens", xs.len());
+    let row_bytes = check_rows(dtype, rows, values, out, stride);
+    let n_rows = rows.len() / row_bytes;
+    assert!(
+        n_rows == 0 || (n_rows - 1) * stride + xs.len() <= out.len(),
+        "{} outputs for {n_rows} rows of {} tokens at stride {stride}",
+        out.len(),
+        xs.len()
+    );
     #[cfg(target_arch = "x86_64")]
-    if x86::dot_rows(x86::Rows { dtype, bytes: rows, row_bytes, x }, out, stride) {
+    if x86::dot_rows(x86::Rows { dtype, bytes: rows, row_bytes, xs }, out, stride) {
         return;
     }
     for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
-        out[i * stride] = dot_row_q8_portable(dtype, row, x);
+        for (t, &x) in xs.iter().enumerate() {
+            out[i * stride + t] = dot_row_q8_portable(dtype, row, x);
+        }
     }
 }
 
@@ -246,8 +276,8 @@ mod tests {
                 let dispatched = dot_row_q8(dtype, &row, q.row(0)).unwrap() as f64;
                 let mut paths = vec![("portable", portable), ("dispatched", dispatched)];
                 #[cfg(target_arch = "x86_64")]
-                for (path, v) in x86::every_path(dtype, &row, q.row(0)) {
-                    paths.push((path, v as f64));
+                for (path, v) in x86::every_path(dtype, &row, &[q.row(0)]) {
+                    paths.push((path, v[0] as f64));
                 }
                 for (path, v) in paths {
                     assert!(
@@ -276,6 +306,48 @@ mod tests {
             for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
                 assert_eq!(Some(out[3 * i]), dot_row_q8(dtype, row, q.row(0)), "{dtype} row {i}");
                 assert!(i == 4 || out[3 * i + 1].is_nan() && out[3 * i + 2].is_nan());
+            }
+        }
+    }
+
+    /// Tokens batched through `dot_rows_q8_tokens` (groups of four, two and one) give
+    /// each token exactly what it gets alone, on every path this CPU has, at a stride,
+    /// and write nothing between.
+    #[test]
+    fn tokens_together_equal_tokens_alone() {
+        let mut next = xorshift(0x7031_5eed_0bad_f00d);
+        for dtype in DTYPES {
+            let n = 256;
+            let rows: Vec<u8> = (0..3).flat_map(|_| random_row(dtype, n, &mut next)).collect();
+            let row_bytes = rows.len() / 3;
+            for tokens in [1usize, 2, 3, 4, 5, 7, 9] {
+                let x: Vec<f32> =
+                    (0..tokens * n).map(|_| (next() % 2000) as f32 / 500.0 - 2.0).collect();
+                let mut q = Q8Activations::default();
+                q.quantize(&x, n);
+                let xs: Vec<Q8Row<'_>> = (0..tokens).map(|t| q.row(t)).collect();
+                let stride = tokens + 1;
+                let mut out = vec![f32::NAN; 3 * stride];
+                dot_rows_q8_tokens(dtype, &rows, &xs, &mut out, stride);
+                for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
+                    for (t, &x) in xs.iter().enumerate() {
+                        let alone = dot_row_q8(dtype, row, x).unwrap();
+                        assert_eq!(
+                            out[i * stride + t].to_bits(),
+                            alone.to_bits(),
+                            "{dtype} {i} {t}"
+                        );
+                    }
+                    assert!(out[i * stride + tokens].is_nan(), "{dtype}: wrote past the tokens");
+                }
+                #[cfg(target_arch = "x86_64")]
+                for (path, together) in x86::every_path(dtype, &rows[..row_bytes], &xs) {
+                    for (t, &x) in xs.iter().enumerate() {
+                        let alone = &x86::every_path(dtype, &rows[..row_bytes], &[x]);
+                        let alone = alone.iter().find(|(p, _)| *p == path).unwrap().1[0];
+                        assert_eq!(together[t].to_bits(), alone.to_bits(), "{dtype} {path} {t}");
+                    }
+                }
             }
         }
     }

@@ -40,18 +40,19 @@ fn isa() -> Isa {
     })
 }
 
-/// Consecutive weight rows of one format against one activation row.
+/// Consecutive weight rows of one format against one or more activation rows.
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
     pub dtype: DType,
     pub bytes: &'a [u8], // [rows, row_bytes]
     pub row_bytes: usize,
-    pub x: Q8Row<'a>,
+    pub xs: &'a [Q8Row<'a>], // [tokens]
 }
 
-/// `dot_rows_q8` on the best instruction set this CPU has; false (nothing written)
-/// without AVX2. The caller checked that `rows.bytes` is whole rows of `row_bytes`
-/// holding `x.qs.len()` values of `dtype` each and that `out` has room for every row.
+/// `dot_rows_q8_tokens` on the best instruction set this CPU has; false (nothing
+/// written) without AVX2. The caller checked that `rows.bytes` is whole rows of
+/// `row_bytes` holding `x.qs.len()` values of `dtype` each for every `x` in `rows.xs`,
+/// and that `out` has room for every row and token.
 pub fn dot_rows(rows: Rows<'_>, out: &mut [f32], stride: usize) -> bool {
     // SAFETY: each arm runs only on a CPU with its features; lengths were checked.
     match isa() {
@@ -62,27 +63,33 @@ pub fn dot_rows(rows: Rows<'_>, out: &mut [f32], stride: usize) -> bool {
     true
 }
 
-/// Both instruction sets on one row, for the tests: (name, result) of each the CPU has.
+/// Both instruction sets on one row and `xs`, for the tests: (name, one result per
+/// token) of each the CPU has.
 #[cfg(test)]
-pub fn every_path(dtype: DType, row: &[u8], x: Q8Row<'_>) -> Vec<(&'static str, f32)> {
-    let rows = Rows { dtype, bytes: row, row_bytes: row.len(), x };
+pub fn every_path(dtype: DType, row: &[u8], xs: &[Q8Row<'_>]) -> Vec<(&'static str, Vec<f32>)> {
+    let rows = Rows { dtype, bytes: row, row_bytes: row.len(), xs };
     let mut paths = Vec::new();
-    let mut out = [0f32];
+    let mut out = vec![0f32; xs.len()];
     if isa() != Isa::None {
         // SAFETY: the CPU has AVX2/FMA/F16C; lengths were checked by the caller.
-        unsafe { dot_rows_avx2(rows, &mut out, 1) };
-        paths.push(("avx2", out[0]));
+        unsafe { dot_rows_avx2(rows, &mut out, xs.len()) };
+        paths.push(("avx2", out.clone()));
     }
     if isa() == Isa::Vnni {
         // SAFETY: the CPU has AVX512-VNNI/VL as well.
-        unsafe { dot_rows_vnni(rows, &mut out, 1) };
-        paths.push(("vnni", out[0]));
+        unsafe { dot_rows_vnni(rows, &mut out, xs.len()) };
+        paths.push(("vnni", out.clone()));
     }
     paths
 }
 
 /// `u8 x i8` products of 32 byte pairs, summed in fours into eight i32 lanes.
 trait ByteDot {
+    /// Tokens per pass over the weights: each keeps four accumulators (two 256-bit,
+    /// two 128-bit), which must fit the register file beside the weights' (16 vector
+    /// registers with AVX2, 32 with AVX-512VL).
+    const GROUP: usize;
+
     /// # Safety
     /// The CPU must have the implementation's features.
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i;
@@ -92,6 +99,8 @@ struct Vnni;
 struct Avx2;
 
 impl ByteDot for Vnni {
+    const GROUP: usize = 4;
+
     #[inline]
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
@@ -100,6 +109,8 @@ impl ByteDot for Vnni {
 }
 
 impl ByteDot for Avx2 {
+    const GROUP: usize = 2;
+
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
@@ -111,28 +122,55 @@ impl ByteDot for Avx2 {
 /// AVX2/FMA/F16C and AVX512-VNNI/VL; as `dot_rows`'s contract.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 unsafe fn dot_rows_vnni(rows: Rows<'_>, out: &mut [f32], stride: usize) {
-    each_row::<Vnni>(rows, out, stride)
+    in_groups::<Vnni>(rows, out, stride)
 }
 
 /// # Safety
 /// AVX2/FMA/F16C; as `dot_rows`'s contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_avx2(rows: Rows<'_>, out: &mut [f32], stride: usize) {
-    each_row::<Avx2>(rows, out, stride)
+    in_groups::<Avx2>(rows, out, stride)
 }
 
-/// The format's kernel on every row, chosen once.
+/// Tokens in groups of up to `D::GROUP`, then two, then one: each weight block is
+/// loaded and unpacked once per group. A token's arithmetic is the same in every group
+/// size, so its results do not depend on what shares its step.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn each_row<D: ByteDot>(rows: Rows<'_>, out: &mut [f32], stride: usize) {
-    let x = rows.x;
-    let each = rows.bytes.chunks_exact(rows.row_bytes).zip(out.iter_mut().step_by(stride));
+unsafe fn in_groups<D: ByteDot>(rows: Rows<'_>, out: &mut [f32], stride: usize) {
+    let mut t = 0;
+    while t < rows.xs.len() {
+        let left = (rows.xs.len() - t).min(D::GROUP);
+        let group = Rows { xs: &rows.xs[t..], ..rows };
+        let out = &mut out[t..];
+        t += if left >= 4 {
+            each_row::<D, 4>(group, out, stride);
+            4
+        } else if left >= 2 {
+            each_row::<D, 2>(group, out, stride);
+            2
+        } else {
+            each_row::<D, 1>(group, out, stride);
+            1
+        };
+    }
+}
+
+/// The format's kernel on every row for tokens `rows.xs[..T]`, chosen once.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn each_row<D: ByteDot, const T: usize>(rows: Rows<'_>, out: &mut [f32], stride: usize) {
+    let xs: [Q8Row<'_>; T] = std::array::from_fn(|t| rows.xs[t]);
+    let n_rows = rows.bytes.len() / rows.row_bytes;
+    debug_assert!(n_rows == 0 || (n_rows - 1) * stride + T <= out.len());
+    let each = rows.bytes.chunks_exact(rows.row_bytes).zip(out.chunks_mut(stride));
+    let store = |o: &mut [f32], v: [f32; T]| o[..T].copy_from_slice(&v);
     match rows.dtype {
-        DType::Q4_1 => each.for_each(|(r, o)| *o = dot_q4::<D, true>(r, x)),
-        DType::Q4_0 => each.for_each(|(r, o)| *o = dot_q4::<D, false>(r, x)),
-        DType::Q8_0 => each.for_each(|(r, o)| *o = dot_q8_0::<D>(r, x)),
-        DType::I8 => each.for_each(|(r, o)| *o = dot_i8::<D>(r, x)),
-        DType::I4 => each.for_each(|(r, o)| *o = dot_i4::<D>(r, x)),
+        DType::Q4_1 => each.for_each(|(r, o)| store(o, dot_q4::<D, true, T>(r, xs))),
+        DType::Q4_0 => each.for_each(|(r, o)| store(o, dot_q4::<D, false, T>(r, xs))),
+        DType::Q8_0 => each.for_each(|(r, o)| store(o, dot_q8_0::<D, T>(r, xs))),
+        DType::I8 => each.for_each(|(r, o)| store(o, dot_i8::<D, T>(r, xs))),
+        DType::I4 => each.for_each(|(r, o)| store(o, dot_i4::<D, T>(r, xs))),
         other => unreachable!("no integer dot product for {other}"),
     }
 }
@@ -145,13 +183,6 @@ unsafe fn activations(x: Q8Row<'_>, b: usize) -> __m256i {
     _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i)
 }
 
-/// Signed weight bytes against signed activations: `|w|` and `sign(w) * a`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn signed_dot<D: ByteDot>(w: __m256i, a: __m256i) -> __m256i {
-    D::dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
-}
-
 /// One block's share: `scale * dot` is added to 8 f32 lanes, lane 1 of `min` to a scalar
 /// sum (the min or zero-point term; unused lanes are ignored).
 struct Term {
@@ -160,29 +191,47 @@ struct Term {
     min: __m128,
 }
 
-/// Sums the terms of blocks `0..blocks` into two accumulators, even and odd blocks, so
-/// that one block's FMA does not wait for the previous one's (4 cycles, about what a
-/// whole block costs). Returns (sum of `scale * dot`, sum of the min terms).
+/// Sums the terms of blocks `0..blocks` for `T` tokens into two accumulators each, even
+/// and odd blocks, so that one block's FMA does not wait for the previous one's (4
+/// cycles, about what a whole block costs). `weights(b)` prepares weight block `b` once
+/// for all tokens; `term(&prepared, t, b)` is token `t`'s share of it. Returns, per
+/// token, (sum of `scale * dot`, sum of the min terms).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_blocks(blocks: usize, mut term: impl FnMut(usize) -> Term) -> (f32, f32) {
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut acc_min = [_mm_setzero_ps(); 2];
-    let mut add = |t: Term, parity: usize| {
-        acc[parity] = _mm256_fmadd_ps(t.scale, t.dot, acc[parity]);
-        acc_min[parity] = _mm_add_ps(acc_min[parity], t.min);
-    };
+unsafe fn sum_blocks<W, const T: usize>(
+    blocks: usize,
+    mut weights: impl FnMut(usize) -> W,
+    mut term: impl FnMut(&W, usize, usize) -> Term,
+) -> [(f32, f32); T] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let mut acc_min = [[_mm_setzero_ps(); 2]; T];
+    // A macro rather than a closure: LLVM left a closure this size out of line, and
+    // `parity` must be a constant for the accumulators to stay in registers.
+    macro_rules! add_block {
+        ($b:expr, $parity:literal) => {{
+            let w = weights($b);
+            for t in 0..T {
+                let Term { scale, dot, min } = term(&w, t, $b);
+                acc[t][$parity] = _mm256_fmadd_ps(scale, dot, acc[t][$parity]);
+                acc_min[t][$parity] = _mm_add_ps(acc_min[t][$parity], min);
+            }
+        }};
+    }
     let mut b = 0;
     while b + 1 < blocks {
-        add(term(b), 0);
-        add(term(b + 1), 1);
+        add_block!(b, 0);
+        add_block!(b + 1, 1);
         b += 2;
     }
     if b < blocks {
-        add(term(b), 0);
+        add_block!(b, 0);
     }
-    let min = _mm_add_ps(acc_min[0], acc_min[1]);
-    (hsum(_mm256_add_ps(acc[0], acc[1])), _mm_cvtss_f32(_mm_movehdup_ps(min)))
+    let mut sums = [(0f32, 0f32); T];
+    for (t, sum) in sums.iter_mut().enumerate() {
+        let min = _mm_add_ps(acc_min[t][0], acc_min[t][1]);
+        *sum = (hsum(_mm256_add_ps(acc[t][0], acc[t][1])), _mm_cvtss_f32(_mm_movehdup_ps(min)));
+    }
+    sums
 }
 
 /// Q4_0 (`MIN = false`: the nibbles minus 8) and Q4_1 (`MIN = true`: plus `m`): values
@@ -190,27 +239,36 @@ unsafe fn sum_blocks(blocks: usize, mut term: impl FnMut(usize) -> Term) -> (f32
 /// the order of one 256-bit register holding the bytes and the bytes shifted right by 4.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4<D: ByteDot, const MIN: bool>(row: &[u8], x: Q8Row<'_>) -> f32 {
+unsafe fn dot_q4<D: ByteDot, const MIN: bool, const T: usize>(
+    row: &[u8],
+    xs: [Q8Row<'_>; T],
+) -> [f32; T] {
     let (bytes, qs_at) = if MIN { (20, 4) } else { (18, 2) };
     let mask = _mm256_set1_epi8(0x0f);
     // Q4_0's "min" is -8 * d_w.
     let q4_0_min = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
-    let (dot, min) = sum_blocks(row.len() / bytes, |b| {
-        let blk = row.as_ptr().add(b * bytes);
-        let q = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
-        let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
-        let dot = _mm256_cvtepi32_ps(D::dot(w, activations(x, b)));
-        // (d_w, min) * (d, s): the dot's scale in lane 0, the min term in lane 1.
-        let weight_scales = if MIN {
-            f16_pair(blk)
-        } else {
-            let d_w = f16_pair(blk);
-            _mm_mul_ps(_mm_shuffle_ps::<0>(d_w, d_w), q4_0_min)
-        };
-        let scales = _mm_mul_ps(weight_scales, activation_scales(x, b));
-        Term { scale: _mm256_broadcastss_ps(scales), dot, min: scales }
-    });
-    dot + min
+    let sums = sum_blocks::<_, T>(
+        row.len() / bytes,
+        |b| {
+            let blk = row.as_ptr().add(b * bytes);
+            let q = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
+            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+            // (d_w, min): the dot's scale in lane 0, the min in lane 1.
+            let weight_scales = if MIN {
+                f16_pair(blk)
+            } else {
+                let d_w = f16_pair(blk);
+                _mm_mul_ps(_mm_shuffle_ps::<0>(d_w, d_w), q4_0_min)
+            };
+            (w, weight_scales)
+        },
+        |&(w, weight_scales), t, b| {
+            let dot = _mm256_cvtepi32_ps(D::dot(w, activations(xs[t], b)));
+            let scales = _mm_mul_ps(weight_scales, activation_scales(xs[t], b));
+            Term { scale: _mm256_broadcastss_ps(scales), dot, min: scales }
+        },
+    );
+    sums.map(|(dot, min)| dot + min)
 }
 
 /// The f16 at byte 0 of `blk` as f32 in lane 0, and the one at byte 2 in lane 1 (for
@@ -246,52 +304,80 @@ unsafe fn activation_scales(x: Q8Row<'_>, b: usize) -> __m128 {
     _mm_castpd_ps(_mm_load_sd(x.scales.as_ptr().add(b) as *const f64))
 }
 
+/// Signed weight bytes against signed activations: `|w|` once per block, then
+/// `sign(w) * a` per token.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_dot<D: ByteDot>(w: __m256i, w_abs: __m256i, a: __m256i) -> __m256i {
+    D::dot(w_abs, _mm256_sign_epi8(a, w))
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0<D: ByteDot>(row: &[u8], x: Q8Row<'_>) -> f32 {
-    let (dot, _) = sum_blocks(row.len() / 34, |b| {
-        let blk = row.as_ptr().add(b * 34);
-        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-        let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w, activations(x, b)));
-        let scale = _mm256_mul_ps(f16_broadcast(blk), activation_scale(x, b));
-        Term { scale, dot, min: _mm_setzero_ps() }
-    });
-    dot
+unsafe fn dot_q8_0<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> [f32; T] {
+    let sums = sum_blocks::<_, T>(
+        row.len() / 34,
+        |b| {
+            let blk = row.as_ptr().add(b * 34);
+            let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            (w, _mm256_sign_epi8(w, w), f16_broadcast(blk))
+        },
+        |&(w, w_abs, d_w), t, b| {
+            let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w, w_abs, activations(xs[t], b)));
+            let scale = _mm256_mul_ps(d_w, activation_scale(xs[t], b));
+            Term { scale, dot, min: _mm_setzero_ps() }
+        },
+    );
+    sums.map(|(dot, _)| dot)
 }
 
 /// I8: one f32 scale per 128 values, four activation blocks each.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_i8<D: ByteDot>(row: &[u8], x: Q8Row<'_>) -> f32 {
-    let (dot, _) = sum_blocks(x.scales.len(), |b| {
-        let blk = row.as_ptr().add(b / SUB_BLOCKS * I8_BLOCK_BYTES);
-        let s_w = _mm256_set1_ps((blk as *const f32).read_unaligned());
-        let w = _mm256_loadu_si256(blk.add(4 + QK * (b % SUB_BLOCKS)) as *const __m256i);
-        let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w, activations(x, b)));
-        Term { scale: _mm256_mul_ps(s_w, activation_scale(x, b)), dot, min: _mm_setzero_ps() }
-    });
-    dot
+unsafe fn dot_i8<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> [f32; T] {
+    let sums = sum_blocks::<_, T>(
+        xs[0].scales.len(),
+        |b| {
+            let blk = row.as_ptr().add(b / SUB_BLOCKS * I8_BLOCK_BYTES);
+            let s_w = _mm256_set1_ps((blk as *const f32).read_unaligned());
+            let w = _mm256_loadu_si256(blk.add(4 + QK * (b % SUB_BLOCKS)) as *const __m256i);
+            (w, _mm256_sign_epi8(w, w), s_w)
+        },
+        |&(w, w_abs, s_w), t, b| {
+            let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w, w_abs, activations(xs[t], b)));
+            let scale = _mm256_mul_ps(s_w, activation_scale(xs[t], b));
+            Term { scale, dot, min: _mm_setzero_ps() }
+        },
+    );
+    sums.map(|(dot, _)| dot)
 }
 
 /// I4: f16 scale and zero per 128 values; neighbours share a byte (low nibble first),
 /// so each 16-byte quarter interleaves its low and high nibbles into 32 values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_i4<D: ByteDot>(row: &[u8], x: Q8Row<'_>) -> f32 {
+unsafe fn dot_i4<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> [f32; T] {
     const _: () = assert!(INT_BLOCK == QK * SUB_BLOCKS);
     let mask = _mm_set1_epi8(0x0f);
-    let (dot, zero) = sum_blocks(x.scales.len(), |b| {
-        let blk = row.as_ptr().add(b / SUB_BLOCKS * I4_BLOCK_BYTES);
-        let q = _mm_loadu_si128(blk.add(4 + QK / 2 * (b % SUB_BLOCKS)) as *const __m128i);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        let w = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-        let dot = _mm256_cvtepi32_ps(D::dot(w, activations(x, b)));
-        let s_w = f16_broadcast(blk);
-        // Lane 1: s_w * z * s, the zero point's share.
-        let z = _mm_setr_ps(0.0, *blk.add(2) as f32, 0.0, 0.0);
-        let min = _mm_mul_ps(_mm_mul_ps(_mm256_castps256_ps128(s_w), z), activation_scales(x, b));
-        Term { scale: _mm256_mul_ps(s_w, activation_scale(x, b)), dot, min }
-    });
-    dot - zero
+    let sums = sum_blocks::<_, T>(
+        xs[0].scales.len(),
+        |b| {
+            let blk = row.as_ptr().add(b / SUB_BLOCKS * I4_BLOCK_BYTES);
+            let q = _mm_loadu_si128(blk.add(4 + QK / 2 * (b % SUB_BLOCKS)) as *const __m128i);
+            let lo = _mm_and_si128(q, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            let w = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+            let s_w = f16_broadcast(blk);
+            // Lane 1: s_w * z, the zero point's scale.
+            let z = _mm_setr_ps(0.0, *blk.add(2) as f32, 0.0, 0.0);
+            (w, s_w, _mm_mul_ps(_mm256_castps256_ps128(s_w), z))
+        },
+        |&(w, s_w, s_w_z), t, b| {
+            let dot = _mm256_cvtepi32_ps(D::dot(w, activations(xs[t], b)));
+            // Lane 1: s_w * z * s, the zero point's share.
+            let min = _mm_mul_ps(s_w_z, activation_scales(xs[t], b));
+            Term { scale: _mm256_mul_ps(s_w, activation_scale(xs[t], b)), dot, min }
+        },
+    );
+    sums.map(|(dot, zero)| dot - zero)
 }
