@@ -133,7 +133,15 @@ fn bench_q8(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("dot_row_q8_{label}"));
         group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
         for cols in [576usize, 1536] {
-            for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::I8, DType::I4] {
+            for dtype in [
+                DType::Q4_1,
+                DType::Q4_0,
+                DType::Q8_0,
+                DType::Q4_K,
+                DType::Q6_K,
+                DType::I8,
+                DType::I4,
+            ] {
                 if dtype.row_bytes(cols).is_none() {
                     continue;
                 }

@@ -12,6 +12,9 @@
 //!   per activation block
 //! - I4 (128 values, f16 `s_w`, zero `z`): `s_w * d * sum(nib * q) - s_w * z * s` per
 //!   activation block
+//! - Q4_K (sub-blocks of 32 with scale `d_s` and min `m_s`): `d_s * d * sum(nib * q) - m_s * s`
+//! - Q6_K (sub-blocks of 16 with scale `d_s`, levels -32..=31): `d * sum over both halves of
+//!   the activation block of d_s * sum(level * q)`
 //!
 //! The integer sums are exact on every path (portable, AVX2, VNNI), so the paths differ
 //! only in the order of the f32 sums over blocks. The error against f32 activations is
@@ -29,6 +32,7 @@
 mod x86;
 
 use super::intq::{BLOCK as INT_BLOCK, I4_BLOCK_BYTES, I8_BLOCK_BYTES};
+use super::kquants::{superblock_levels, QK_K};
 use super::{check_row, check_rows, f16_to_f32, le_u16, QK};
 use crate::model::DType;
 
@@ -38,7 +42,10 @@ const Q_MAX: f32 = 127.0;
 
 /// Whether weights of `dtype` have an integer dot product with quantized activations.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::I8 | DType::I4)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::I8 | DType::I4 | DType::Q4_K | DType::Q6_K
+    )
 }
 
 /// Rows of activations, each quantized in blocks of 32.
@@ -221,6 +228,29 @@ pub fn dot_row_q8_portable(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
                 }
             }
         }
+        DType::Q4_K | DType::Q6_K => {
+            let mut level = [0i8; QK_K];
+            let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+            for (sb, blk) in row.chunks_exact(dtype.block_bytes()).enumerate() {
+                let group = superblock_levels(dtype, blk, &mut level, &mut scale, &mut offset);
+                for j in 0..QK_K / QK {
+                    let b = sb * (QK_K / QK) + j;
+                    let (qs, [d, s]) = (&x.qs[b * QK..(b + 1) * QK], x.scales[b]);
+                    let levels = &level[j * QK..(j + 1) * QK];
+                    if group == QK {
+                        let dot = int_dot(qs, |i| levels[i] as i32);
+                        acc += scale[j] * d * dot as f32 - offset[j] * s;
+                    } else {
+                        let half = |h: usize| {
+                            let range = h * 16..(h + 1) * 16;
+                            int_dot(&qs[range.clone()], |i| levels[range.start + i] as i32)
+                        };
+                        acc +=
+                            (scale[2 * j] * half(0) as f32 + scale[2 * j + 1] * half(1) as f32) * d;
+                    }
+                }
+            }
+        }
         other => unreachable!("no integer dot product for {other}"),
     }
     acc
@@ -248,7 +278,8 @@ mod tests {
     use crate::model::quant::dequantize_row;
     use crate::model::quant::test_rows::{random_row, xorshift};
 
-    const DTYPES: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::I8, DType::I4];
+    const DTYPES: [DType; 7] =
+        [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::I8, DType::I4, DType::Q4_K, DType::Q6_K];
 
     /// The integer path against an f64 dot of the dequantized weights with the
     /// dequantized activations (`d * q`): the same products, summed without rounding.
@@ -387,7 +418,7 @@ mod tests {
     fn float_formats_have_no_integer_path() {
         let mut q = Q8Activations::default();
         q.quantize(&[1.0; 32], 32);
-        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_K, DType::Q6_K] {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q5_K] {
             assert!(!supports(dtype));
             let row = vec![0u8; dtype.row_bytes(32).unwrap_or(0)];
             assert!(dot_row_q8(dtype, &row, q.row(0)).is_none());

@@ -10,8 +10,10 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{Q8Row, I4_BLOCK_BYTES, I8_BLOCK_BYTES, INT_BLOCK, QK, SUB_BLOCKS};
+use super::{Q8Row, I4_BLOCK_BYTES, I8_BLOCK_BYTES, INT_BLOCK, QK, QK_K, SUB_BLOCKS};
+use crate::model::quant::kquants::sub_scales;
 use crate::model::quant::x86::hsum;
+use crate::model::quant::{f16_to_f32, le_u16};
 use crate::model::DType;
 
 /// The instruction set the kernels run on, decided once per process.
@@ -171,6 +173,8 @@ unsafe fn each_row<D: ByteDot, const T: usize>(rows: Rows<'_>, out: &mut [f32], 
         DType::Q8_0 => each.for_each(|(r, o)| store(o, dot_q8_0::<D, T>(r, xs))),
         DType::I8 => each.for_each(|(r, o)| store(o, dot_i8::<D, T>(r, xs))),
         DType::I4 => each.for_each(|(r, o)| store(o, dot_i4::<D, T>(r, xs))),
+        DType::Q4_K => each.for_each(|(r, o)| store(o, dot_q4_k::<D, T>(r, xs))),
+        DType::Q6_K => each.for_each(|(r, o)| store(o, dot_q6_k::<D, T>(r, xs))),
         other => unreachable!("no integer dot product for {other}"),
     }
 }
@@ -380,4 +384,87 @@ unsafe fn dot_i4<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> 
         },
     );
     sums.map(|(dot, zero)| dot - zero)
+}
+
+/// Activation blocks per k-quant super-block.
+const K_BLOCKS: usize = QK_K / QK;
+
+/// Q4_K (144-byte super-blocks): activation block `j` of a super-block is sub-block `j`,
+/// the low (even `j`) or high (odd `j`) nibbles of `qs[32 * (j / 2)..][..32]`, with scale
+/// `d * sc_j` and min `dmin * m_j` (`kquants::sub_scales`, decoded once per super-block).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> [f32; T] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut scales = ([0f32; 8], [0f32; 8]);
+    let sums = sum_blocks::<_, T>(
+        xs[0].scales.len(),
+        |b| {
+            let (sb, j) = (b / K_BLOCKS, b % K_BLOCKS);
+            let blk = row.as_ptr().add(sb * 144);
+            if j == 0 {
+                scales = sub_scales(std::slice::from_raw_parts(blk, 16));
+            }
+            let q = _mm256_loadu_si256(blk.add(16 + 32 * (j / 2)) as *const __m256i);
+            let q = if j % 2 == 0 { q } else { _mm256_srli_epi16(q, 4) };
+            let w = _mm256_and_si256(q, mask);
+            (w, _mm_setr_ps(scales.0[j], scales.1[j], 0.0, 0.0))
+        },
+        |&(w, weight_scales), t, b| {
+            let dot = _mm256_cvtepi32_ps(D::dot(w, activations(xs[t], b)));
+            // (d_s * d, m_s * s): the dot's scale in lane 0, the min's share in lane 1.
+            let scales = _mm_mul_ps(weight_scales, activation_scales(xs[t], b));
+            Term { scale: _mm256_broadcastss_ps(scales), dot, min: scales }
+        },
+    );
+    sums.map(|(dot, min)| dot - min)
+}
+
+/// Q6_K (210-byte super-blocks, two halves of 128 values): activation block `k` of a
+/// half holds values `32k..32k + 32`, whose 6-bit levels are a nibble of `ql` (low for
+/// k < 2, high above; `ql[32 * (k % 2)..]`) with two bits of `qh` on top (bits `2k`,
+/// `2k + 1`), minus 32. Its two 16-value sub-blocks have their own scales, which land
+/// in lanes 0-3 and 4-7 of the dot (each lane sums four consecutive bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -> [f32; T] {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let high2 = _mm256_set1_epi8(0x30);
+    let offset = _mm256_set1_epi8(32);
+    let mut scales = [0f32; 16];
+    let sums = sum_blocks::<_, T>(
+        xs[0].scales.len(),
+        |b| {
+            let (sb, j) = (b / K_BLOCKS, b % K_BLOCKS);
+            let blk = row.as_ptr().add(sb * 210);
+            if j == 0 {
+                let d = f16_to_f32(le_u16(std::slice::from_raw_parts(blk, 210), 208));
+                for (s, sc) in scales.iter_mut().enumerate() {
+                    *sc = d * (*blk.add(192 + s) as i8) as f32;
+                }
+            }
+            let (half, k) = (j / 4, j % 4);
+            let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (k % 2)) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
+            let low = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+            // Bits 2k, 2k+1 of qh moved to bits 4, 5.
+            let high = match k {
+                0 => _mm256_slli_epi16(qh, 4),
+                1 => _mm256_slli_epi16(qh, 2),
+                2 => qh,
+                _ => _mm256_srli_epi16(qh, 2),
+            };
+            let level = _mm256_or_si256(_mm256_and_si256(low, low4), _mm256_and_si256(high, high2));
+            let w = _mm256_sub_epi8(level, offset);
+            let s = 8 * half + 2 * k;
+            let sub = _mm256_set_m128(_mm_set1_ps(scales[s + 1]), _mm_set1_ps(scales[s]));
+            (w, _mm256_sign_epi8(w, w), sub)
+        },
+        |&(w, w_abs, sub), t, b| {
+            let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w, w_abs, activations(xs[t], b)));
+            let scale = _mm256_mul_ps(sub, activation_scale(xs[t], b));
+            Term { scale, dot, min: _mm_setzero_ps() }
+        },
+    );
+    sums.map(|(dot, _)| dot)
 }
