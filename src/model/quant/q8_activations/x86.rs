@@ -403,7 +403,7 @@ unsafe fn dot_q4_k<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -
             let (sb, j) = (b / K_BLOCKS, b % K_BLOCKS);
             let blk = row.as_ptr().add(sb * 144);
             if j == 0 {
-                scales = sub_scales(std::slice::from_raw_parts(blk, 16));
+                scales = q4_k_scales(blk);
             }
             let q = _mm256_loadu_si256(blk.add(16 + 32 * (j / 2)) as *const __m256i);
             let q = if j % 2 == 0 { q } else { _mm256_srli_epi16(q, 4) };
@@ -438,10 +438,7 @@ unsafe fn dot_q6_k<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -
             let (sb, j) = (b / K_BLOCKS, b % K_BLOCKS);
             let blk = row.as_ptr().add(sb * 210);
             if j == 0 {
-                let d = f16_to_f32(le_u16(std::slice::from_raw_parts(blk, 210), 208));
-                for (s, sc) in scales.iter_mut().enumerate() {
-                    *sc = d * (*blk.add(192 + s) as i8) as f32;
-                }
+                scales = q6_k_scales(blk);
             }
             let (half, k) = (j / 4, j % 4);
             let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (k % 2)) as *const __m256i);
@@ -467,4 +464,21 @@ unsafe fn dot_q6_k<D: ByteDot, const T: usize>(row: &[u8], xs: [Q8Row<'_>; T]) -
         },
     );
     sums.map(|(dot, _)| dot)
+}
+
+/// Q4_K's sub-block scales and mins of the super-block at `blk` (144 bytes). Out of
+/// line: inlined, the scalar unpacking made the block closure too large for LLVM to
+/// inline it into the kernel, which then ran at half the f32 kernel's speed.
+#[inline(never)]
+unsafe fn q4_k_scales(blk: *const u8) -> ([f32; 8], [f32; 8]) {
+    sub_scales(std::slice::from_raw_parts(blk, 16))
+}
+
+/// Q6_K's sixteen sub-block scales `d * sc` of the super-block at `blk` (210 bytes);
+/// out of line as `q4_k_scales`.
+#[inline(never)]
+unsafe fn q6_k_scales(blk: *const u8) -> [f32; 16] {
+    let blk = std::slice::from_raw_parts(blk, 210);
+    let d = f16_to_f32(le_u16(blk, 208));
+    std::array::from_fn(|s| d * (blk[192 + s] as i8) as f32)
 }
