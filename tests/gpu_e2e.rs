@@ -55,6 +55,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use qilin::backend::cpu::CpuActivations;
 use qilin::backend::Backend;
 use qilin::engine::load::{load_engine, AnyEngine, Device, EngineOptions};
 use qilin::engine::{Engine, GenerationOutput, SamplingParams};
@@ -165,7 +166,14 @@ fn check_model(path: &Path, cases: &[common::Case], max_model_len: usize) {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let base = EngineOptions { max_model_len: Some(max_model_len), ..EngineOptions::default() };
     let cpu_run = |cpu_emulates_bf16| {
-        let options = EngineOptions { device: Device::Cpu, cpu_emulates_bf16, ..base };
+        // f32 activations, so the printed comparison is f32 against bf16 rounding only
+        // (the CPU default multiplies generated tokens with 8-bit activations).
+        let options = EngineOptions {
+            device: Device::Cpu,
+            cpu_emulates_bf16,
+            cpu_activations: CpuActivations::F32,
+            ..base
+        };
         let AnyEngine::Cpu(mut cpu) = load(path, options) else {
             panic!("--device cpu gave another backend");
         };
