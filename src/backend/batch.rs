@@ -55,11 +55,6 @@ impl Batch {
             && self.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i)
     }
 
-    /// Whether any row holds a generated token.
-    pub fn any_generated(&self) -> bool {
-        self.generated.iter().any(|&g| g)
-    }
-
     /// Appends one sequence's chunk of prompt tokens: `tokens` at positions
     /// `first_pos..`, with K/V slots from `block_table`, asking for the logits of its
     /// last token when `want_logits`.
