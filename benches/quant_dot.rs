@@ -29,27 +29,29 @@ fn matrix(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
         })
         .collect();
     let fix = |b: &mut [u8]| b.copy_from_slice(&0x2c00u16.to_le_bytes());
-    match dtype {
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-            for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
-                fix(&mut blk[0..2]);
-                if dtype == DType::Q4_1 {
-                    fix(&mut blk[2..4]);
-                }
-            }
+    // Byte offsets of each block's f16 scales (and mins).
+    let scales: &[usize] = match dtype {
+        DType::F16 | DType::BF16 => {
+            bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f);
+            return bytes;
         }
-        DType::F16 | DType::BF16 => bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f),
-        DType::F32 => bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f),
-        DType::Q4_K | DType::Q5_K | DType::Q6_K => {
-            let at: &[usize] = if dtype == DType::Q6_K { &[208] } else { &[0, 2] };
-            for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
-                at.iter().for_each(|&a| fix(&mut blk[a..a + 2]));
-            }
+        DType::F32 => {
+            bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f);
+            return bytes;
         }
         DType::I8 => {
-            bytes.chunks_exact_mut(132).for_each(|b| b[..4].copy_from_slice(&0.01f32.to_le_bytes()))
+            let s = 0.01f32.to_le_bytes();
+            bytes.chunks_exact_mut(132).for_each(|b| b[..4].copy_from_slice(&s));
+            return bytes;
         }
-        DType::I4 => bytes.chunks_exact_mut(68).for_each(|b| fix(&mut b[0..2])),
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS | DType::I4 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q6_K => &[208],
+        DType::Q3_K => &[108],
+        DType::Q2_K => &[80, 82],
+    };
+    for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
+        scales.iter().for_each(|&a| fix(&mut blk[a..a + 2]));
     }
     bytes
 }
@@ -97,14 +99,26 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// GGUF k-quants on a 4096-wide row (7B hidden size) next to Q4_1, in GB/s of weight
-/// bytes: 64 rows (L2-resident, the kernel's own speed) and ~48 MB (streamed from DRAM).
+/// GGUF k-quants and the other formats read through their levels on a 4096-wide row (7B
+/// hidden size) next to Q4_1, in GB/s of weight bytes: 64 rows (L2-resident, the
+/// kernel's own speed) and ~48 MB (streamed from DRAM).
 fn bench_kquants(c: &mut Criterion) {
     const COLS: usize = 4096;
     for (label, target_bytes) in [("l2", 0usize), ("dram", 48 << 20)] {
         let mut group = c.benchmark_group(format!("dot_row_kquant_{label}"));
         group.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
-        for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q4_1] {
+        for dtype in [
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+            DType::Q2_K,
+            DType::Q3_K,
+            DType::IQ4_XS,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::IQ4_NL,
+            DType::Q4_1,
+        ] {
             bench_rows(&mut group, dtype, rows_for(dtype, COLS, target_bytes, 64), COLS);
         }
         group.finish();
@@ -141,6 +155,12 @@ fn bench_q8(c: &mut Criterion) {
                 DType::Q6_K,
                 DType::I8,
                 DType::I4,
+                DType::Q5_0,
+                DType::Q5_1,
+                DType::IQ4_NL,
+                DType::Q2_K,
+                DType::Q3_K,
+                DType::IQ4_XS,
             ] {
                 if dtype.row_bytes(cols).is_none() {
                     continue;

@@ -191,7 +191,8 @@ pub struct EngineArgs {
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
     /// CPU backend: `q8` (default) multiplies the activations of generated tokens as
-    /// 8-bit blocks with Q4_0/Q4_1/Q8_0/Q4_K/Q6_K/I8/I4 weights in integers, as llama.cpp does
+    /// 8-bit blocks with block-quantized weights (every format but Q5_K) in integers, as
+    /// llama.cpp does
     /// (~1.4x faster decode), while prompt tokens and the logits projection keep f32;
     /// `f32` keeps f32 activations everywhere, the reference numerics.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]

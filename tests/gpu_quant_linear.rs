@@ -104,9 +104,16 @@ fn weight(dtype: DType, rows: usize, cols: usize, seed: u64) -> WeightTensor {
             return;
         }
         rng.fill(out);
-        // k-quants: f16 d (and dmin) with exponent 2^-12..2^-9, so values stay ~1e-2.
+        // f16 d (and dmin) with exponent 2^-12..2^-9, so values stay ~1e-2 (the IQ4 tables'
+        // levels reach 127: ~0.1).
         for blk in out.chunks_exact_mut(dtype.block_bytes()) {
-            let at: &[usize] = if dtype == DType::Q6_K { &[208] } else { &[0, 2] };
+            let at: &[usize] = match dtype {
+                DType::Q6_K => &[208],
+                DType::Q3_K => &[108],
+                DType::Q2_K => &[80, 82],
+                DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+                _ => &[0, 2],
+            };
             for &a in at {
                 let exponent = 3 + (blk[a + 1] >> 2) % 4;
                 blk[a + 1] = (blk[a + 1] & 0x83) | (exponent << 2);
@@ -519,6 +526,60 @@ fn gguf_formats_and_mixed_parts_match_the_cpu_twin() {
                 bias: true,
                 format: W8_G32,
                 ns: &[1, 5, 9],
+            },
+        ],
+    );
+}
+
+/// The formats read through decoded levels (model/quant/decoded_levels.rs), all 8-bit on
+/// the device: Q2_K/Q3_K in groups of 16, the rest in groups of 32.
+#[test]
+fn lowbit_gguf_formats_match_the_cpu_twin() {
+    use DType::{IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_0, Q5_1};
+    run_cases(
+        "gguf-lowbit",
+        &[
+            // A Q3_K_M file's layer: Q3_K q/k with a Q4_K v.
+            Case {
+                name: "qkv",
+                parts: &[(Q3_K, 3584), (Q3_K, 512), (Q4_K, 512)],
+                in_features: 3584,
+                bias: true,
+                format: W8_G16,
+                ns: &[1, 2, 8, 9, 64],
+            },
+            Case {
+                name: "gate_up",
+                parts: &[(Q2_K, 2048), (Q2_K, 2048)],
+                in_features: 3584,
+                bias: false,
+                format: W8_G16,
+                ns: &[1, 8, 9],
+            },
+            Case {
+                name: "down",
+                parts: &[(IQ4_XS, 3584)],
+                in_features: 18944,
+                bias: false,
+                format: W8_G32,
+                ns: &[1, 8, 64],
+            },
+            // SmolLM2's 576-wide rows, where llama.cpp falls back to 32-value blocks.
+            Case {
+                name: "qkv",
+                parts: &[(Q5_0, 576), (Q5_0, 192), (Q5_1, 192)],
+                in_features: 576,
+                bias: true,
+                format: W8_G32,
+                ns: NS,
+            },
+            Case {
+                name: "o",
+                parts: &[(IQ4_NL, 576)],
+                in_features: 576,
+                bias: false,
+                format: W8_G32,
+                ns: NS,
             },
         ],
     );

@@ -1,5 +1,6 @@
-//! GGUF k-quants (Q4_K, Q5_K, Q6_K) against the python `gguf` package, fixtures made by
-//! tools/make_kquant_fixtures.py (gguf 0.19.0, numpy 2.4.6).
+//! GGUF k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and the formats read through their
+//! decoded levels (Q5_0, Q5_1, IQ4_NL, IQ4_XS) against the python `gguf` package,
+//! fixtures made by tools/make_kquant_fixtures.py (gguf 0.19.0, numpy 2.4.6).
 //!
 //! - dequantize_row equals gguf.quants.dequantize bit for bit: both compute each value
 //!   with the same f32 operations in the same order (`d * sc` once per sub-block, then
@@ -11,8 +12,11 @@
 //!   `- dmin * m * sum x`) once, as the Q4_1 kernel does. Both are f32 dot products of
 //!   up to 11008 terms in 8+ lanes: their error is ~1e-8..1e-7 of the scale here (the
 //!   worst is printed), while a wrong scale, nibble or bit lands at 1e-2..1 of it.
-//! - A llama GGUF in a Q4_K_M-like mix written by gguf's GGUFWriter loads, and every
-//!   tensor dequantizes to gguf's values (hashed), Q/K rows unpermuted as transformers does.
+//!   The decoded formats compute every value as `scale * level - offset` from levels
+//!   (model/quant/decoded_levels.rs); ggml's products are exact in the same places.
+//! - Llama GGUFs in a Q4_K_M-like mix and in the other formats, written by gguf's
+//!   GGUFWriter, load, and every tensor dequantizes to gguf's values (hashed), Q/K rows
+//!   unpermuted as transformers does.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +27,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const KQUANTS: [DType; 3] = [DType::Q4_K, DType::Q5_K, DType::Q6_K];
+/// The formats of tiny_lowbit_llama.gguf and the rest of the block fixture.
+const OTHERS: [DType; 6] =
+    [DType::Q5_0, DType::Q5_1, DType::IQ4_NL, DType::Q2_K, DType::Q3_K, DType::IQ4_XS];
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kquants")
@@ -38,6 +45,12 @@ fn dtype(name: &str) -> DType {
         "Q4_K" => DType::Q4_K,
         "Q5_K" => DType::Q5_K,
         "Q6_K" => DType::Q6_K,
+        "Q5_0" => DType::Q5_0,
+        "Q5_1" => DType::Q5_1,
+        "IQ4_NL" => DType::IQ4_NL,
+        "Q2_K" => DType::Q2_K,
+        "Q3_K" => DType::Q3_K,
+        "IQ4_XS" => DType::IQ4_XS,
         "Q4_0" => DType::Q4_0,
         "Q4_1" => DType::Q4_1,
         "F32" => DType::F32,
@@ -71,8 +84,9 @@ fn rows() -> Vec<(DType, Vec<u8>, Vec<f32>)> {
 #[test]
 fn dequantize_matches_gguf_python_exactly() {
     let rows = rows();
-    for dt in KQUANTS {
-        let blocks: usize = rows.iter().filter(|r| r.0 == dt).map(|r| r.2.len() / 256).sum();
+    for dt in KQUANTS.into_iter().chain(OTHERS) {
+        let n = dt.block_elems();
+        let blocks: usize = rows.iter().filter(|r| r.0 == dt).map(|r| r.2.len() / n).sum();
         assert!(blocks >= 4, "{dt}: fixture has {blocks} blocks");
     }
     for (dt, bytes, expected) in &rows {
@@ -115,16 +129,16 @@ fn dot_row_on_long_rows() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(66);
     let mut worst = 0f64;
     let rows = rows();
-    for dt in KQUANTS {
-        let bb = dt.block_bytes();
+    for dt in KQUANTS.into_iter().chain(OTHERS) {
+        let (bb, be) = (dt.block_bytes(), dt.block_elems());
         let blocks: Vec<(&[u8], &[f32])> = rows
             .iter()
             .filter(|r| r.0 == dt)
-            .flat_map(|r| r.1.chunks_exact(bb).zip(r.2.chunks_exact(256)))
+            .flat_map(|r| r.1.chunks_exact(bb).zip(r.2.chunks_exact(be)))
             .collect();
         for n in [512usize, 1536, 4096, 11008] {
             let (mut bytes, mut w) = (Vec::new(), Vec::new());
-            for _ in 0..n / 256 {
+            for _ in 0..n / be {
                 let (b, v) = blocks[rng.random_range(0..blocks.len())];
                 bytes.extend_from_slice(b);
                 w.extend_from_slice(v);
@@ -140,8 +154,19 @@ fn dot_row_on_long_rows() {
 
 #[test]
 fn tiny_kquant_gguf_loads_with_gguf_values() {
-    let expected = read_json("tiny_kquant_llama.expected.json");
-    let model = load_gguf(&dir().join("tiny_kquant_llama.gguf")).expect("load");
+    tiny_gguf_loads_with_gguf_values("tiny_kquant_llama", &KQUANTS);
+}
+
+#[test]
+fn tiny_lowbit_gguf_loads_with_gguf_values() {
+    tiny_gguf_loads_with_gguf_values("tiny_lowbit_llama", &OTHERS);
+}
+
+/// `stem`.gguf loads with the config and tensors of `stem`.expected.json, holding a
+/// tensor of each of `formats`.
+fn tiny_gguf_loads_with_gguf_values(stem: &str, formats: &[DType]) {
+    let expected = read_json(&format!("{stem}.expected.json"));
+    let model = load_gguf(&dir().join(format!("{stem}.gguf"))).expect("load");
     let cfg = &expected["config"];
     let c = &model.config;
     let want = |k: &str| cfg[k].as_u64().unwrap() as usize;
@@ -183,10 +208,10 @@ fn tiny_kquant_gguf_loads_with_gguf_values() {
             "{name}: values differ from gguf's"
         );
     }
-    for dt in KQUANTS {
-        assert!(seen.contains(&dt), "fixture model has a {dt} tensor");
+    for dt in formats {
+        assert!(seen.contains(dt), "fixture model has a {dt} tensor");
     }
-    // The decode path on a loaded k-quant matrix: each row's dot with x equals the
+    // The decode path on a loaded quantized matrix: each row's dot with x equals the
     // dequantized row's f64 dot.
     let q = &model.tensors["model.layers.0.self_attn.q_proj.weight"];
     let x: Vec<f32> = (0..q.row_len()).map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0).collect();
@@ -227,9 +252,14 @@ fn one_tensor_gguf(ty: u32, dims: &[u64], data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn ggml_type_ids_map_to_kquants() {
-    for (ty, dt, bytes) in
-        [(12u32, DType::Q4_K, 144usize), (13, DType::Q5_K, 176), (14, DType::Q6_K, 210)]
-    {
+    for (ty, dt, bytes) in [
+        (10u32, DType::Q2_K, 84usize),
+        (11, DType::Q3_K, 110),
+        (12, DType::Q4_K, 144),
+        (13, DType::Q5_K, 176),
+        (14, DType::Q6_K, 210),
+        (23, DType::IQ4_XS, 136),
+    ] {
         let file = one_tensor_gguf(ty, &[512, 3], &vec![0u8; 6 * bytes]);
         let g = GgufFile::parse(&file).unwrap_or_else(|e| panic!("type {ty}: {e}"));
         assert_eq!((g.tensors[0].dtype, g.tensors[0].len), (dt, 6 * bytes));
@@ -244,8 +274,22 @@ fn ggml_type_ids_map_to_kquants() {
 }
 
 #[test]
+fn ggml_type_ids_map_to_the_32_value_formats() {
+    for (ty, dt, bytes) in
+        [(6u32, DType::Q5_0, 22usize), (7, DType::Q5_1, 24), (20, DType::IQ4_NL, 18)]
+    {
+        let file = one_tensor_gguf(ty, &[64, 3], &vec![0u8; 6 * bytes]);
+        let g = GgufFile::parse(&file).unwrap_or_else(|e| panic!("type {ty}: {e}"));
+        assert_eq!((g.tensors[0].dtype, g.tensors[0].len), (dt, 6 * bytes));
+        let err = GgufFile::parse(&one_tensor_gguf(ty, &[48, 3], &vec![0u8; 6 * bytes]))
+            .expect_err("a block and a half");
+        assert!(err.contains("whole number of blocks"), "{err}");
+    }
+}
+
+#[test]
 fn other_kquant_family_types_stay_clear_errors() {
-    for (ty, name) in [(10u32, "Q2_K"), (11, "Q3_K"), (15, "Q8_K"), (23, "IQ4_XS"), (24, "I8")] {
+    for (ty, name) in [(15u32, "Q8_K"), (16, "IQ2_XXS"), (21, "IQ3_S"), (24, "I8")] {
         let err = GgufFile::parse(&one_tensor_gguf(ty, &[256, 1], &[0u8; 512])).expect_err(name);
         assert!(
             err.contains(&format!("{name} ({ty})")) && err.contains("not supported"),

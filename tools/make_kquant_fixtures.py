@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""Makes the k-quant test fixtures under tests/fixtures/kquants/ with the python `gguf`
-package as the independent reference (pinned in tools/requirements-kquant-fixtures.txt):
+"""Makes the test fixtures of GGUF's k-quants and the other block formats Qilin reads
+without its own kernels (Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, IQ4_XS) under
+tests/fixtures/kquants/, with the python `gguf` package as the independent reference
+(pinned in tools/requirements-kquant-fixtures.txt):
 
     python3 -m venv /tmp/kq && /tmp/kq/bin/pip install -r tools/requirements-kquant-fixtures.txt
     /tmp/kq/bin/python tools/make_kquant_fixtures.py
 
-gguf-py has no k-quant quantizer, so the blocks are random bytes (every bit pattern of the
-quants, 6-bit scales/mins and Q6_K's i8 scales is valid) with the f16 super-block scales
-replaced by sane finite values of both signs, some subnormal.
+gguf-py has no quantizer for the k-quants and IQ4 formats, so the blocks are random bytes
+(every bit pattern of the quants, the packed scales/mins, the fifth and high bits and the
+table indices is valid) with the f16 scales replaced by sane finite values of both signs,
+some subnormal.
 
 Outputs (small, committed):
   blocks.bin / values.bin / blocks.json
-      rows of Q4_K, Q5_K, Q6_K blocks (raw bytes) and their f32 values from
-      gguf.quants.dequantize; blocks.json indexes both.
+      rows of Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, IQ4_XS blocks (raw bytes)
+      and their f32 values from gguf.quants.dequantize; blocks.json indexes both.
   tiny_kquant_llama.gguf / tiny_kquant_llama.expected.json
       a 1-layer llama GGUF written by gguf.GGUFWriter in a Q4_K_M-like mix (Q4_K, Q5_K,
       Q6_K where rows are multiples of 256, Q4_0/Q4_1 elsewhere, F32 norms); for each
       tensor under its Hugging Face name: shape, GGML type and the FNV-1a 64 hash of its
       f32 values as read back by gguf.GGUFReader + gguf.quants.dequantize, with attn_q /
       attn_k rows put back the way transformers does (`_reverse_permute_weights`).
+  tiny_lowbit_llama.gguf / tiny_lowbit_llama.expected.json
+      the same model in the other formats (Q2_K, Q3_K, IQ4_XS where rows are multiples of
+      256, Q5_0, Q5_1, IQ4_NL elsewhere), as a q3_k_m or q5_0 file mixes them.
 """
 
 import json
@@ -39,30 +45,41 @@ for pkg, want in PINS.items():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "kquants")
 rng = np.random.default_rng(20261106)
+# The other formats draw from their own stream, so the k-quant fixtures keep their bytes.
+rng_others = np.random.default_rng(20261127)
 KQUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+# Appended after the k-quants, so that their fixtures keep their bytes.
+OTHERS = [T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q2_K, T.Q3_K, T.IQ4_XS]
+# Formats gguf-py cannot quantize: random blocks (random_blocks) in the tiny models.
+RANDOM_BLOCKS = KQUANTS + [T.IQ4_NL, T.Q2_K, T.Q3_K, T.IQ4_XS]
 
 
 def scale_offsets(qtype):
-    """Byte offsets of the f16 super-block scales: d, dmin (Q4_K/Q5_K) or d (Q6_K)."""
-    return [208] if qtype == T.Q6_K else [0, 2]
+    """Byte offsets of each block's f16 scales (ggml-common.h)."""
+    return {
+        T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+        T.Q5_0: [0], T.Q5_1: [0, 2], T.IQ4_NL: [0], T.IQ4_XS: [0],
+        T.Q2_K: [80, 82], T.Q3_K: [108],
+    }[qtype]
 
 
-def f16_scales(n):
+def f16_scales(n, gen):
     """Finite f16 scales of both signs, magnitudes 1e-4..1e-1."""
-    mag = 10.0 ** rng.uniform(-4, -1, n)
-    sign = rng.choice([-1.0, 1.0], n)
+    mag = 10.0 ** gen.uniform(-4, -1, n)
+    sign = gen.choice([-1.0, 1.0], n)
     return (mag * sign).astype(np.float16)
 
 
 def random_blocks(qtype, nblocks, fill=None, subnormal=False):
     """`nblocks` raw blocks: random bytes (or all `fill`) with finite f16 scales."""
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    gen = rng if qtype in KQUANTS else rng_others
     if fill is None:
-        raw = rng.integers(0, 256, (nblocks, type_size), dtype=np.uint8)
+        raw = gen.integers(0, 256, (nblocks, type_size), dtype=np.uint8)
     else:
         raw = np.full((nblocks, type_size), fill, dtype=np.uint8)
     for at in scale_offsets(qtype):
-        s = f16_scales(nblocks)
+        s = f16_scales(nblocks, gen)
         if subnormal:
             s[:] = np.float16(3e-6)  # below f16's smallest normal (6.1e-5)
         raw[:, at:at + 2] = s.view(np.uint8).reshape(nblocks, 2)
@@ -73,7 +90,8 @@ def block_fixture():
     """Per type: a 1-block row, and a 3-block row (random, all-ones payload, subnormal d)."""
     index, raw_parts, value_parts = [], [], []
     raw_off = val_off = 0
-    for qtype in KQUANTS:
+    for qtype in KQUANTS + OTHERS:
+        block_elems = gguf.GGML_QUANT_SIZES[qtype][0]
         rows = [
             random_blocks(qtype, 1),
             np.concatenate([random_blocks(qtype, 1), random_blocks(qtype, 1, fill=0xFF),
@@ -83,7 +101,7 @@ def block_fixture():
             raw = blocks.reshape(-1)
             values = gguf.quants.dequantize(raw.reshape(1, -1), qtype).reshape(-1)
             assert values.dtype == np.float32 and np.isfinite(values).all()
-            assert values.size == blocks.shape[0] * 256
+            assert values.size == blocks.shape[0] * block_elems
             index.append({"dtype": qtype.name, "n": int(values.size), "bytes_offset": raw_off,
                           "bytes_len": int(raw.size), "values_offset": val_off})
             raw_parts.append(raw.tobytes())
@@ -134,11 +152,9 @@ HF_NAMES = {
 }
 
 
-def tiny_gguf():
-    vocab = len(TOKENS)
-    q_rows, kv_rows = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    # (gguf name, HF shape [rows, cols], type)
-    plan = [
+def kquant_plan(vocab, q_rows, kv_rows):
+    """(gguf name, HF shape [rows, cols], type) of tiny_kquant_llama.gguf."""
+    return [
         ("token_embd.weight", (vocab, HIDDEN), T.Q4_K),
         ("blk.0.attn_norm.weight", (HIDDEN,), T.F32),
         ("blk.0.attn_q.weight", (q_rows, HIDDEN), T.Q4_K),
@@ -152,7 +168,31 @@ def tiny_gguf():
         ("output_norm.weight", (HIDDEN,), T.F32),
         ("output.weight", (vocab, HIDDEN), T.Q6_K),
     ]
-    path = os.path.join(OUT, "tiny_kquant_llama.gguf")
+
+
+def lowbit_plan(vocab, q_rows, kv_rows):
+    """tiny_lowbit_llama.gguf: every format of OTHERS, rows of 256 in the k-quants."""
+    return [
+        ("token_embd.weight", (vocab, HIDDEN), T.IQ4_XS),
+        ("blk.0.attn_norm.weight", (HIDDEN,), T.F32),
+        ("blk.0.attn_q.weight", (q_rows, HIDDEN), T.Q3_K),
+        ("blk.0.attn_k.weight", (kv_rows, HIDDEN), T.Q2_K),
+        ("blk.0.attn_v.weight", (kv_rows, HIDDEN), T.IQ4_NL),
+        ("blk.0.attn_output.weight", (HIDDEN, q_rows), T.Q5_0),
+        ("blk.0.ffn_norm.weight", (HIDDEN,), T.F32),
+        ("blk.0.ffn_gate.weight", (FFN, HIDDEN), T.Q2_K),
+        ("blk.0.ffn_up.weight", (FFN, HIDDEN), T.Q3_K),
+        ("blk.0.ffn_down.weight", (HIDDEN, FFN), T.Q5_1),
+        ("output_norm.weight", (HIDDEN,), T.F32),
+        ("output.weight", (vocab, HIDDEN), T.IQ4_XS),
+    ]
+
+
+def tiny_gguf(stem, make_plan, file_type):
+    vocab = len(TOKENS)
+    q_rows, kv_rows = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    plan = make_plan(vocab, q_rows, kv_rows)
+    path = os.path.join(OUT, f"{stem}.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(LAYERS)
     w.add_context_length(512)
@@ -166,7 +206,7 @@ def tiny_gguf():
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
     w.add_token_list(TOKENS)
@@ -177,9 +217,10 @@ def tiny_gguf():
     for name, shape, qtype in plan:
         if qtype == T.F32:
             w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-        elif qtype in KQUANTS:
+        elif qtype in RANDOM_BLOCKS:
             rows, cols = shape
-            raw = random_blocks(qtype, rows * cols // 256).reshape(rows, -1)
+            block_elems = gguf.GGML_QUANT_SIZES[qtype][0]
+            raw = random_blocks(qtype, rows * cols // block_elems).reshape(rows, -1)
             w.add_tensor(name, raw, raw_dtype=qtype)
         else:
             values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
@@ -207,7 +248,7 @@ def tiny_gguf():
             "fnv1a64_f32": fnv1a64(values.astype("<f4").tobytes()),
             "first_values": [float(v) for v in values.reshape(-1)[:4]],
         }
-    write_json("tiny_kquant_llama.expected.json", {
+    write_json(f"{stem}.expected.json", {
         "generator": f"gguf {version('gguf')} GGUFWriter/GGUFReader + gguf.quants.dequantize",
         "hash": "FNV-1a 64 over the tensor's f32 values, little endian, row-major HF shape",
         "config": {"hidden_size": HIDDEN, "num_heads": HEADS, "num_kv_heads": KV_HEADS,
@@ -226,7 +267,8 @@ def write_json(name, obj):
 def main():
     os.makedirs(OUT, exist_ok=True)
     block_fixture()
-    tiny_gguf()
+    tiny_gguf("tiny_kquant_llama", kquant_plan, gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    tiny_gguf("tiny_lowbit_llama", lowbit_plan, gguf.LlamaFileType.MOSTLY_Q3_K_M)
     print("fixtures written to", OUT)
 
 

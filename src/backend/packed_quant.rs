@@ -213,6 +213,34 @@ mod tests {
         assert_exact(&packed, &[&a, &b, &c]);
     }
 
+    /// A Q3_K_M-like qkv (Q3_K q and k, Q4_K v) and the 32-value formats llama.cpp falls
+    /// back to: 8-bit levels, groups of 16 and 32.
+    #[test]
+    fn decoded_level_formats_pack_losslessly() {
+        let mut next = crate::model::quant::test_rows::xorshift(0x005e_ed0f_10b1);
+        let mut random = |dtype: DType, rows: usize, cols: usize| {
+            let bytes = (0..rows)
+                .flat_map(|_| crate::model::quant::test_rows::random_row(dtype, cols, &mut next))
+                .collect();
+            tensor(dtype, rows, cols, bytes)
+        };
+        let (q, k, v) =
+            (random(DType::Q3_K, 4, 512), random(DType::Q3_K, 2, 512), random(DType::Q4_K, 2, 512));
+        let packed = PackedQuant::from_parts(&[&q, &k, &v]).expect("packable");
+        assert_eq!(packed.format, LevelFormat { bits: 8, group: 16 });
+        assert_exact(&packed, &[&q, &k, &v]);
+        let (a, b) = (random(DType::Q2_K, 3, 256), random(DType::IQ4_XS, 2, 256));
+        let packed = PackedQuant::from_parts(&[&a, &b]).expect("packable");
+        assert_eq!(packed.format, LevelFormat { bits: 8, group: 16 });
+        assert_exact(&packed, &[&a, &b]);
+        for dtype in [DType::Q5_0, DType::Q5_1, DType::IQ4_NL] {
+            let t = random(dtype, 3, 96);
+            let packed = PackedQuant::from_parts(&[&t]).expect("packable");
+            assert_eq!(packed.format, LevelFormat { bits: 8, group: 32 });
+            assert_exact(&packed, &[&t]);
+        }
+    }
+
     #[test]
     fn float_parts_stay_unpacked() {
         let q = quantized(DType::I4, 2, 128, 7, quantize_row_i4);

@@ -21,12 +21,24 @@ pub enum DType {
     Q4_0,
     /// 32 values: f16 scale d, f16 min m, 16 bytes of nibbles. x = d * q + m.
     Q4_1,
+    /// 32 values: f16 scale d, 32 fifth bits, 16 bytes of nibbles. x = d * (q - 16).
+    Q5_0,
+    /// 32 values: f16 scale d, f16 min m, 32 fifth bits, nibbles. x = d * q + m.
+    Q5_1,
+    /// 32 values: f16 scale d, 16 bytes of nibbles indexing a fixed non-linear table.
+    IQ4_NL,
+    /// GGUF k-quant, 256 values in 16 sub-blocks of 16, 2-bit, 4-bit scales and mins (84 B).
+    Q2_K,
+    /// GGUF k-quant, 256 values in 16 sub-blocks of 16, 3-bit, 6-bit scales (110 B).
+    Q3_K,
     /// GGUF k-quant, 256 values in 8 sub-blocks of 32 with 6-bit scales and mins (144 B).
     Q4_K,
     /// GGUF k-quant, 256 values, 5-bit (176 B).
     Q5_K,
     /// GGUF k-quant, 256 values in 16 sub-blocks of 16 with i8 scales, 6-bit (210 B).
     Q6_K,
+    /// 256 values in 8 sub-blocks of 32 with 6-bit scales, IQ4_NL's table (136 B).
+    IQ4_XS,
     /// Qilin int8: 128 values, f32 scale s, 128 x i8. x = s * q. Per-output-channel
     /// symmetric when every block of a row carries the same scale (`--quantize int8`).
     I8,
@@ -41,8 +53,12 @@ impl DType {
     pub fn block_elems(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
-            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
+                32
+            }
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                256
+            }
             DType::I8 | DType::I4 => 128,
         }
     }
@@ -55,9 +71,15 @@ impl DType {
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::IQ4_NL => 18,
+            DType::Q2_K => 84,
+            DType::Q3_K => 110,
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
+            DType::IQ4_XS => 136,
             DType::I8 => 132,
             DType::I4 => 68,
         }
@@ -86,9 +108,15 @@ impl std::fmt::Display for DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::IQ4_NL => "IQ4_NL",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
             DType::Q4_K => "Q4_K",
             DType::Q5_K => "Q5_K",
             DType::Q6_K => "Q6_K",
+            DType::IQ4_XS => "IQ4_XS",
             DType::I8 => "I8",
             DType::I4 => "I4",
         };

@@ -45,8 +45,8 @@ impl CpuTensor {
 /// (`--cpu-activations`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuActivations {
-    /// Generated tokens (every decode step) quantize the input of each Q4_0, Q4_1,
-    /// Q8_0, Q4_K, Q6_K, I8 or I4 linear layer to 8 bits per 32 values and multiply in
+    /// Generated tokens (every decode step) quantize the input of each block-quantized
+    /// linear layer (every format but Q5_K) to 8 bits per 32 values and multiply in
     /// integers (`model::quant::q8_activations`), as llama.cpp's CPU backend does. Prompt
     /// tokens, other weight formats and the logits projection keep f32, so a prompt token
     /// computes the same in any step (`Backend::step_linear`), and the prefix cache

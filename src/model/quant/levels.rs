@@ -14,7 +14,10 @@
 //! - Q4_0: the same with z = 8. Q4_1: `d * q + m`, offset `-m`; `d * q` is exact.
 //! - Q4_K / Q5_K: ggml's own form; `(d * sc) * q` has 11 + 6 + 5 bits at most.
 //! - I8, Q8_0, Q6_K: offset 0, one rounding of `scale * level` either way.
+//! - Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, IQ4_XS: decoded_levels.rs, whose own values are
+//!   `scale * level - offset` (its module documentation says why that is exact).
 
+use super::decoded_levels::{self, BlockLevels};
 use super::kquants::{self, QK_K};
 use super::{f16_to_f32, le_u16};
 use crate::model::DType;
@@ -37,6 +40,10 @@ pub fn level_format(dtype: DType) -> Option<LevelFormat> {
         DType::Q4_0 | DType::Q4_1 | DType::Q4_K => (4, 32),
         DType::Q5_K => (8, 32),
         DType::Q6_K => (8, 16),
+        // 5-bit and table levels need 8 bits; Q2_K's and Q3_K's 16-value groups are below
+        // the 4-bit kernels' 32 (abi::quant_layout_ok), so they take 8 bits too.
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::IQ4_XS => (8, 32),
+        DType::Q2_K | DType::Q3_K => (8, 16),
     };
     Some(LevelFormat { bits, group })
 }
@@ -124,6 +131,21 @@ pub fn row_levels(
                 kquants::superblock_levels(dtype, blk, l, s, o);
             }
         }
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => {
+            debug_assert_eq!(format.group, decoded_levels::group(dtype));
+            let (elems, groups) = (dtype.block_elems(), dtype.block_elems() / format.group);
+            let mut decoded = BlockLevels::new();
+            for (((blk, l), s), o) in blocks
+                .zip(level.chunks_exact_mut(elems))
+                .zip(scale.chunks_exact_mut(groups))
+                .zip(offset.chunks_exact_mut(groups))
+            {
+                decoded.decode(dtype, blk);
+                l.copy_from_slice(&decoded.level[..elems]);
+                s.copy_from_slice(&decoded.scale[..groups]);
+                o.copy_from_slice(&decoded.offset[..groups]);
+            }
+        }
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("checked by level_format"),
     }
 }
@@ -163,6 +185,16 @@ mod tests {
                     tame_f16(blk, 2);
                 }
                 DType::Q6_K => tame_f16(blk, 208),
+                DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => tame_f16(blk, 0),
+                DType::Q5_1 => {
+                    tame_f16(blk, 0);
+                    tame_f16(blk, 2);
+                }
+                DType::Q2_K => {
+                    tame_f16(blk, 80);
+                    tame_f16(blk, 82);
+                }
+                DType::Q3_K => tame_f16(blk, 108),
                 _ => unreachable!(),
             }
         }
@@ -180,6 +212,12 @@ mod tests {
             DType::Q4_K,
             DType::Q5_K,
             DType::Q6_K,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::IQ4_NL,
+            DType::Q2_K,
+            DType::Q3_K,
+            DType::IQ4_XS,
         ];
         for dtype in dtypes {
             let format = level_format(dtype).unwrap();

@@ -14,6 +14,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod decoded_levels;
 mod intq;
 mod kquants;
 pub mod levels;
@@ -116,6 +117,9 @@ pub fn dequantize_row(dtype: DType, row: &[u8], out: &mut [f32]) {
         }
         DType::Q4_K | DType::Q5_K | DType::Q6_K => kquants::dequantize_row(dtype, row, out),
         DType::I8 | DType::I4 => intq::dequantize_row(dtype, row, out),
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => {
+            decoded_levels::dequantize_row(dtype, row, out)
+        }
     }
 }
 
@@ -184,6 +188,9 @@ pub fn dot_row_portable(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::Q4_1 => dot_q4(row, x, 20, 4, 0.0, true),
         DType::Q4_K | DType::Q5_K | DType::Q6_K => kquants::dot_row_portable(dtype, row, x),
         DType::I8 | DType::I4 => intq::dot_row_portable(dtype, row, x),
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => {
+            decoded_levels::dot_row_portable(dtype, row, x)
+        }
     }
 }
 

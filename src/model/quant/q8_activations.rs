@@ -15,6 +15,9 @@
 //! - Q4_K (sub-blocks of 32 with scale `d_s` and min `m_s`): `d_s * d * sum(nib * q) - m_s * s`
 //! - Q6_K (sub-blocks of 16 with scale `d_s`, levels -32..=31): `d * sum over both halves of
 //!   the activation block of d_s * sum(level * q)`
+//! - Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, IQ4_XS (decoded_levels.rs: levels, a scale `d_g`
+//!   and an offset `o_g` per group of 32 or 16): `d * sum over the block's groups of
+//!   (d_g * sum(level * q) - o_g * sum(q))`
 //!
 //! The integer sums are exact on every path (portable, AVX2, VNNI), so the paths differ
 //! only in the order of the f32 sums over blocks. The error against f32 activations is
@@ -31,6 +34,7 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use super::decoded_levels::{self, BlockLevels};
 use super::intq::{BLOCK as INT_BLOCK, I4_BLOCK_BYTES, I8_BLOCK_BYTES};
 use super::kquants::{superblock_levels, QK_K};
 use super::{check_row, check_rows, f16_to_f32, le_u16, QK};
@@ -45,7 +49,7 @@ pub fn supports(dtype: DType) -> bool {
     matches!(
         dtype,
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::I8 | DType::I4 | DType::Q4_K | DType::Q6_K
-    )
+    ) || decoded_levels::covers(dtype)
 }
 
 /// Rows of activations, each quantized in blocks of 32.
@@ -251,6 +255,26 @@ pub fn dot_row_q8_portable(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
                 }
             }
         }
+        dtype if decoded_levels::covers(dtype) => {
+            let (per_block, group) = (dtype.block_elems() / QK, decoded_levels::group(dtype));
+            let mut decoded = BlockLevels::new();
+            for (bi, blk) in row.chunks_exact(dtype.block_bytes()).enumerate() {
+                decoded.decode(dtype, blk);
+                for j in 0..per_block {
+                    let b = bi * per_block + j;
+                    let (qs, d) = (&x.qs[b * QK..(b + 1) * QK], x.scales[b][0]);
+                    let mut sum = 0f32;
+                    for g in (j * QK / group)..((j + 1) * QK / group) {
+                        let range = (g * group - j * QK)..((g + 1) * group - j * QK);
+                        let levels = &decoded.level[g * group..(g + 1) * group];
+                        let dot = int_dot(&qs[range.clone()], |i| levels[i] as i32);
+                        let q_sum: i32 = qs[range].iter().map(|&q| q as i32).sum();
+                        sum += decoded.scale[g] * dot as f32 - decoded.offset[g] * q_sum as f32;
+                    }
+                    acc += d * sum;
+                }
+            }
+        }
         other => unreachable!("no integer dot product for {other}"),
     }
     acc
@@ -278,8 +302,21 @@ mod tests {
     use crate::model::quant::dequantize_row;
     use crate::model::quant::test_rows::{random_row, xorshift};
 
-    const DTYPES: [DType; 7] =
-        [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::I8, DType::I4, DType::Q4_K, DType::Q6_K];
+    const DTYPES: [DType; 13] = [
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::I8,
+        DType::I4,
+        DType::Q4_K,
+        DType::Q6_K,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::IQ4_NL,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::IQ4_XS,
+    ];
 
     /// The integer path against an f64 dot of the dequantized weights with the
     /// dequantized activations (`d * q`): the same products, summed without rounding.

@@ -14,7 +14,7 @@ pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// A row of `n` values of `dtype` (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, I8, I4): finite scales of either
+/// A row of `n` values of any block format of `dtype`: finite scales of either
 /// sign, and any zero byte for I4 (kernels must not assume z <= 15 even though writers
 /// keep it there).
 pub fn random_row(dtype: DType, n: usize, next: &mut impl FnMut() -> u64) -> Vec<u8> {
@@ -25,12 +25,16 @@ pub fn random_row(dtype: DType, n: usize, next: &mut impl FnMut() -> u64) -> Vec
                 let s = (next() % 2000) as f32 / 1e5 - 0.01;
                 blk[..4].copy_from_slice(&s.to_le_bytes());
             }
-            // f16 exponents below 0x1f: finite scales (d, and dmin for Q4_K).
+            // f16 exponents below 0x1f: finite scales (d, and the min's dmin or m).
             DType::Q6_K => blk[209] &= 0xbf,
+            DType::Q3_K => blk[109] &= 0xbf,
+            DType::Q2_K => {
+                blk[81] &= 0xbf;
+                blk[83] &= 0xbf;
+            }
             _ => {
-                // f16 exponents below 0x1f: finite scale (and Q4_1's and Q4_K's min).
                 blk[1] &= 0xbf;
-                if matches!(dtype, DType::Q4_1 | DType::Q4_K) {
+                if matches!(dtype, DType::Q4_1 | DType::Q4_K | DType::Q5_K | DType::Q5_1) {
                     blk[3] &= 0xbf;
                 }
             }

@@ -32,6 +32,10 @@ pub unsafe fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::Q4_K | DType::Q5_K | DType::Q6_K => super::kquants::dot_row(dtype, row, x),
         // SAFETY: this function's own contract covers the I8/I4 kernels' (same features).
         DType::I8 | DType::I4 => super::intq::dot_row_avx2(dtype, row, x),
+        // SAFETY: as above.
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => {
+            super::decoded_levels::dot_row_avx2(dtype, row, x)
+        }
     }
 }
 

@@ -182,7 +182,9 @@ impl GgufFile {
                 return Err(format!("tensor `{name}` appears twice"));
             }
             let dtype = dtype_of(ty).map_err(|t| {
-                format!("tensor `{name}` has type {t}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")
+                format!(
+                    "tensor `{name}` has type {t}, which is not supported (supported: {SUPPORTED})"
+                )
             })?;
             if offset % alignment != 0 {
                 return Err(format!("tensor `{name}`: offset {offset} is not {alignment}-aligned"));
@@ -222,6 +224,10 @@ fn byte_len(dtype: DType, dims: &[usize]) -> Option<usize> {
     let row = (first / dtype.block_elems()).checked_mul(dtype.block_bytes())?;
     dims[1..].iter().try_fold(row, |acc, &d| acc.checked_mul(d))
 }
+
+/// The GGML types `dtype_of` accepts, for the error that names an unsupported one.
+const SUPPORTED: &str =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
 /// GGML type ids (ggml.h `enum ggml_type`); Err carries the name of an unsupported one.
 fn dtype_of(ty: u32) -> Result<DType, String> {
@@ -274,10 +280,16 @@ fn dtype_of(ty: u32) -> Result<DType, String> {
         1 => Ok(DType::F16),
         2 => Ok(DType::Q4_0),
         3 => Ok(DType::Q4_1),
+        6 => Ok(DType::Q5_0),
+        7 => Ok(DType::Q5_1),
         8 => Ok(DType::Q8_0),
+        10 => Ok(DType::Q2_K),
+        11 => Ok(DType::Q3_K),
         12 => Ok(DType::Q4_K),
         13 => Ok(DType::Q5_K),
         14 => Ok(DType::Q6_K),
+        20 => Ok(DType::IQ4_NL),
+        23 => Ok(DType::IQ4_XS),
         30 => Ok(DType::BF16),
         // GGML's own I8 (24) is a plain int8 tensor, not Qilin's block format DType::I8:
         // it stays unsupported like the rest.

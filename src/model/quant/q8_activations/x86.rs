@@ -11,6 +11,8 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::{Q8Row, I4_BLOCK_BYTES, I8_BLOCK_BYTES, INT_BLOCK, QK, QK_K, SUB_BLOCKS};
+use crate::model::quant::decoded_levels::x86::{levels32, SuperScales};
+use crate::model::quant::decoded_levels::{self, id, with_format};
 use crate::model::quant::kquants::sub_scales;
 use crate::model::quant::x86::hsum;
 use crate::model::quant::{f16_to_f32, le_u16};
@@ -175,6 +177,9 @@ unsafe fn each_row<D: ByteDot, const T: usize>(rows: Rows<'_>, out: &mut [f32], 
         DType::I4 => each.for_each(|(r, o)| store(o, dot_i4::<D, T>(r, xs))),
         DType::Q4_K => each.for_each(|(r, o)| store(o, dot_q4_k::<D, T>(r, xs))),
         DType::Q6_K => each.for_each(|(r, o)| store(o, dot_q6_k::<D, T>(r, xs))),
+        dtype if decoded_levels::covers(dtype) => {
+            with_format!(dtype, F => each.for_each(|(r, o)| store(o, dot_levels::<D, F, T>(r, xs))))
+        }
         other => unreachable!("no integer dot product for {other}"),
     }
 }
@@ -481,4 +486,51 @@ unsafe fn q6_k_scales(blk: *const u8) -> [f32; 16] {
     let blk = std::slice::from_raw_parts(blk, 210);
     let d = f16_to_f32(le_u16(blk, 208));
     std::array::from_fn(|s| d * (blk[192 + s] as i8) as f32)
+}
+
+/// The formats of decoded_levels.rs (format id `F`): each activation block's 32 levels
+/// are decoded in registers (decoded_levels/x86.rs), then one signed byte dot. Groups of
+/// 16 (Q2_K, Q3_K) put their two scales in lanes 0-3 and 4-7, as Q6_K's. Formats with
+/// offsets (Q5_1, Q2_K): each lane also subtracts `offset * sum(q)` of its four
+/// activations, whose sums are one more byte dot against ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_levels<D: ByteDot, const F: u8, const T: usize>(
+    row: &[u8],
+    xs: [Q8Row<'_>; T],
+) -> [f32; T] {
+    let blocks = xs[0].scales.len();
+    let block_bytes = row.len() / (blocks * QK / id::elems(F));
+    let ones = _mm256_set1_epi8(1);
+    let mut scales = SuperScales::new();
+    let sums = sum_blocks::<_, T>(
+        blocks,
+        |b| {
+            let w = levels32::<F>(row.as_ptr(), block_bytes, b, &mut scales);
+            (w, _mm256_sign_epi8(w.level, w.level))
+        },
+        |&(w, w_abs), t, b| {
+            let a = activations(xs[t], b);
+            if F == id::Q5_1 {
+                // One group per activation block and unsigned levels, as Q4_1: the min's
+                // share is `-offset * s` with the block's `s = d * sum(q)`.
+                let dot = _mm256_cvtepi32_ps(D::dot(w.level, a));
+                let offset = _mm256_castps256_ps128(w.offset);
+                let min =
+                    _mm_mul_ps(_mm_shuffle_ps::<0>(offset, offset), activation_scales(xs[t], b));
+                let scale = _mm256_mul_ps(w.scale, activation_scale(xs[t], b));
+                return Term { scale, dot, min };
+            }
+            let dot = _mm256_cvtepi32_ps(signed_dot::<D>(w.level, w_abs, a));
+            let dot = if id::has_offset(F) {
+                let q_sum = _mm256_cvtepi32_ps(D::dot(ones, a));
+                _mm256_fmsub_ps(w.scale, dot, _mm256_mul_ps(w.offset, q_sum))
+            } else {
+                _mm256_mul_ps(w.scale, dot)
+            };
+            Term { scale: activation_scale(xs[t], b), dot, min: _mm_setzero_ps() }
+        },
+    );
+    // Lane 1 of the min terms: Q5_1's `offset * s` (zero for the other formats).
+    sums.map(|(dot, min)| dot - min)
 }
