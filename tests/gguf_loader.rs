@@ -272,10 +272,11 @@ fn bad_files_give_clear_errors() {
     let mut huge = 4u32.to_le_bytes().to_vec();
     huge.extend((1u64 << 60).to_le_bytes());
     assert!(load_err(&gguf(&[("x", 9, huge)], &[], &[])).contains("impossible"));
-    let q5 =
-        gguf(std::slice::from_ref(&arch), &[("blk.0.attn_q.weight", &[32, 1], 6, 0)], &[0; 32]);
-    let msg = load_err(&q5);
-    assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_0"), "{msg}");
+    // IQ2_XXS (16): a grid-coded type Qilin does not read, refused by name.
+    let iq2 =
+        gguf(std::slice::from_ref(&arch), &[("blk.0.attn_q.weight", &[256, 1], 16, 0)], &[0; 66]);
+    let msg = load_err(&iq2);
+    assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("IQ2_XXS (16)"), "{msg}");
     let oob = gguf(std::slice::from_ref(&arch), &[("token_embd.weight", &[32, 4], 0, 0)], &[0; 64]);
     assert!(load_err(&oob).contains("beyond the end"));
     let partial =

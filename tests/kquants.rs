@@ -20,9 +20,14 @@
 
 use std::path::{Path, PathBuf};
 
+use qilin::backend::cpu::{CpuActivations, CpuBackend};
+use qilin::backend::{Backend, Batch, KvCacheShape, BLOCK_SIZE};
+use qilin::model::forward::Model;
 use qilin::model::loader::gguf::{load_gguf, GgufFile};
 use qilin::model::quant::{dequantize_row, dot_row, dot_row_portable};
-use qilin::model::DType;
+use qilin::model::tensor::Bytes;
+use qilin::model::weights::ModelWeights;
+use qilin::model::{DType, WeightTensor};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -296,5 +301,80 @@ fn other_kquant_family_types_stay_clear_errors() {
             "type {ty}: {err}"
         );
         assert!(err.contains("blk.0.ffn_down.weight"), "{err}");
+    }
+}
+
+/// The logits of `ids` read as one sequence by the CPU backend with `activations`:
+/// `prompt_len` leading tokens as prompt, the rest as generated tokens (the integer
+/// path under `CpuActivations::Q8`).
+fn forward_logits(
+    model: &qilin::model::LoadedModel,
+    ids: &[u32],
+    prompt_len: usize,
+    activations: CpuActivations,
+) -> Vec<f32> {
+    let c = model.config.clone();
+    let backend = CpuBackend::with_activations(activations);
+    let weights = ModelWeights::load(&backend, model).expect("weights");
+    let mut m = Model::new(c.clone(), backend, weights);
+    let blocks = ids.len().div_ceil(BLOCK_SIZE);
+    let shape = KvCacheShape {
+        num_layers: c.num_layers,
+        num_blocks: blocks,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let mut cache = m.backend.alloc_kv_cache(shape).expect("cache");
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut batch = Batch::default();
+    batch.push_seq_of_prompt(ids, 0, &table, false, prompt_len);
+    batch.logits_rows = (0..ids.len() as u32).collect();
+    m.forward(&batch, &mut cache)
+}
+
+/// The tiny models compute as their own weights dequantized to F32 (gguf's values,
+/// checked above) do: every linear layer, the quantized embedding table and lm_head
+/// through the CPU backend's paths for each format (the dot product of a 3-token step,
+/// the GEMM of a 24-token one), against the plain f32 path. f32 activations: 8-bit ones
+/// move these random models' logits by several percent whatever the format (the k-quant
+/// model as much as the other one), so their kernels are held to the exact dot of the
+/// rounded operands instead (q8_activations.rs) and the models' perplexity to
+/// llama.cpp's in bench/notes.md.
+#[test]
+fn tiny_lowbit_model_computes_as_its_dequantized_weights() {
+    model_computes_as_its_dequantized_weights("tiny_lowbit_llama");
+}
+
+#[test]
+fn tiny_kquant_model_computes_as_its_dequantized_weights() {
+    model_computes_as_its_dequantized_weights("tiny_kquant_llama");
+}
+
+fn model_computes_as_its_dequantized_weights(stem: &str) {
+    let path = dir().join(format!("{stem}.gguf"));
+    let model = load_gguf(&path).expect("load");
+    let mut plain = load_gguf(&path).expect("load");
+    for t in plain.tensors.values_mut() {
+        let mut values = vec![0f32; t.numel()];
+        for (r, out) in values.chunks_exact_mut(t.row_len()).enumerate() {
+            dequantize_row(t.dtype, t.row(r), out);
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        *t = WeightTensor {
+            dtype: DType::F32,
+            shape: t.shape.clone(),
+            data: Bytes::Owned(std::sync::Arc::new(bytes)),
+        };
+    }
+    let vocab = model.config.vocab_size as u32;
+    for tokens in [3u32, 24] {
+        let ids: Vec<u32> = (0..tokens).map(|i| (i * 7 + 3) % vocab).collect();
+        let reference = forward_logits(&plain, &ids, ids.len(), CpuActivations::F32);
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.1, "logits of size {scale}: the test would not see a wrong weight");
+        let got = forward_logits(&model, &ids, ids.len(), CpuActivations::F32);
+        let worst = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{stem}, {tokens} tokens: worst |logit difference| {worst:.2e} of {scale:.2}");
+        assert!(worst <= 1e-4 * scale, "{stem}: logits differ by {worst} (scale {scale})");
     }
 }
