@@ -152,6 +152,7 @@ fn bench_q8(c: &mut Criterion) {
                 DType::Q4_0,
                 DType::Q8_0,
                 DType::Q4_K,
+                DType::Q5_K,
                 DType::Q6_K,
                 DType::I8,
                 DType::I4,

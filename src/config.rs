@@ -191,9 +191,9 @@ pub struct EngineArgs {
     #[arg(long, value_enum, value_name = "METHOD", default_value_t = crate::model::quantize::QuantizeMethod::None)]
     pub quantize: crate::model::quantize::QuantizeMethod,
     /// CPU backend: `q8` (default) multiplies the activations of generated tokens as
-    /// 8-bit blocks with block-quantized weights (every format but Q5_K) in integers, as
-    /// llama.cpp does
-    /// (~1.4x faster decode), while prompt tokens and the logits projection keep f32;
+    /// 8-bit blocks with block-quantized weights (every GGUF block format, I8, I4) in
+    /// integers, as llama.cpp does (~1.4x faster decode), while prompt tokens and the
+    /// logits projection keep f32;
     /// `f32` keeps f32 activations everywhere, the reference numerics.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = crate::backend::cpu::CpuActivations::Q8)]
     pub cpu_activations: crate::backend::cpu::CpuActivations,

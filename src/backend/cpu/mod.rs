@@ -46,7 +46,7 @@ impl CpuTensor {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuActivations {
     /// Generated tokens (every decode step) quantize the input of each block-quantized
-    /// linear layer (every format but Q5_K) to 8 bits per 32 values and multiply in
+    /// linear layer (GGUF's block formats, I8, I4) to 8 bits per 32 values and multiply in
     /// integers (`model::quant::q8_activations`), as llama.cpp's CPU backend does. Prompt
     /// tokens, other weight formats and the logits projection keep f32, so a prompt token
     /// computes the same in any step (`Backend::step_linear`), and the prefix cache

@@ -69,6 +69,9 @@ pub(super) mod id {
     pub const Q2_K: u8 = 3;
     pub const Q3_K: u8 = 4;
     pub const IQ4_XS: u8 = 5;
+    /// Not decoded here (kquants.rs is its home); only its 8-bit activation kernel
+    /// shares the register decoding of x86.rs.
+    pub const Q5_K: u8 = 6;
 
     /// Values per block.
     pub const fn elems(f: u8) -> usize {
@@ -88,7 +91,7 @@ pub(super) mod id {
 
     /// Whether the groups have offsets (mins) that are not zero.
     pub const fn has_offset(f: u8) -> bool {
-        matches!(f, Q5_1 | Q2_K)
+        matches!(f, Q5_1 | Q2_K | Q5_K)
     }
 }
 

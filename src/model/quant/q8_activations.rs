@@ -12,7 +12,7 @@
 //!   per activation block
 //! - I4 (128 values, f16 `s_w`, zero `z`): `s_w * d * sum(nib * q) - s_w * z * s` per
 //!   activation block
-//! - Q4_K (sub-blocks of 32 with scale `d_s` and min `m_s`): `d_s * d * sum(nib * q) - m_s * s`
+//! - Q4_K, Q5_K (sub-blocks of 32 with scale `d_s` and min `m_s`): `d_s * d * sum(nib * q) - m_s * s`
 //! - Q6_K (sub-blocks of 16 with scale `d_s`, levels -32..=31): `d * sum over both halves of
 //!   the activation block of d_s * sum(level * q)`
 //! - Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, IQ4_XS (decoded_levels.rs: levels, a scale `d_g`
@@ -48,7 +48,14 @@ const Q_MAX: f32 = 127.0;
 pub fn supports(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::I8 | DType::I4 | DType::Q4_K | DType::Q6_K
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q8_0
+            | DType::I8
+            | DType::I4
+            | DType::Q4_K
+            | DType::Q5_K
+            | DType::Q6_K
     ) || decoded_levels::covers(dtype)
 }
 
@@ -232,7 +239,7 @@ pub fn dot_row_q8_portable(dtype: DType, row: &[u8], x: Q8Row<'_>) -> f32 {
                 }
             }
         }
-        DType::Q4_K | DType::Q6_K => {
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => {
             let mut level = [0i8; QK_K];
             let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
             for (sb, blk) in row.chunks_exact(dtype.block_bytes()).enumerate() {
@@ -302,7 +309,7 @@ mod tests {
     use crate::model::quant::dequantize_row;
     use crate::model::quant::test_rows::{random_row, xorshift};
 
-    const DTYPES: [DType; 13] = [
+    const DTYPES: [DType; 14] = [
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
@@ -316,6 +323,7 @@ mod tests {
         DType::Q2_K,
         DType::Q3_K,
         DType::IQ4_XS,
+        DType::Q5_K,
     ];
 
     /// The integer path against an f64 dot of the dequantized weights with the
@@ -455,7 +463,7 @@ mod tests {
     fn float_formats_have_no_integer_path() {
         let mut q = Q8Activations::default();
         q.quantize(&[1.0; 32], 32);
-        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q5_K] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
             assert!(!supports(dtype));
             let row = vec![0u8; dtype.row_bytes(32).unwrap_or(0)];
             assert!(dot_row_q8(dtype, &row, q.row(0)).is_none());

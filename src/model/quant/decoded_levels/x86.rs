@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{id, q3_k_scales, IQ4_VALUES};
+use crate::model::quant::kquants::sub_scales;
 use crate::model::quant::x86::hsum;
 use crate::model::quant::{f16_to_f32, le_u16, QK};
 
@@ -106,14 +107,41 @@ pub unsafe fn levels32<const F: u8>(
                 |v: &[f32; 16]| _mm256_set_m128(_mm_set1_ps(v[2 * j + 1]), _mm_set1_ps(v[2 * j]));
             Levels32 { level, scale: halves(&scales.scale), offset: halves(&scales.offset) }
         }
+        id::Q5_K => {
+            if j == 0 {
+                q5_k_scales(blk, scales);
+            }
+            // Sub-block j: the low (even j) or high (odd j) nibbles of qs[32 * (j / 2)..],
+            // with bit j of qh[l] as the fifth bit of value l.
+            let q = _mm256_loadu_si256(blk.add(48 + 32 * (j / 2)) as *const __m256i);
+            let nibbles =
+                _mm256_and_si256(if j % 2 == 0 { q } else { _mm256_srli_epi16(q, 4) }, low4);
+            let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+            let fifth = _mm256_and_si256(shift_right(qh, j), _mm256_set1_epi8(1));
+            let level = _mm256_or_si256(nibbles, _mm256_slli_epi16(fifth, 4));
+            Levels32 {
+                level,
+                scale: _mm256_set1_ps(scales.scale[j]),
+                offset: _mm256_set1_ps(scales.offset[j]),
+            }
+        }
         _ => unreachable!("format id {F}"),
     }
+}
+
+/// Q5_K's eight sub-block scales `d * sc` and mins `dmin * m` (kquants::sub_scales); out
+/// of line as `iq4_xs_scales`.
+#[inline(never)]
+unsafe fn q5_k_scales(blk: *const u8, out: &mut SuperScales) {
+    let (scale, offset) = sub_scales(std::slice::from_raw_parts(blk, 16));
+    out.scale[..8].copy_from_slice(&scale);
+    out.offset[..8].copy_from_slice(&offset);
 }
 
 /// Bit `i` of `bits` as byte `i` (0xFF set, 0 clear): llama.cpp's `bytes_from_bits_32`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+pub unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
         _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
@@ -192,14 +220,14 @@ pub unsafe fn dot_row<const F: u8>(block_bytes: usize, row: &[u8], x: &[f32]) ->
             levels32::<F>(row.as_ptr(), block_bytes, b, &mut scales);
         let xp = x.as_ptr().add(b * QK);
         // Lanes 0-3 of each sum cover values 0-15, lanes 4-7 values 16-31 (matching the
-        // scale's halves): quarter k takes 8 values, 4k..4k+3 from the first half of the
-        // block and 16 + 4k.. from the second.
+        // scale's halves): quarter k takes values 4k..4k+3 and 16+4k..16+4k+3, which
+        // interleaving the two halves' 32-bit words puts side by side.
+        let (lo, hi) = (_mm256_castsi256_si128(level), _mm256_extracti128_si256::<1>(level));
+        let pairs = [_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi)];
         let (mut wx, mut xs) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let bytes = std::mem::transmute::<__m256i, [u8; 32]>(level);
         for k in 0..4 {
-            let lo = (bytes.as_ptr().add(4 * k) as *const i32).read_unaligned();
-            let hi = (bytes.as_ptr().add(16 + 4 * k) as *const i32).read_unaligned();
-            let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_setr_epi32(lo, hi, 0, 0)));
+            let words = if k % 2 == 0 { pairs[k / 2] } else { _mm_srli_si128::<8>(pairs[k / 2]) };
+            let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(words));
             let xv = _mm256_set_m128(_mm_loadu_ps(xp.add(16 + 4 * k)), _mm_loadu_ps(xp.add(4 * k)));
             wx = _mm256_fmadd_ps(w, xv, wx);
             if id::has_offset(F) {

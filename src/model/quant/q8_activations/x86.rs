@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::{Q8Row, I4_BLOCK_BYTES, I8_BLOCK_BYTES, INT_BLOCK, QK, QK_K, SUB_BLOCKS};
-use crate::model::quant::decoded_levels::x86::{levels32, SuperScales};
+use crate::model::quant::decoded_levels::x86::{bits_to_bytes, levels32, SuperScales};
 use crate::model::quant::decoded_levels::{self, id, with_format};
 use crate::model::quant::kquants::sub_scales;
 use crate::model::quant::x86::hsum;
@@ -170,13 +170,17 @@ unsafe fn each_row<D: ByteDot, const T: usize>(rows: Rows<'_>, out: &mut [f32], 
     let each = rows.bytes.chunks_exact(rows.row_bytes).zip(out.chunks_mut(stride));
     let store = |o: &mut [f32], v: [f32; T]| o[..T].copy_from_slice(&v);
     match rows.dtype {
-        DType::Q4_1 => each.for_each(|(r, o)| store(o, dot_q4::<D, true, T>(r, xs))),
-        DType::Q4_0 => each.for_each(|(r, o)| store(o, dot_q4::<D, false, T>(r, xs))),
+        DType::Q4_1 => each.for_each(|(r, o)| store(o, dot_q4::<D, true, false, T>(r, xs))),
+        DType::Q4_0 => each.for_each(|(r, o)| store(o, dot_q4::<D, false, false, T>(r, xs))),
+        DType::Q5_1 => each.for_each(|(r, o)| store(o, dot_q4::<D, true, true, T>(r, xs))),
+        DType::Q5_0 => each.for_each(|(r, o)| store(o, dot_q4::<D, false, true, T>(r, xs))),
         DType::Q8_0 => each.for_each(|(r, o)| store(o, dot_q8_0::<D, T>(r, xs))),
         DType::I8 => each.for_each(|(r, o)| store(o, dot_i8::<D, T>(r, xs))),
         DType::I4 => each.for_each(|(r, o)| store(o, dot_i4::<D, T>(r, xs))),
         DType::Q4_K => each.for_each(|(r, o)| store(o, dot_q4_k::<D, T>(r, xs))),
         DType::Q6_K => each.for_each(|(r, o)| store(o, dot_q6_k::<D, T>(r, xs))),
+        // Decoded in registers as the formats of decoded_levels.rs are.
+        DType::Q5_K => each.for_each(|(r, o)| store(o, dot_levels::<D, { id::Q5_K }, T>(r, xs))),
         dtype if decoded_levels::covers(dtype) => {
             with_format!(dtype, F => each.for_each(|(r, o)| store(o, dot_levels::<D, F, T>(r, xs))))
         }
@@ -246,28 +250,38 @@ unsafe fn sum_blocks<W, const T: usize>(
 /// Q4_0 (`MIN = false`: the nibbles minus 8) and Q4_1 (`MIN = true`: plus `m`): values
 /// 0..16 are the low nibbles of the block's 16 bytes, 16..32 the high ones, which is
 /// the order of one 256-bit register holding the bytes and the bytes shifted right by 4.
+/// `FIFTH`: Q5_0 (minus 16) and Q5_1, whose `qh: u32` before the nibbles adds bit `i`
+/// as the fifth bit of value `i`; the levels stay unsigned, so the dot needs no sign
+/// trick and the offset goes into the min term, as Q4_0's.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4<D: ByteDot, const MIN: bool, const T: usize>(
+unsafe fn dot_q4<D: ByteDot, const MIN: bool, const FIFTH: bool, const T: usize>(
     row: &[u8],
     xs: [Q8Row<'_>; T],
 ) -> [f32; T] {
-    let (bytes, qs_at) = if MIN { (20, 4) } else { (18, 2) };
+    let qh_at = if MIN { 4 } else { 2 };
+    let qs_at = if FIFTH { qh_at + 4 } else { qh_at };
+    let bytes = qs_at + 16;
     let mask = _mm256_set1_epi8(0x0f);
-    // Q4_0's "min" is -8 * d_w.
-    let q4_0_min = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
+    let fifth_bit = _mm256_set1_epi8(0x10);
+    // Q4_0's "min" is -8 * d_w, Q5_0's -16 * d_w.
+    let unsigned_min = _mm_setr_ps(1.0, if FIFTH { -16.0 } else { -8.0 }, 0.0, 0.0);
     let sums = sum_blocks::<_, T>(
         row.len() / bytes,
         |b| {
             let blk = row.as_ptr().add(b * bytes);
             let q = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
-            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+            let mut w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+            if FIFTH {
+                let qh = (blk.add(qh_at) as *const u32).read_unaligned();
+                w = _mm256_or_si256(w, _mm256_and_si256(bits_to_bytes(qh), fifth_bit));
+            }
             // (d_w, min): the dot's scale in lane 0, the min in lane 1.
             let weight_scales = if MIN {
                 f16_pair(blk)
             } else {
                 let d_w = f16_pair(blk);
-                _mm_mul_ps(_mm_shuffle_ps::<0>(d_w, d_w), q4_0_min)
+                _mm_mul_ps(_mm_shuffle_ps::<0>(d_w, d_w), unsigned_min)
             };
             (w, weight_scales)
         },
@@ -488,11 +502,12 @@ unsafe fn q6_k_scales(blk: *const u8) -> [f32; 16] {
     std::array::from_fn(|s| d * (blk[192 + s] as i8) as f32)
 }
 
-/// The formats of decoded_levels.rs (format id `F`): each activation block's 32 levels
-/// are decoded in registers (decoded_levels/x86.rs), then one signed byte dot. Groups of
-/// 16 (Q2_K, Q3_K) put their two scales in lanes 0-3 and 4-7, as Q6_K's. Formats with
-/// offsets (Q5_1, Q2_K): each lane also subtracts `offset * sum(q)` of its four
-/// activations, whose sums are one more byte dot against ones.
+/// IQ4_NL, IQ4_XS, Q2_K, Q3_K and Q5_K (format id `F`; Q5_0/Q5_1 go through `dot_q4`):
+/// each activation block's 32 levels are decoded in registers (decoded_levels/x86.rs),
+/// then one signed byte dot. Groups of 16 (Q2_K, Q3_K) put their two scales in lanes 0-3
+/// and 4-7, as Q6_K's. Q5_K subtracts its mins through the activation block's sum, as
+/// Q4_1; Q2_K (mins per 16 values): each lane also subtracts `offset * sum(q)` of its
+/// four activations, whose sums are one more byte dot against ones.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_levels<D: ByteDot, const F: u8, const T: usize>(
@@ -511,7 +526,7 @@ unsafe fn dot_levels<D: ByteDot, const F: u8, const T: usize>(
         },
         |&(w, w_abs), t, b| {
             let a = activations(xs[t], b);
-            if F == id::Q5_1 {
+            if F == id::Q5_K {
                 // One group per activation block and unsigned levels, as Q4_1: the min's
                 // share is `-offset * s` with the block's `s = d * sum(q)`.
                 let dot = _mm256_cvtepi32_ps(D::dot(w.level, a));
@@ -531,6 +546,6 @@ unsafe fn dot_levels<D: ByteDot, const F: u8, const T: usize>(
             Term { scale: activation_scale(xs[t], b), dot, min: _mm_setzero_ps() }
         },
     );
-    // Lane 1 of the min terms: Q5_1's `offset * s` (zero for the other formats).
+    // Lane 1 of the min terms: Q5_K's `offset * s` (zero for the others).
     sums.map(|(dot, min)| dot - min)
 }
