@@ -9,8 +9,8 @@ use std::hint::black_box;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use qilin::model::quant::dot_row;
 use qilin::model::quant::q8_activations::{dot_row_q8, dot_rows_q8_tokens, Q8Activations, Q8Row};
+use qilin::model::quant::{dot_row, f16_fields};
 use qilin::model::DType;
 
 const DTYPES: [DType; 6] =
@@ -29,29 +29,18 @@ fn matrix(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
         })
         .collect();
     let fix = |b: &mut [u8]| b.copy_from_slice(&0x2c00u16.to_le_bytes());
-    // Byte offsets of each block's f16 scales (and mins).
-    let scales: &[usize] = match dtype {
-        DType::F16 | DType::BF16 => {
-            bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f);
-            return bytes;
-        }
-        DType::F32 => {
-            bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f);
-            return bytes;
-        }
+    match dtype {
+        DType::F16 | DType::BF16 => bytes.chunks_exact_mut(2).for_each(|b| b[1] &= 0x3f),
+        DType::F32 => bytes.chunks_exact_mut(4).for_each(|b| b[3] = 0x3f),
         DType::I8 => {
             let s = 0.01f32.to_le_bytes();
             bytes.chunks_exact_mut(132).for_each(|b| b[..4].copy_from_slice(&s));
-            return bytes;
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS | DType::I4 => &[0],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
-        DType::Q6_K => &[208],
-        DType::Q3_K => &[108],
-        DType::Q2_K => &[80, 82],
-    };
-    for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
-        scales.iter().for_each(|&a| fix(&mut blk[a..a + 2]));
+        _ => {
+            for blk in bytes.chunks_exact_mut(dtype.block_bytes()) {
+                f16_fields(dtype).iter().for_each(|&a| fix(&mut blk[a..a + 2]));
+            }
+        }
     }
     bytes
 }

@@ -47,8 +47,8 @@ use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
 use qilin::backend::cuda::{CudaBackend, CudaLinear, LinearWeight};
 use qilin::backend::packed_quant::PackedQuant;
 use qilin::backend::{Backend, LinearPart};
-use qilin::model::quant::dequantize_row;
 use qilin::model::quant::levels::LevelFormat;
+use qilin::model::quant::{dequantize_row, f16_fields};
 use qilin::model::quantize::{
     quantize_row_i4, quantize_row_i8, quantize_row_q4_1, quantize_row_q8_0, QuantizeError,
 };
@@ -107,14 +107,7 @@ fn weight(dtype: DType, rows: usize, cols: usize, seed: u64) -> WeightTensor {
         // f16 d (and dmin) with exponent 2^-12..2^-9, so values stay ~1e-2 (the IQ4 tables'
         // levels reach 127: ~0.1).
         for blk in out.chunks_exact_mut(dtype.block_bytes()) {
-            let at: &[usize] = match dtype {
-                DType::Q6_K => &[208],
-                DType::Q3_K => &[108],
-                DType::Q2_K => &[80, 82],
-                DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
-                _ => &[0, 2],
-            };
-            for &a in at {
+            for &a in f16_fields(dtype) {
                 let exponent = 3 + (blk[a + 1] >> 2) % 4;
                 blk[a + 1] = (blk[a + 1] & 0x83) | (exponent << 2);
             }

@@ -256,39 +256,34 @@ fn one_tensor_gguf(ty: u32, dims: &[u64], data: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn ggml_type_ids_map_to_kquants() {
+fn ggml_type_ids_map_to_block_formats() {
     for (ty, dt, bytes) in [
-        (10u32, DType::Q2_K, 84usize),
+        (6u32, DType::Q5_0, 22usize),
+        (7, DType::Q5_1, 24),
+        (10, DType::Q2_K, 84),
         (11, DType::Q3_K, 110),
         (12, DType::Q4_K, 144),
         (13, DType::Q5_K, 176),
         (14, DType::Q6_K, 210),
+        (20, DType::IQ4_NL, 18),
         (23, DType::IQ4_XS, 136),
     ] {
-        let file = one_tensor_gguf(ty, &[512, 3], &vec![0u8; 6 * bytes]);
+        // Three rows of two blocks.
+        let block = dt.block_elems() as u64;
+        let file = one_tensor_gguf(ty, &[2 * block, 3], &vec![0u8; 6 * bytes]);
         let g = GgufFile::parse(&file).unwrap_or_else(|e| panic!("type {ty}: {e}"));
         assert_eq!((g.tensors[0].dtype, g.tensors[0].len), (dt, 6 * bytes));
-        // Rows must be whole super-blocks of 256.
-        let err = GgufFile::parse(&one_tensor_gguf(ty, &[128, 3], &vec![0u8; 6 * bytes]))
-            .expect_err("half a super-block");
+        // Rows must be whole blocks.
+        let err = GgufFile::parse(&one_tensor_gguf(ty, &[block / 2, 3], &vec![0u8; 6 * bytes]))
+            .expect_err("half a block");
+        assert!(err.contains("whole number of blocks"), "{err}");
+        let err =
+            GgufFile::parse(&one_tensor_gguf(ty, &[block + block / 2, 3], &vec![0u8; 6 * bytes]))
+                .expect_err("a block and a half");
         assert!(err.contains("whole number of blocks"), "{err}");
         // One byte short of the data is a truncated file, not a panic.
         let err = GgufFile::parse(&file[..file.len() - 1]).expect_err("truncated");
         assert!(err.contains("beyond the end"), "{err}");
-    }
-}
-
-#[test]
-fn ggml_type_ids_map_to_the_32_value_formats() {
-    for (ty, dt, bytes) in
-        [(6u32, DType::Q5_0, 22usize), (7, DType::Q5_1, 24), (20, DType::IQ4_NL, 18)]
-    {
-        let file = one_tensor_gguf(ty, &[64, 3], &vec![0u8; 6 * bytes]);
-        let g = GgufFile::parse(&file).unwrap_or_else(|e| panic!("type {ty}: {e}"));
-        assert_eq!((g.tensors[0].dtype, g.tensors[0].len), (dt, 6 * bytes));
-        let err = GgufFile::parse(&one_tensor_gguf(ty, &[48, 3], &vec![0u8; 6 * bytes]))
-            .expect_err("a block and a half");
-        assert!(err.contains("whole number of blocks"), "{err}");
     }
 }
 

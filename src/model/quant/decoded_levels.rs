@@ -1,8 +1,8 @@
 //! The GGUF formats that every kernel reaches through their decoded levels: Q5_0, Q5_1
 //! and IQ4_NL (32 values a block), Q2_K, Q3_K and IQ4_XS (256 values a super-block).
-//! With them every quantization Qwen publishes for Qwen2.5-Instruct loads (its q2_k,
-//! q3_k_m and q5_0 files), as do the llama.cpp fallbacks for rows that are not whole
-//! super-blocks (Q4_K -> Q5_0, Q5_K -> Q5_1, Q2_K/Q3_K -> IQ4_NL).
+//! With them llama.cpp's q2_k, q3_k_m and q5_0 mixes load, as do its fallbacks for rows
+//! that are not whole super-blocks (Q4_K -> Q5_0, Q5_K -> Q5_1, Q2_K/Q3_K -> IQ4_NL or
+//! Q4_0).
 //!
 //! Layouts (ggml-common.h), little endian, `f16` scales:
 //! - Q5_0 (22 B): `d, qh: u32, qs: [u8; 16]`. Value `j < 16` is the low nibble of `qs[j]`
@@ -54,10 +54,7 @@ pub fn covers(dtype: DType) -> bool {
 
 /// Values per `(scale, offset)` group of a format here.
 pub fn group(dtype: DType) -> usize {
-    match dtype {
-        DType::Q2_K | DType::Q3_K => 16,
-        _ => 32,
-    }
+    with_format!(dtype, F => id::group(F))
 }
 
 /// The formats as constants, for kernels monomorphized per format (`with_format!`):
@@ -176,36 +173,20 @@ impl BlockLevels {
                 iq4_nibbles(&blk[2..18], &mut self.level[..32]);
             }
             id::IQ4_XS => {
-                let d = f16_to_f32(le_u16(blk, 0));
-                let scales_h = le_u16(blk, 2);
+                superblock_scales::<F>(blk, &mut self.scale, &mut self.offset);
                 for s in 0..8 {
-                    let low = (blk[4 + s / 2] >> (4 * (s % 2))) & 0x0f;
-                    let high = ((scales_h >> (2 * s)) & 3) as u8;
-                    self.scale[s] = d * ((low | (high << 4)) as i32 - 32) as f32;
                     iq4_nibbles(
                         &blk[8 + 16 * s..24 + 16 * s],
                         &mut self.level[32 * s..32 * s + 32],
                     );
                 }
-                self.offset[..8].fill(0.0);
             }
             id::Q2_K => {
-                let d = f16_to_f32(le_u16(blk, 80));
-                let dmin = f16_to_f32(le_u16(blk, 82));
-                let groups = self.scale.iter_mut().zip(&mut self.offset);
-                for ((scale, offset), &sc) in groups.zip(&blk[..16]) {
-                    *scale = d * (sc & 0x0f) as f32;
-                    *offset = dmin * (sc >> 4) as f32;
-                }
+                superblock_scales::<F>(blk, &mut self.scale, &mut self.offset);
                 two_bit_levels(&blk[16..80], |_, _| 0, &mut self.level);
             }
             id::Q3_K => {
-                let d = f16_to_f32(le_u16(blk, 108));
-                let sc = q3_k_scales(&blk[96..108]);
-                for (scale, sc) in self.scale.iter_mut().zip(sc) {
-                    *scale = d * (sc as i32 - 32) as f32;
-                }
-                self.offset.fill(0.0);
+                superblock_scales::<F>(blk, &mut self.scale, &mut self.offset);
                 let hmask = &blk[..32];
                 // Bit `4 * half + pair` of hmask[l] set: the level stands; clear: minus 4.
                 let minus = |bit: usize, l: usize| if hmask[l] >> bit & 1 == 0 { 4 } else { 0 };
@@ -225,6 +206,44 @@ impl BlockLevels {
                 *o = scale * l as f32 - offset;
             }
         }
+    }
+}
+
+/// The group scales and offsets of a super-block of IQ4_XS (eight: `d * (ls - 32)`, 0),
+/// Q2_K (sixteen: `d * sc`, `dmin * m`) or Q3_K (sixteen: `d * (sc - 32)`, 0); the
+/// scalar decoding and the AVX2 kernels share it.
+#[inline(always)]
+pub(super) fn superblock_scales<const F: u8>(
+    blk: &[u8],
+    scale: &mut [f32; MAX_GROUPS],
+    offset: &mut [f32; MAX_GROUPS],
+) {
+    match F {
+        id::IQ4_XS => {
+            let d = f16_to_f32(le_u16(blk, 0));
+            let scales_h = le_u16(blk, 2);
+            for (s, scale) in scale[..8].iter_mut().enumerate() {
+                let low = (blk[4 + s / 2] >> (4 * (s % 2))) & 0x0f;
+                let high = ((scales_h >> (2 * s)) & 3) as u8;
+                *scale = d * ((low | (high << 4)) as i32 - 32) as f32;
+            }
+            offset[..8].fill(0.0);
+        }
+        id::Q2_K => {
+            let (d, dmin) = (f16_to_f32(le_u16(blk, 80)), f16_to_f32(le_u16(blk, 82)));
+            for ((scale, offset), &sc) in scale.iter_mut().zip(offset).zip(&blk[..16]) {
+                *scale = d * (sc & 0x0f) as f32;
+                *offset = dmin * (sc >> 4) as f32;
+            }
+        }
+        id::Q3_K => {
+            let d = f16_to_f32(le_u16(blk, 108));
+            for (scale, sc) in scale.iter_mut().zip(q3_k_scales(&blk[96..108])) {
+                *scale = d * (sc as i32 - 32) as f32;
+            }
+            offset.fill(0.0);
+        }
+        _ => unreachable!("format id {F} has no super-block scales"),
     }
 }
 

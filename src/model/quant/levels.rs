@@ -153,7 +153,7 @@ pub fn row_levels(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quant::dequantize_row;
+    use crate::model::quant::{dequantize_row, f16_fields};
 
     /// xorshift bytes; scales are then tamed so every value is finite.
     fn random_row(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
@@ -175,27 +175,11 @@ mod tests {
         for blk in row.chunks_exact_mut(dtype.block_bytes()) {
             match dtype {
                 DType::I8 => blk[3] = (blk[3] & 0x80) | 0x3c,
-                DType::I4 => {
-                    tame_f16(blk, 0);
-                    blk[2] &= 0xf;
-                }
-                DType::Q8_0 | DType::Q4_0 => tame_f16(blk, 0),
-                DType::Q4_1 | DType::Q4_K | DType::Q5_K => {
-                    tame_f16(blk, 0);
-                    tame_f16(blk, 2);
-                }
-                DType::Q6_K => tame_f16(blk, 208),
-                DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => tame_f16(blk, 0),
-                DType::Q5_1 => {
-                    tame_f16(blk, 0);
-                    tame_f16(blk, 2);
-                }
-                DType::Q2_K => {
-                    tame_f16(blk, 80);
-                    tame_f16(blk, 82);
-                }
-                DType::Q3_K => tame_f16(blk, 108),
-                _ => unreachable!(),
+                DType::I4 => blk[2] &= 0xf,
+                _ => {}
+            }
+            for &at in f16_fields(dtype) {
+                tame_f16(blk, at);
             }
         }
         row

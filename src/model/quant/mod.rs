@@ -46,6 +46,20 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits | sign)
 }
 
+/// Byte offsets of the f16 fields in each block of `dtype` (its scale, and its min where
+/// it has one): what a writer of random blocks keeps finite. Empty for plain floats and
+/// I8, whose scale is an f32.
+pub fn f16_fields(dtype: DType) -> &'static [usize] {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::I8 => &[],
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS | DType::I4 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+    }
+}
+
 #[inline(always)]
 fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)

@@ -1,6 +1,7 @@
 //! Random weight rows for the block formats' kernel tests: any bytes, with the scales
 //! tamed so that every value is finite.
 
+use super::f16_fields;
 use crate::model::DType;
 
 /// xorshift64: random bytes without a dependency on the rand crate's stream.
@@ -20,24 +21,13 @@ pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
 pub fn random_row(dtype: DType, n: usize, next: &mut impl FnMut() -> u64) -> Vec<u8> {
     let mut row: Vec<u8> = (0..dtype.row_bytes(n).unwrap()).map(|_| next() as u8).collect();
     for blk in row.chunks_exact_mut(dtype.block_bytes()) {
-        match dtype {
-            DType::I8 => {
-                let s = (next() % 2000) as f32 / 1e5 - 0.01;
-                blk[..4].copy_from_slice(&s.to_le_bytes());
-            }
-            // f16 exponents below 0x1f: finite scales (d, and the min's dmin or m).
-            DType::Q6_K => blk[209] &= 0xbf,
-            DType::Q3_K => blk[109] &= 0xbf,
-            DType::Q2_K => {
-                blk[81] &= 0xbf;
-                blk[83] &= 0xbf;
-            }
-            _ => {
-                blk[1] &= 0xbf;
-                if matches!(dtype, DType::Q4_1 | DType::Q4_K | DType::Q5_K | DType::Q5_1) {
-                    blk[3] &= 0xbf;
-                }
-            }
+        if dtype == DType::I8 {
+            let s = (next() % 2000) as f32 / 1e5 - 0.01;
+            blk[..4].copy_from_slice(&s.to_le_bytes());
+        }
+        // f16 exponents below 0x1f: finite scales and mins.
+        for &at in f16_fields(dtype) {
+            blk[at + 1] &= 0xbf;
         }
     }
     row

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{id, q3_k_scales, IQ4_VALUES};
+use super::{id, superblock_scales, IQ4_VALUES, MAX_GROUPS};
 use crate::model::quant::kquants::sub_scales;
 use crate::model::quant::x86::hsum;
 use crate::model::quant::{f16_to_f32, le_u16, QK};
@@ -15,13 +15,13 @@ use crate::model::quant::{f16_to_f32, le_u16, QK};
 /// The scales and offsets of a super-block's groups (up to 16 of each), decoded once
 /// when its first activation block is reached.
 pub struct SuperScales {
-    scale: [f32; 16],
-    offset: [f32; 16],
+    scale: [f32; MAX_GROUPS],
+    offset: [f32; MAX_GROUPS],
 }
 
 impl SuperScales {
     pub fn new() -> Self {
-        SuperScales { scale: [0.0; 16], offset: [0.0; 16] }
+        SuperScales { scale: [0.0; MAX_GROUPS], offset: [0.0; MAX_GROUPS] }
     }
 }
 
@@ -75,7 +75,7 @@ pub unsafe fn levels32<const F: u8>(
                 (blk.add(2), f16_to_f32(le_u16(std::slice::from_raw_parts(blk, 2), 0)))
             } else {
                 if j == 0 {
-                    iq4_xs_scales(blk, scales);
+                    super_scales::<F>(std::slice::from_raw_parts(blk, block_bytes), scales);
                 }
                 (blk.add(8 + 16 * j), scales.scale[j])
             };
@@ -87,7 +87,7 @@ pub unsafe fn levels32<const F: u8>(
         }
         id::Q2_K | id::Q3_K => {
             if j == 0 {
-                k_scales::<F>(blk, scales);
+                super_scales::<F>(std::slice::from_raw_parts(blk, block_bytes), scales);
             }
             // Activation block j: pair `j % 4` of half `j / 4`, two bits per byte.
             let (half, pair) = (j / 4, j % 4);
@@ -103,8 +103,9 @@ pub unsafe fn levels32<const F: u8>(
             } else {
                 q
             };
-            let halves =
-                |v: &[f32; 16]| _mm256_set_m128(_mm_set1_ps(v[2 * j + 1]), _mm_set1_ps(v[2 * j]));
+            let halves = |v: &[f32; MAX_GROUPS]| {
+                _mm256_set_m128(_mm_set1_ps(v[2 * j + 1]), _mm_set1_ps(v[2 * j]))
+            };
             Levels32 { level, scale: halves(&scales.scale), offset: halves(&scales.offset) }
         }
         id::Q5_K => {
@@ -130,7 +131,7 @@ pub unsafe fn levels32<const F: u8>(
 }
 
 /// Q5_K's eight sub-block scales `d * sc` and mins `dmin * m` (kquants::sub_scales); out
-/// of line as `iq4_xs_scales`.
+/// of line as `super_scales`.
 #[inline(never)]
 unsafe fn q5_k_scales(blk: *const u8, out: &mut SuperScales) {
     let (scale, offset) = sub_scales(std::slice::from_raw_parts(blk, 16));
@@ -170,39 +171,12 @@ unsafe fn shift_right(v: __m256i, bit: usize) -> __m256i {
     _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit as i32))
 }
 
-/// IQ4_XS's eight sub-block scales `d * (ls - 32)`; out of line, as the k-quant kernels'
-/// scale decoding (inlined, it kept the block closure from being inlined).
+/// The super-block scales of IQ4_XS, Q2_K or Q3_K (`superblock_scales`); out of line,
+/// as the k-quant kernels' scale decoding (inlined, it kept the block closure from being
+/// inlined).
 #[inline(never)]
-unsafe fn iq4_xs_scales(blk: *const u8, out: &mut SuperScales) {
-    let blk = std::slice::from_raw_parts(blk, 8);
-    let d = f16_to_f32(le_u16(blk, 0));
-    let scales_h = le_u16(blk, 2);
-    for (s, scale) in out.scale[..8].iter_mut().enumerate() {
-        let low = (blk[4 + s / 2] >> (4 * (s % 2))) & 0x0f;
-        let high = ((scales_h >> (2 * s)) & 3) as u8;
-        *scale = d * ((low | (high << 4)) as i32 - 32) as f32;
-    }
-}
-
-/// Q2_K's (`d * sc`, `dmin * m`) or Q3_K's (`d * (sc - 32)`, 0) sixteen group scales and
-/// offsets; out of line as `iq4_xs_scales`.
-#[inline(never)]
-unsafe fn k_scales<const F: u8>(blk: *const u8, out: &mut SuperScales) {
-    if F == id::Q2_K {
-        let blk = std::slice::from_raw_parts(blk, 84);
-        let (d, dmin) = (f16_to_f32(le_u16(blk, 80)), f16_to_f32(le_u16(blk, 82)));
-        for ((scale, offset), &sc) in out.scale.iter_mut().zip(&mut out.offset).zip(&blk[..16]) {
-            *scale = d * (sc & 0x0f) as f32;
-            *offset = dmin * (sc >> 4) as f32;
-        }
-    } else {
-        let blk = std::slice::from_raw_parts(blk, 110);
-        let d = f16_to_f32(le_u16(blk, 108));
-        for (scale, sc) in out.scale.iter_mut().zip(q3_k_scales(&blk[96..108])) {
-            *scale = d * (sc as i32 - 32) as f32;
-        }
-        out.offset = [0.0; 16];
-    }
+fn super_scales<const F: u8>(blk: &[u8], out: &mut SuperScales) {
+    superblock_scales::<F>(blk, &mut out.scale, &mut out.offset);
 }
 
 /// `sum w * x` over a row of format `F` with f32 activations: per activation block the
