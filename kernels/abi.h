@@ -145,14 +145,28 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMV_SPLITK_MAX_SPLITS 8
 #define QILIN_QGEMV_SPLITK_PARTIALS 128
 
-/* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens): a block
- * computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N output channels, walking the
- * input in steps of QILIN_QGEMM_BLOCK_K channels (one 16-byte vector of 4-bit levels per
- * channel row); QILIN_QGEMM_THREADS threads (2 x 2 warps of 32 x 64). */
+/* Tensor-core quantized GEMM qilin_qgemm_w{4,8}_bf16 (any number of tokens,
+ * kernels/quant_gemm.cu): a block computes QILIN_QGEMM_BLOCK_M tokens x QILIN_QGEMM_BLOCK_N
+ * output channels, walking the input in steps of QILIN_QGEMM_BLOCK_K channels (one 16-byte
+ * vector of 4-bit levels per channel row); QILIN_QGEMM_THREADS threads (2 x 2 warps of
+ * 32 x 64), compiled for QILIN_QGEMM_MIN_BLOCKS resident blocks. Each thread keeps
+ * QILIN_QGEMM_LEVEL_STEPS_W4 (or _W8) steps of its row's levels in flight, x streams through
+ * QILIN_QGEMM_X_STAGES shared stages. grid.z splits the input into that many contiguous
+ * ranges of steps (at most QILIN_QGEMM_MAX_SPLITS, each at least
+ * QILIN_QGEMM_MIN_SPLIT_STEPS steps); the last block of a tile adds the splits'
+ * QILIN_QGEMM_PARTIALS f32 sums each in split order (one u32 counter per tile, reset by
+ * that block). */
 #define QILIN_QGEMM_BLOCK_M 64
 #define QILIN_QGEMM_BLOCK_N 128
 #define QILIN_QGEMM_BLOCK_K 32
 #define QILIN_QGEMM_THREADS 128
+#define QILIN_QGEMM_MIN_BLOCKS 3
+#define QILIN_QGEMM_LEVEL_STEPS_W4 8
+#define QILIN_QGEMM_LEVEL_STEPS_W8 4
+#define QILIN_QGEMM_X_STAGES 4
+#define QILIN_QGEMM_MAX_SPLITS 8
+#define QILIN_QGEMM_MIN_SPLIT_STEPS 8
+#define QILIN_QGEMM_PARTIALS 8192
 
 /* Threads per block of qilin_dequant_w{4,8}_bf16 (grid-stride loop, one 16-byte vector
  * of levels per thread per step). */

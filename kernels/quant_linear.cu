@@ -59,23 +59,8 @@
 // 1-2 tokens where the tensor-core GEMV does not take the layer, unless
 // QILIN_CUDA_QGEMV_SMALL=0.
 //
-// qilin_qgemm_w{4,8}_bf16 (any n_tokens; passes tests/gpu_quant_linear.rs on an H200 but
-// is slower than dequantization + cuBLAS there, so the dispatch does not use it): the same sum on
-// tensor cores with the weight dequantized into shared memory, rounded to bf16 there (the
-// cuBLAS path's rounding, without the bf16 weight's trip through device memory).
-//   Grid = (ceil(out_features / QILIN_QGEMM_BLOCK_N), ceil(n_tokens / QILIN_QGEMM_BLOCK_M)),
-//   block = QILIN_QGEMM_THREADS (4 warps, 2 x 2, each 32 tokens x 64 channels = 2 x 8
-//   m16n8k16 tiles). Per step of QILIN_QGEMM_BLOCK_K (32) input channels:
-//   - x [64 tokens x 32] arrives by cp.async (rows past n_tokens zero-filled);
-//   - thread i dequantizes channel row i of the block: one 16-byte vector of 4-bit levels
-//     (two of 8-bit) read from global memory a step ahead, converted with its group's
-//     (scale, min) and stored as bf16 into shared memory;
-//   - both are double-buffered with one barrier per step (as qilin_gemv_bf16 argues);
-//     rows are padded to 40 values (80 bytes), so each ldmatrix phase of 8 rows x 16 bytes
-//     touches 8 distinct bank groups;
-//   - ldmatrix.x4 loads A (x, row-major) and B (W rows = the "col" operand) fragments;
-//     16 mma.sync per warp per 16 input channels, f32 accumulators.
-//   Epilogue: bias added in f32, one rounding to bf16, bounds-checked per element.
+// qilin_qgemm_w{4,8}_bf16, the tensor-core GEMM over the same layout, is in
+// kernels/quant_gemm.cu.
 //
 // Napkin math (Qwen2.5-7B, H100 SXM 3.35 TB/s): int4 at group 128 streams 0.5625 bytes per
 // weight (levels + 8-byte pair per 128), 3.56x less than bf16: 3.7 GB of levels and pairs
@@ -89,7 +74,7 @@
 // ~2x over). A tensor-core (mma.sync) variant is the next step for batches of 2 to 64.
 
 #include "common.cuh"
-#include "mma.cuh"
+#include "quant_levels.cuh"
 
 #define QGEMV_WARPS (QILIN_QGEMV_THREADS / QILIN_WARP_SIZE)
 #define QGEMV_TILE_VALUES (QILIN_WARP_SIZE * QILIN_QGEMV_VALUES_PER_LANE)
@@ -111,28 +96,6 @@ static_assert(QILIN_GEMV_MAX_TOKENS == 8, "the kernels' switch covers n = 1..8")
 static_assert(QILIN_DEQUANT_THREADS % QILIN_WARP_SIZE == 0 &&
                   QILIN_DEQUANT_THREADS <= QILIN_MAX_THREADS_PER_BLOCK,
               "abi.h: QILIN_DEQUANT_THREADS must be whole warps");
-
-// Values of one 16-byte vector of levels.
-template <int BITS>
-struct Levels {
-    static constexpr int kPerVec = 128 / BITS;                        // 32 or 16
-    static constexpr int kVecsPerLane = QILIN_QGEMV_VALUES_PER_LANE / kPerVec;  // 1 or 2
-    // biased_level's offset: 2^4, or 2^8 + 128 (the signed level's own bias).
-    static constexpr float kBias = BITS == 4 ? 16.0f : 384.0f;
-};
-
-// Level e (compile-time) of a 32-bit word of levels (8 at 4 bits, 4 at 8 bits), exact.
-template <int BITS>
-QILIN_DEVICE float level_to_float(uint32_t word, int e) {
-    uint32_t u;
-    if (BITS == 4) {
-        u = (word >> (4 * e)) & 0xFu;
-    } else {
-        u = ((word >> (8 * e)) & 0xFFu) ^ 0x80u;  // signed level + 128
-    }
-    const float biased = __int_as_float(0x4B000000 | (int)u);
-    return biased - (BITS == 4 ? 8388608.0f : 8388736.0f);
-}
 
 // Word i (run-time, 0..3) of a vector by selects: indexing the vector's words with a
 // run-time index would put it in local memory.
@@ -187,10 +150,6 @@ QILIN_DEVICE void step_levels(const uint4& v, int step, float out[8]) {
 }
 
 QILIN_DEVICE unsigned x_swizzle(unsigned v) { return v ^ ((v >> 3) & 7u); }
-
-QILIN_DEVICE uint4 load128_stream(const void* p) {
-    return __ldcs(reinterpret_cast<const uint4*>(p));
-}
 
 // One block's QILIN_QGEMV_ROWS_PER_BLOCK output channels for N tokens.
 // x_tile: the kernel's shared buffers [2][MAX_N][QGEMV_TILE_XVECS]. SMALL (n <= 2): load the
@@ -483,25 +442,6 @@ qilin_qgemv_small_w8_bf16(const QilinQuantGemvParams p,
     qgemv<8, QILIN_QGEMV_SMALL_MAX_TOKENS, true>(p, out, x, levels, scale_min, bias);
 }
 
-// One 16-byte vector of levels (32 at 4 bits, 16 at 8) of one group, dequantized and
-// rounded to bf16, stored to dst[0 .. per vector) (16-byte aligned, global or shared):
-// the dequant kernel's output and the GEMM's shared-memory weight tile.
-template <int BITS>
-QILIN_DEVICE void store_dequantized(const uint4& v, float2 sm, bf16* dst) {
-    constexpr int PER_WORD = 32 / BITS;
-#pragma unroll
-    for (int o = 0; o < Levels<BITS>::kPerVec / QILIN_VEC_ELEMS; ++o) {
-        float w[QILIN_VEC_ELEMS];
-#pragma unroll
-        for (int e = 0; e < QILIN_VEC_ELEMS; ++e) {
-            const int value = o * QILIN_VEC_ELEMS + e;  // compile-time after unrolling
-            const uint32_t word = (&v.x)[value / PER_WORD];
-            w[e] = fmaf(sm.x, level_to_float<BITS>(word, value % PER_WORD), sm.y);
-        }
-        store128(dst + o * QILIN_VEC_ELEMS, float_to_bf16x8(w));
-    }
-}
-
 template <int BITS>
 QILIN_DEVICE void dequant(const QilinDequantParams p,
                           bf16* __restrict__ out,
@@ -543,203 +483,4 @@ qilin_dequant_w8_bf16(const QilinDequantParams p,
                       const uint8_t* __restrict__ levels,
                       const float2* __restrict__ scale_min) {
     dequant<8>(p, out, levels, scale_min);
-}
-
-// ---------------------------------------------------------------------------------------
-// Tensor-core GEMM.
-
-#define QGEMM_WARPS (QILIN_QGEMM_THREADS / QILIN_WARP_SIZE)
-#define QGEMM_PAD 8  // bf16 values of padding per shared-memory row
-#define QGEMM_LD (QILIN_QGEMM_BLOCK_K + QGEMM_PAD)
-#define QGEMM_WARP_M 32
-#define QGEMM_WARP_N 64
-
-static_assert(QILIN_QGEMM_BLOCK_K == 32, "one 16-byte vector of 4-bit levels per row per step");
-static_assert(QILIN_QGEMM_THREADS == QILIN_QGEMM_BLOCK_N,
-              "thread i dequantizes channel row i of the block");
-static_assert(QGEMM_WARPS == (QILIN_QGEMM_BLOCK_M / QGEMM_WARP_M) *
-                                 (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N),
-              "abi.h: the warps must tile the block");
-static_assert(QILIN_QGEMM_BLOCK_M * QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS ==
-                  2 * QILIN_QGEMM_THREADS,
-              "two 16-byte x chunks per thread per step");
-
-// One step's levels and (scale, min) pairs of one channel row, held in registers between
-// the global load and the shared-memory store.
-template <int BITS>
-struct StepLevels {
-    uint4 v[Levels<BITS>::kVecsPerLane];
-    float2 sm[Levels<BITS>::kVecsPerLane];
-};
-
-template <int BITS>
-QILIN_DEVICE StepLevels<BITS> qgemm_load_levels(const QilinQuantGemvParams& p,
-                                                 const uint8_t* __restrict__ levels,
-                                                 const float2* __restrict__ scale_min,
-                                                 unsigned row, unsigned step) {
-    constexpr int VL = Levels<BITS>::kVecsPerLane;
-    constexpr int PER_VEC = Levels<BITS>::kPerVec;
-    StepLevels<BITS> out;
-    const bool ok = row < p.out_features;
-    const size_t safe_row = ok ? row : 0u;
-    const unsigned vecs_per_row = p.in_features / PER_VEC;
-    const unsigned n_groups = p.in_features / p.group_size;
-    const uint4* lv = reinterpret_cast<const uint4*>(levels) + safe_row * vecs_per_row;
-#pragma unroll
-    for (int i = 0; i < VL; ++i) {
-        const unsigned first = step * QILIN_QGEMM_BLOCK_K + i * PER_VEC;
-        out.v[i] = ok ? load128_stream(lv + first / PER_VEC) : make_uint4(0u, 0u, 0u, 0u);
-        out.sm[i] = ok ? __ldg(scale_min + safe_row * n_groups + first / p.group_size)
-                       : make_float2(0.0f, 0.0f);
-    }
-    return out;
-}
-
-// The row's 32 values of this step, dequantized and rounded to bf16, into w_row[0..32).
-template <int BITS>
-QILIN_DEVICE void qgemm_store_levels(const StepLevels<BITS>& s, bf16* w_row) {
-#pragma unroll
-    for (int i = 0; i < Levels<BITS>::kVecsPerLane; ++i) {
-        store_dequantized<BITS>(s.v[i], s.sm[i], w_row + i * Levels<BITS>::kPerVec);
-    }
-}
-
-template <int BITS>
-QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
-                        bf16* __restrict__ out,
-                        const bf16* __restrict__ x,
-                        const uint8_t* __restrict__ levels,
-                        const float2* __restrict__ scale_min,
-                        const bf16* __restrict__ bias) {
-    __shared__ __align__(16) bf16 xs[2][QILIN_QGEMM_BLOCK_M][QGEMM_LD];
-    __shared__ __align__(16) bf16 ws[2][QILIN_QGEMM_BLOCK_N][QGEMM_LD];
-    constexpr unsigned per_vec = Levels<BITS>::kPerVec;
-    if (blockDim.x != QILIN_QGEMM_THREADS || p.in_features % QILIN_QGEMM_BLOCK_K != 0 ||
-        p.group_size == 0 || p.group_size % per_vec != 0 || p.in_features % p.group_size != 0 ||
-        p.n_tokens == 0) {
-        __trap();
-    }
-    const unsigned tid = threadIdx.x;
-    const unsigned lane = tid % QILIN_WARP_SIZE;
-    const unsigned warp = tid / QILIN_WARP_SIZE;
-    const unsigned warp_m = warp / (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N);  // 0..1
-    const unsigned warp_n = warp % (QILIN_QGEMM_BLOCK_N / QGEMM_WARP_N);  // 0..1
-    const unsigned token0 = blockIdx.y * QILIN_QGEMM_BLOCK_M;
-    const unsigned channel0 = blockIdx.x * QILIN_QGEMM_BLOCK_N;
-    const unsigned n_steps = p.in_features / QILIN_QGEMM_BLOCK_K;
-
-    // x chunks of one step: 64 rows x 4 chunks of 8 values; thread tid copies chunks
-    // tid and tid + 128.
-    auto load_x = [&](unsigned step, unsigned buf) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const unsigned chunk = tid + c * QILIN_QGEMM_THREADS;
-            const unsigned r = chunk / (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS);
-            const unsigned col = (chunk % (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS)) * QILIN_VEC_ELEMS;
-            const unsigned token = token0 + r;
-            const bool ok = token < p.n_tokens;
-            const bf16* src =
-                x + (size_t)(ok ? token : 0u) * p.in_features + step * QILIN_QGEMM_BLOCK_K + col;
-            cp_async_16(smem_u32(&xs[buf][r][col]), src, ok ? 16u : 0u);
-        }
-        cp_async_commit();
-    };
-
-    float acc[2][8][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                acc[mt][nt][e] = 0.0f;
-            }
-        }
-    }
-
-    load_x(0, 0);
-    {
-        const StepLevels<BITS> first = qgemm_load_levels<BITS>(p, levels, scale_min, channel0 + tid, 0);
-        qgemm_store_levels<BITS>(first, &ws[0][tid][0]);
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-
-    for (unsigned step = 0; step < n_steps; ++step) {
-        const unsigned buf = step % 2;
-        const bool more = step + 1 < n_steps;
-        StepLevels<BITS> next;
-        if (more) {
-            load_x(step + 1, buf ^ 1u);
-            next = qgemm_load_levels<BITS>(p, levels, scale_min, channel0 + tid, step + 1);
-        }
-#pragma unroll
-        for (int k16 = 0; k16 < QILIN_QGEMM_BLOCK_K / 16; ++k16) {
-            uint32_t a[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                const unsigned r = warp_m * QGEMM_WARP_M + mt * 16 + (lane % 16);
-                const unsigned col = k16 * 16 + (lane / 16) * 8;
-                ldmatrix_x4(a[mt], smem_u32(&xs[buf][r][col]));
-            }
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {  // pairs of n-tiles
-                uint32_t b[4];
-                const unsigned n = warp_n * QGEMM_WARP_N + np * 16 + (lane / 16) * 8 + (lane % 8);
-                const unsigned col = k16 * 16 + ((lane / 8) % 2) * 8;
-                ldmatrix_x4(b, smem_u32(&ws[buf][n][col]));
-#pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
-                    mma_bf16_16816(acc[mt][2 * np], a[mt], b[0], b[1]);
-                    mma_bf16_16816(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-                }
-            }
-        }
-        if (more) {
-            qgemm_store_levels<BITS>(next, &ws[buf ^ 1u][tid][0]);
-        }
-        cp_async_wait<0>();
-        __syncthreads();
-    }
-
-    // c fragment: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1) of each 16 x 8 tile.
-    const unsigned g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const unsigned token = token0 + warp_m * QGEMM_WARP_M + mt * 16 + g + (e / 2) * 8;
-                const unsigned channel = channel0 + warp_n * QGEMM_WARP_N + nt * 8 + 2 * t + (e % 2);
-                if (token < p.n_tokens && channel < p.out_features) {
-                    const float b = bias != nullptr ? __bfloat162float(bias[channel]) : 0.0f;
-                    out[(size_t)token * p.out_features + channel] =
-                        __float2bfloat16_rn(acc[mt][nt][e] + b);
-                }
-            }
-        }
-    }
-}
-
-// Arguments as qilin_qgemv_w4_bf16's.
-extern "C" __global__ void __launch_bounds__(QILIN_QGEMM_THREADS)
-qilin_qgemm_w4_bf16(const QilinQuantGemvParams p,
-                    bf16* __restrict__ out,               // [n_tokens, out_features]
-                    const bf16* __restrict__ x,           // [n_tokens, in_features]
-                    const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
-                    const float2* __restrict__ scale_min, // [out_features, in / group_size]
-                    const bf16* __restrict__ bias) {     // [out_features] or NULL
-    qgemm<4>(p, out, x, levels, scale_min, bias);
-}
-
-// As qilin_qgemm_w4_bf16 with levels: i8 [out_features, in_features] (8-bit levels).
-extern "C" __global__ void __launch_bounds__(QILIN_QGEMM_THREADS)
-qilin_qgemm_w8_bf16(const QilinQuantGemvParams p,
-                    bf16* __restrict__ out,
-                    const bf16* __restrict__ x,
-                    const uint8_t* __restrict__ levels,
-                    const float2* __restrict__ scale_min,
-                    const bf16* __restrict__ bias) {
-    qgemm<8>(p, out, x, levels, scale_min, bias);
 }

@@ -12,8 +12,9 @@
 //! of 128 the tensor-core GEMV (kernels/quant_gemv_mma.cu's qilin_qgemv_mma_w4_bf16, the
 //! dispatch's choice there unless QILIN_CUDA_QGEMV_MMA=0; and its split-K variant
 //! qilin_qgemv_mma_splitk_w4_bf16, opt-in with QILIN_CUDA_QGEMV_MMA2=1), and the tensor-core GEMM
-//! (qilin_qgemm_w{4,8}_bf16, not yet in the dispatch) at every n; outputs are poisoned
-//! with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
+//! (kernels/quant_gemm.cu's qilin_qgemm_w{4,8}_bf16, the dispatch's choice at 9-256 tokens
+//! with QILIN_CUDA_QGEMM_WIDE=1) at every n, split-K as on this GPU and into 3 splits;
+//! outputs are poisoned with NaN first. The dequantization kernel is also checked alone: bit-exact against the host's
 //! `PackedQuant::dequantize_row` rounded to bf16.
 //!
 //! Runs only with `QILIN_GPU_TESTS=1`; then a missing driver, GPU or PTX is a failure.
@@ -37,11 +38,13 @@ use std::sync::Arc;
 
 use half::bf16;
 use qilin::backend::abi::{
-    dequant_blocks, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok, qgemv_splitk_geometry,
-    quant_layout_ok, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS, QILIN_QGEMV_MMA_MAX_TOKENS,
-    QILIN_QGEMV_MMA_ROWS, QILIN_QGEMV_MMA_THREADS, QILIN_QGEMV_ROWS_PER_BLOCK,
-    QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_SPLITK_MAX_SPLITS, QILIN_QGEMV_SPLITK_MIN_BLOCKS,
-    QILIN_QGEMV_SPLITK_THREADS, QILIN_QGEMV_THREADS,
+    dequant_blocks, qgemm_geometry, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok,
+    qgemv_splitk_geometry, quant_layout_ok, GEMV_MAX_TOKENS, QILIN_DEQUANT_THREADS,
+    QILIN_QGEMM_BLOCK_K, QILIN_QGEMM_BLOCK_M, QILIN_QGEMM_BLOCK_N, QILIN_QGEMM_MAX_SPLITS,
+    QILIN_QGEMM_MIN_BLOCKS, QILIN_QGEMM_MIN_SPLIT_STEPS, QILIN_QGEMM_THREADS,
+    QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_MMA_ROWS, QILIN_QGEMV_MMA_THREADS,
+    QILIN_QGEMV_ROWS_PER_BLOCK, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_SPLITK_MAX_SPLITS,
+    QILIN_QGEMV_SPLITK_MIN_BLOCKS, QILIN_QGEMV_SPLITK_THREADS, QILIN_QGEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
 use qilin::backend::cuda::{CudaBackend, CudaLinear, LinearWeight};
@@ -338,11 +341,26 @@ fn run_cases(test: &str, cases: &[Case]) {
                 );
             }
             // The tensor-core GEMM (any n): the weight rounded to bf16 in shared memory,
-            // the cuBLAS path's tolerance.
+            // the cuBLAS path's tolerance. Split-K as its geometry decides on this GPU, then
+            // into 3 splits (uneven step ranges, a merge on every shape) launched twice: the
+            // second launch runs on counters the first one's merging blocks must have reset,
+            // and the fixed-order merge repeats bit for bit.
             let mut out = poisoned(&gpu, n, m);
-            gpu.linear_qgemm_into(&x_gpu, &layer.gpu, &mut out);
+            gpu.linear_qgemm_into(&x_gpu, &layer.gpu, &mut out, None);
             let worst = compare(&label("qgemm"), &gpu.to_host(&out), &want, &s, m, dequant_extra);
             eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemm"));
+            let mut out = poisoned(&gpu, n, m);
+            gpu.linear_qgemm_into(&x_gpu, &layer.gpu, &mut out, Some(3));
+            let got = gpu.to_host(&out);
+            let worst = compare(&label("qgemm 3 splits"), &got, &want, &s, m, dequant_extra);
+            eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemm 3 splits"));
+            let mut again = poisoned(&gpu, n, m);
+            gpu.linear_qgemm_into(&x_gpu, &layer.gpu, &mut again, Some(3));
+            assert!(
+                got.iter().zip(&gpu.to_host(&again)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: a second launch differs",
+                label("qgemm 3 splits")
+            );
             if i == 0 {
                 let out = gpu.linear(&x_gpu, &layer.gpu);
                 let extra = if gemv { 0.0 } else { dequant_extra };
@@ -777,4 +795,44 @@ fn qgemv_splitk_geometry_fills_one_wave_and_covers_every_row() {
     assert_eq!(qgemv_splitk_geometry(1, 4, 3584, 4608, 128, 132, 100).unwrap().0 .1, 1);
     assert_eq!(qgemv_splitk_geometry(1, 8, 3584, 4608, 128, 132, 8192), None, "8-bit levels");
     assert_eq!(qgemv_splitk_geometry(1, 4, 3584, 0, 128, 132, 8192), None, "no outputs");
+}
+
+#[test]
+fn qgemm_geometry_splits_narrow_layers_and_covers_every_tile() {
+    // Qwen2.5-7B's layers on 132 SMs: (in, out) -> splits at up to 64 tokens and at 256.
+    let expected = [
+        ((3584, 4608), 8, 2),  // qkv: 36 tiles, then 144
+        ((3584, 3584), 8, 3),  // o: 28, then 112
+        ((3584, 37888), 1, 1), // gate_up: 296 tiles fill the GPU alone
+        ((18944, 3584), 8, 3), // down
+    ];
+    for ((k, m), splits_64, splits_256) in expected {
+        for (n, splits) in [(9, splits_64), (64, splits_64), (256, splits_256)] {
+            let ((x, y, z), threads) =
+                qgemm_geometry(n, 4, k, m, 128, 132, 8192, None).expect("accepted");
+            assert_eq!(threads, QILIN_QGEMM_THREADS);
+            assert_eq!(z, splits, "k={k} m={m} n={n}");
+            let channels = x as usize * QILIN_QGEMM_BLOCK_N as usize;
+            assert!(channels >= m && channels - m < QILIN_QGEMM_BLOCK_N as usize);
+            let tokens = y as usize * QILIN_QGEMM_BLOCK_M as usize;
+            assert!(tokens >= n && tokens - n < QILIN_QGEMM_BLOCK_M as usize);
+        }
+    }
+    for (k, m, n, sms) in
+        [(3584, 4608, 64, 132), (576, 1536, 17, 132), (1152, 77, 40, 1), (32, 8, 9, 500)]
+    {
+        let ((x, y, z), _) = qgemm_geometry(n, 4, k, m, 32, sms, 8192, None).unwrap();
+        let steps = k / QILIN_QGEMM_BLOCK_K as usize;
+        assert!((1..=QILIN_QGEMM_MAX_SPLITS).contains(&z), "k={k} m={m}");
+        assert!(z == 1 || z as usize * QILIN_QGEMM_MIN_SPLIT_STEPS as usize <= steps, "k={k}");
+        let resident = sms * QILIN_QGEMM_MIN_BLOCKS as usize;
+        assert!(z == 1 || (x * y * z) as usize <= resident, "one wave: k={k} m={m}");
+    }
+    // Forced splits are clamped to the steps; more tiles than counters: no merge.
+    assert_eq!(qgemm_geometry(64, 4, 64, 128, 32, 132, 8192, Some(3)).unwrap().0 .2, 2);
+    assert_eq!(qgemm_geometry(64, 4, 3584, 4608, 128, 132, 8192, Some(3)).unwrap().0 .2, 3);
+    assert_eq!(qgemm_geometry(64, 4, 3584, 4608, 128, 132, 20, Some(3)).unwrap().0 .2, 1);
+    assert_eq!(qgemm_geometry(64, 4, 3584, 4608, 128, 132, 20, None).unwrap().0 .2, 1);
+    assert_eq!(qgemm_geometry(64, 4, 3584, 0, 128, 132, 8192, None), None, "no outputs");
+    assert_eq!(qgemm_geometry(0, 4, 3584, 64, 128, 132, 8192, None), None, "no tokens");
 }

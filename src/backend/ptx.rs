@@ -121,10 +121,11 @@ pub const QGEMV_MMA_W4_BF16: Kernel =
 /// (compiles, unverified; opt-in with QILIN_CUDA_QGEMV_MMA2=1); see kernels/quant_gemv_mma.cu.
 pub const QGEMV_MMA_SPLITK_W4_BF16: Kernel =
     Kernel { module: "quant_gemv_mma", entry: "qilin_qgemv_mma_splitk_w4_bf16" };
-/// W4A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
-pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w4_bf16" };
-/// W8A16 GEMM on tensor cores (compiles, unverified); see kernels/quant_linear.cu.
-pub const QGEMM_W8_BF16: Kernel = Kernel { module: "quant_linear", entry: "qilin_qgemm_w8_bf16" };
+/// W4A16 GEMM on tensor cores, split-K for narrow layers (the pipelined rewrite compiles,
+/// unverified; the first version passed on an H200); see kernels/quant_gemm.cu.
+pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_gemm", entry: "qilin_qgemm_w4_bf16" };
+/// As QGEMM_W4_BF16 for 8-bit levels.
+pub const QGEMM_W8_BF16: Kernel = Kernel { module: "quant_gemm", entry: "qilin_qgemm_w8_bf16" };
 /// 4-bit levels to a bf16 weight for the cuBLAS path; see kernels/quant_linear.cu.
 pub const DEQUANT_W4_BF16: Kernel =
     Kernel { module: "quant_linear", entry: "qilin_dequant_w4_bf16" };

@@ -201,8 +201,9 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             let weight_bytes =
                 (out * inp * format.bits as usize / 8 + out * inp / format.group * 8) as f64;
             // 16 and 32: where the tensor-core GEMV's chunks of 8 tokens
-            // (QILIN_CUDA_QGEMV_MMA_WIDE) meet dequantization + cuBLAS.
-            for n in [1usize, 8, 16, 32, 64, 2048] {
+            // (QILIN_CUDA_QGEMV_MMA_WIDE) meet dequantization + cuBLAS; 256: the most the
+            // tensor-core GEMM takes with QILIN_CUDA_QGEMM_WIDE=1.
+            for n in [1usize, 8, 16, 32, 64, 256, 2048] {
                 let x = rand.tensor(n, inp, 1.0);
                 let values = n * inp + n * out + if bias { out } else { 0 };
                 let bytes = weight_bytes + values as f64 * bf;
@@ -236,13 +237,21 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemv_splitk_into(&x, &w, &mut y);
                     });
                 }
-                // The tensor-core GEMM (not yet in the dispatch) where cuBLAS serves now.
+                // The tensor-core GEMM (the dispatch's with QILIN_CUDA_QGEMM_WIDE=1) where
+                // cuBLAS serves by default, split-K as its geometry decides; at 64 tokens
+                // also in one split, which shows what the splits buy.
                 if n > GEMV_MAX_TOKENS {
                     let mut y = rand.tensor(n, out, 1.0);
                     let op = format!("{name} {} (qgemm)", method.name());
-                    bench.measure(&op, shape, bytes, flops, &mut || {
-                        b.linear_qgemm_into(&x, &w, &mut y);
+                    bench.measure(&op, shape.clone(), bytes, flops, &mut || {
+                        b.linear_qgemm_into(&x, &w, &mut y, None);
                     });
+                    if n == 64 {
+                        let op = format!("{name} {} (qgemm, 1 split)", method.name());
+                        bench.measure(&op, shape, bytes, flops, &mut || {
+                            b.linear_qgemm_into(&x, &w, &mut y, Some(1));
+                        });
+                    }
                 }
             }
         }

@@ -109,9 +109,10 @@ pub struct FastPaths {
     /// write read q, k and v from the fused qkv projection (qilin_rope_qkv_store_kv_bf16)
     /// instead of three column copies and qilin_rope_store_kv_bf16.
     pub rope_qkv: bool,
-    /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in until a GPU run times whole steps with it): 4-bit
-    /// layers much wider than deep (gate_up) at 33-64 tokens through the tensor-core GEMM
-    /// qilin_qgemm_w4_bf16 (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
+    /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in; the pipelined split-K rewrite compiles,
+    /// unverified): quantized layers at 9-256 tokens that the tensor-core GEMV does not
+    /// take through the tensor-core GEMM qilin_qgemm_w{4,8}_bf16
+    /// (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
     pub qgemm_wide: bool,
 }
 

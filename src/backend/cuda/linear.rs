@@ -103,7 +103,7 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
     if gemv_path(dev, x.rows, w).is_some() {
         gemv_into(dev, x, w, out);
     } else if let (true, LinearWeight::Quant(q)) = (qgemm_wins(dev, x.rows, w), &w.weight) {
-        qgemm_into(dev, x, w, q, out);
+        qgemm_into(dev, x, w, q, out, None);
     } else {
         cublas_into(dev, x, w, out);
     }

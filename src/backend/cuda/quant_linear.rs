@@ -15,8 +15,8 @@ use crate::backend::abi::{
     dequant_blocks, qgemm_geometry, qgemv_geometry, qgemv_mma_geometry, qgemv_mma_ok,
     qgemv_splitk_geometry, quant_layout_ok, QilinDequantParams, QilinQuantGemvParams,
     GEMV_MAX_TOKENS, QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_DEQUANT_THREADS,
-    QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS, QILIN_QGEMV_SPLITK_PARTIALS,
-    QILIN_QGEMV_VALUES_PER_LANE,
+    QILIN_QGEMM_PARTIALS, QILIN_QGEMV_MMA_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS,
+    QILIN_QGEMV_SPLITK_PARTIALS, QILIN_QGEMV_VALUES_PER_LANE,
 };
 use crate::backend::ptx;
 
@@ -213,12 +213,7 @@ fn qgemv_with(
 }
 
 /// qilin_qgemv_mma_splitk_w4_bf16 for a layer `qgemv_mma_ok` accepts (panics otherwise):
-/// grid (row tiles, splits) from `qgemv_splitk_geometry`. With splits > 1 the blocks'
-/// partial sums go to the device's f32 scratch (written and read within the launch, so
-/// its earlier contents do not matter) and the merge counts arrivals in the device's
-/// split-merge counters, the ones the pipelined decode-attention kernel uses: zero between
-/// launches (the merging block resets its own), so sharing them is safe on the one stream
-/// that orders both kernels, and a captured graph replays without a memset.
+/// grid (row tiles, splits) from `qgemv_splitk_geometry`, merged as `launch_split_k` says.
 fn qgemv_splitk(
     dev: &Device,
     x: &CudaTensor,
@@ -239,17 +234,39 @@ fn qgemv_splitk(
                 )
             },
         );
-    let params = matmul_params(n, k, m, group);
     let cfg = LaunchConfig {
         grid_dim: (tiles, splits, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    let partials = (splits > 1)
+        .then(|| tiles as usize * splits as usize * QILIN_QGEMV_SPLITK_PARTIALS as usize);
+    launch_split_k(dev, kernel, cfg, matmul_params(n, k, m, group), x, w, q, out, partials);
+}
+
+/// Launches a split-K matmul kernel (qilin_qgemv_mma_splitk_w4_bf16, qilin_qgemm_w{4,8}_bf16):
+/// launch_matmul's six arguments, then the merge's f32 partial sums and u32 counters.
+/// `partials`: how many f32 the kernel's blocks write when the launch splits K (None for
+/// one split, and then both pointers are null). The sums go to the device's f32 scratch
+/// (written and read within the launch, so its earlier contents do not matter) and the
+/// merge counts arrivals in the device's split-merge counters, the ones the pipelined
+/// decode-attention kernel uses: zero between launches (the merging block resets its own),
+/// so sharing them is safe on the one stream that orders every kernel, and a captured
+/// graph replays without a memset.
+#[allow(clippy::too_many_arguments)]
+fn launch_split_k(
+    dev: &Device,
+    kernel: ptx::Kernel,
+    cfg: LaunchConfig,
+    params: QilinQuantGemvParams,
+    x: &CudaTensor,
+    w: &CudaLinear,
+    q: &QuantWeight,
+    out: &mut CudaTensor,
+    partials: Option<usize>,
+) {
     let null: u64 = 0;
-    let mut merge = (splits > 1).then(|| {
-        let sums = tiles as usize * splits as usize * QILIN_QGEMV_SPLITK_PARTIALS as usize;
-        (dev.scratch_f32(sums), dev.merge_counters())
-    });
+    let mut merge = partials.map(|sums| (dev.scratch_f32(sums), dev.merge_counters()));
     let mut launch = dev.stream.launch_builder(dev.function(kernel));
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);
     match &w.bias {
@@ -260,23 +277,25 @@ fn qgemv_splitk(
         Some((sums, counters)) => launch.arg(&mut **sums).arg(&**counters),
         None => launch.arg(&null).arg(&null),
     };
-    // SAFETY: argument order and types follow qilin_qgemv_mma_splitk_w4_bf16: the first six
-    // as launch_matmul's (same buffers, checked by linear.rs's check_shapes); then, with
-    // grid.y > 1, the f32 scratch of tiles * splits * QILIN_QGEMV_SPLITK_PARTIALS values
-    // and the counters (tiles <= QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS of them, all zero
-    // between launches), both held locked until the launch is queued; null otherwise
-    // (the kernel touches them only when grid.y > 1). The geometry keeps grid.y within
-    // the steps of k, as the kernel checks.
+    // SAFETY: argument order and types follow both kernels: the first six as
+    // launch_matmul's (same buffers, checked by linear.rs's check_shapes); then, when the
+    // grid splits K, the f32 scratch of the `partials` values the callers computed from
+    // their grids and the counters (one per tile, tiles <= QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS
+    // by both geometries, all zero between launches), both held locked until the launch is
+    // queued; null otherwise (the kernels touch them only when the grid splits K). The
+    // geometries keep the split count within the steps of k, as the kernels check.
     check(unsafe { launch.launch(cfg) }, kernel.entry);
     drop(merge);
 }
 
-/// Whether the dispatch sends `n` tokens through a 4-bit layer by qilin_qgemm_w4_bf16
-/// instead of dequantization + cuBLAS (opt-in, QILIN_CUDA_QGEMM_WIDE=1): on an H200
-/// (b908988) it took gate_up_proj (37888 x 3584) at 32 and 64 tokens in 134 and 139 us
-/// against 276 and 277, but lost on the narrower layers (qkv [64] 89 against 40) and at
-/// prefill sizes (gate_up [2048] 2904 against 882). So: layers at least QGEMM_MIN_WIDENING
-/// times wider than deep, past the chunked GEMV's tokens, up to the largest measured win.
+/// Whether the dispatch sends `n` tokens through a quantized layer by
+/// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS (opt-in,
+/// QILIN_CUDA_QGEMM_WIDE=1): past the tensor-core GEMV's tokens (`qgemv_mma_takes`) up to
+/// QGEMM_MAX_TOKENS. The first version of the kernel won only gate_up at 32-64 tokens on an
+/// H200 (b908988: 139 us against 277; qkv [64] 89 against 40); the pipelined split-K
+/// rewrite (kernels/quant_gemm.cu, unverified) predicts every layer under the cuBLAS path
+/// at 9-256 tokens (bench/notes.md), which the next GPU run checks before this becomes the
+/// default.
 pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
     dev.paths.qgemm_wide
@@ -286,42 +305,48 @@ pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
 
 /// `qgemm_wins` on the shape alone.
 fn qgemm_shape_wins(n: usize, bits: u32, k: usize, m: usize, group: usize) -> bool {
-    bits == 4
-        && n > GEMV_MAX_TOKENS
-        && n <= QGEMM_WIDE_MAX_TOKENS
-        && m >= QGEMM_MIN_WIDENING * k
-        && qgemm_geometry(n, bits, k, m, group).is_some()
+    n > GEMV_MAX_TOKENS
+        && n <= QGEMM_MAX_TOKENS
+        && qgemm_geometry(n, bits, k, m, group, 1, 0, None).is_some()
 }
 
-/// `out / in` from which a layer counts as wide for `qgemm_wins` (gate_up: 10.6; qkv 1.3).
-const QGEMM_MIN_WIDENING: usize = 4;
-/// The most tokens `qgemm_wins` routes (its largest measured win, 64).
-const QGEMM_WIDE_MAX_TOKENS: usize = 64;
+/// The most tokens `qgemm_wins` routes: past ~256 the GEMM's dequantization per token tile
+/// (the weight tile is dequantized again for every 64 tokens) and mma.sync's rate lose to
+/// cuBLAS on a once-dequantized weight (b908988: gate_up [2048] 2904 us against 882).
+const QGEMM_MAX_TOKENS: usize = 256;
 
-/// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`. In the
-/// dispatch only where `qgemm_wins`; tests and benchmarks call it directly.
+/// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`, split-K
+/// as `qgemm_geometry` decides (or `splits`, for tests) and merged as `launch_split_k`
+/// says. In the dispatch only where `qgemm_wins`; tests and benchmarks call it directly.
 pub fn qgemm_into(
     dev: &Device,
     x: &CudaTensor,
     w: &CudaLinear,
     q: &QuantWeight,
     out: &mut CudaTensor,
+    splits: Option<usize>,
 ) {
     let (n, k, m) = (x.rows, w.in_features, w.out_features);
     let (bits, group) = (q.format.bits, q.format.group);
-    let ((grid_x, grid_y), threads) = qgemm_geometry(n, bits, k, m, group).unwrap_or_else(|| {
-        panic!(
-            "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}",
-            kernel_for(bits, Op::Gemm).entry
-        )
-    });
-    let params = matmul_params(n, k, m, group);
+    let kernel = kernel_for(bits, Op::Gemm);
+    let max_counters = QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS as usize;
+    let ((grid_x, grid_y, splits), threads) =
+        qgemm_geometry(n, bits, k, m, group, sm_count(dev), max_counters, splits).unwrap_or_else(
+            || {
+                panic!(
+                    "{} cannot take x [{n}, {k}] W [{m}, {k}]^T at {bits} bits, group {group}",
+                    kernel.entry
+                )
+            },
+        );
     let cfg = LaunchConfig {
-        grid_dim: (grid_x, grid_y, 1),
+        grid_dim: (grid_x, grid_y, splits),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch_matmul(dev, Op::Gemm, cfg, params, x, w, q, out);
+    let tiles = grid_x as usize * grid_y as usize;
+    let partials = (splits > 1).then(|| tiles * splits as usize * QILIN_QGEMM_PARTIALS as usize);
+    launch_split_k(dev, kernel, cfg, matmul_params(n, k, m, group), x, w, q, out, partials);
 }
 
 /// Rows `row0..row0 + rows` of a `[*, k]` quantized weight to bf16 into `dst`
@@ -381,14 +406,22 @@ fn mma_weight<'a>(x: &CudaTensor, w: &'a CudaLinear, out: &CudaTensor) -> Option
 
 /// Entry points for the parity test (`tests/gpu_quant_linear.rs`) and `qilin bench`.
 impl CudaBackend {
-    /// The tensor-core GEMM whatever the dispatch would pick; panics for a bf16 layer or
-    /// a shape the kernel cannot take.
-    pub fn linear_qgemm_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
+    /// The tensor-core GEMM whatever the dispatch would pick, split-K as its geometry
+    /// decides for this device, or into `splits` (clamped to the input's steps; 1 when the
+    /// tiles outnumber the merge counters); panics for a bf16 layer or a shape the kernel
+    /// cannot take.
+    pub fn linear_qgemm_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        out: &mut CudaTensor,
+        splits: Option<usize>,
+    ) {
         let super::LinearWeight::Quant(q) = &w.weight else {
             panic!("linear_qgemm_into: a bf16 layer has no quantized GEMM")
         };
         super::linear::check_shapes(x, w, out);
-        qgemm_into(&self.dev, x, w, q, out)
+        qgemm_into(&self.dev, x, w, q, out, splits)
     }
 
     /// The small-batch GEMV (n <= QILIN_QGEMV_SMALL_MAX_TOKENS) whatever the dispatch
@@ -448,15 +481,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn qgemm_takes_only_wide_int4_layers_past_the_gemv() {
-        // Qwen2.5-7B: gate_up [37888, 3584] is the one measured win (b908988).
-        assert!(qgemm_shape_wins(64, 4, 3584, 37888, 128));
-        assert!(qgemm_shape_wins(33, 4, 3584, 37888, 128));
-        assert!(!qgemm_shape_wins(8, 4, 3584, 37888, 128), "the GEMV's tokens");
-        assert!(!qgemm_shape_wins(65, 4, 3584, 37888, 128), "past the measured win");
-        assert!(!qgemm_shape_wins(64, 4, 3584, 4608, 128), "qkv lost: 89 against 40 us");
-        assert!(!qgemm_shape_wins(64, 4, 18944, 3584, 128), "down_proj");
-        assert!(!qgemm_shape_wins(64, 8, 3584, 37888, 128), "8-bit levels: unmeasured");
+    fn qgemm_takes_quantized_layers_past_the_gemv_up_to_256_tokens() {
+        for (k, m) in [(3584, 37888), (3584, 4608), (18944, 3584)] {
+            assert!(qgemm_shape_wins(9, 4, k, m, 128), "k {k} m {m}");
+            assert!(qgemm_shape_wins(256, 8, k, m, 128), "k {k} m {m}");
+            assert!(!qgemm_shape_wins(8, 4, k, m, 128), "the GEMV's tokens");
+            assert!(!qgemm_shape_wins(257, 4, k, m, 128), "prefill sizes: cuBLAS");
+        }
+        // GGUF layouts: 8-bit levels in groups of 16 (Q4_K_M's mixed qkv), 4-bit in 32.
+        assert!(qgemm_shape_wins(64, 8, 3584, 4608, 16));
+        assert!(qgemm_shape_wins(64, 4, 576, 1536, 32));
+        assert!(!qgemm_shape_wins(64, 4, 3584, 4608, 16), "4-bit groups under a vector");
+        assert!(!qgemm_shape_wins(64, 4, 3600, 4608, 16), "in not whole 32-channel steps");
     }
 
     #[test]
