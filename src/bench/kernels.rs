@@ -174,6 +174,15 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             bench.measure(name, shape.clone(), values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
+            // cuBLAS at decode sizes (the dispatch's choice for o_proj and down_proj from 4
+            // tokens with QILIN_CUDA_GEMV_CUBLAS_DEEP=1): decides `gemv_cublas_wins`.
+            if n <= GEMV_MAX_TOKENS && n > 1 {
+                let mut y = rand.tensor(n, out, 1.0);
+                let op = format!("{name} (cublas)");
+                bench.measure(&op, shape.clone(), values as f64 * bf, flops, &mut || {
+                    b.linear_cublas_into(&x, &w, &mut y)
+                });
+            }
             // The GEMV the dispatch does not take at this n and shape, beside the one it
             // does: they decide `gemv_mma_wins`.
             if (2..=GEMV_MAX_TOKENS).contains(&n) {

@@ -114,6 +114,10 @@ pub struct FastPaths {
     /// take through the tensor-core GEMM qilin_qgemm_w{4,8}_bf16
     /// (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
     pub qgemm_wide: bool,
+    /// `QILIN_CUDA_GEMV_CUBLAS_DEEP=1` (opt-in until a GPU run compares the two): bf16
+    /// layers no wider than deep (o_proj, down_proj) at 4-8 tokens through cuBLAS instead
+    /// of the FMA GEMV (`linear::gemv_cublas_wins`).
+    pub gemv_cublas_deep: bool,
 }
 
 impl Default for FastPaths {
@@ -129,6 +133,7 @@ impl Default for FastPaths {
             sample_split: false,
             rope_qkv: false,
             qgemm_wide: false,
+            gemv_cublas_deep: false,
         }
     }
 }
@@ -148,6 +153,7 @@ impl FastPaths {
             sample_split: opt_in("QILIN_CUDA_SAMPLE_SPLIT"),
             rope_qkv: opt_in("QILIN_CUDA_ROPE_QKV"),
             qgemm_wide: opt_in("QILIN_CUDA_QGEMM_WIDE"),
+            gemv_cublas_deep: opt_in("QILIN_CUDA_GEMV_CUBLAS_DEEP"),
         }
     }
 }
