@@ -60,3 +60,11 @@ pub fn rounds(full: usize) -> usize {
         full
     }
 }
+
+/// Whether a suite repeats a launch to check it bit for bit against the first (split-K
+/// merges: counters reset, fixed order): yes unless the run is capped
+/// (QILIN_GPU_TEST_MAX_TOKENS set: racecheck, which watches shared memory only, where a
+/// repeat adds minutes and no coverage).
+pub fn repeats_launches() -> bool {
+    std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_none()
+}
