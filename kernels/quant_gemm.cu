@@ -25,7 +25,7 @@
 // QILIN_QGEMM_BLOCK_K (32) channels:
 //   - thread i owns channel row i of the tile: each step it dequantizes that row's 32
 //     levels with their group's (scale, min) and stores them as bf16 into the shared weight
-//     tile (double-buffered). Its levels and pairs are loaded QGEMM_LEVEL_STEPS steps ahead
+//     tile (double-buffered); groups are powers of two, found by a shift. Its levels and pairs are loaded QGEMM_LEVEL_STEPS steps ahead
 //     into a register ring (8 steps of 16 bytes at 4 bits, 4 of 32 at 8: ~16 KiB of levels
 //     in flight per block, ~48 KiB per SM at 3 blocks, the ~40-64 KiB Little's law asks for
 //     at ~1.2-1.5 us of loaded DRAM latency);
@@ -48,26 +48,30 @@
 //   Epilogue: bias added in f32, one rounding to bf16, bounds-checked per element.
 //
 // Napkin math (H200: 132 SMs, 1.98 GHz, ~4.25 TB/s copy; Qwen2.5-7B int4, 64 tokens):
-//   - issue per block step: 128 threads x 32 values x ~5 lane-instructions to dequantize
-//     and store (shift/LOP3, FADD, FFMA, half an F2FP, the st.shared) ~ 640 warp-
-//     instructions, plus 4 warps x (12 ldmatrix + 32 HMMA + ~20 of addressing, the x copy
-//     and the barrier): ~900 warp-instructions per 2 KiB of levels, i.e. ~5.5-6.5 B/clock
-//     per SM at an IPC of ~2.5-3: ~1.5 TB/s of levels, issue-bound about 2.8x under copy
-//     bandwidth, but far from the one-round-trip-per-step bound of the first version;
-//   - gate_up (37888 x 3584, 68 MB of levels, 296 tiles): ~45 us; qkv (4608 rows, 8.3 MB,
-//     36 tiles x 8 splits): ~6 us + ~2 us ramp + ~2 us merge; o (3584 rows, 28 x 8) ~8 us;
-//     down (3584 x 18944, 34 MB, 28 x 8) ~25 us; the mma work hardly matters (32 HMMA per
-//     warp-step against ~200 other instructions). The token count up to 64 changes only x
-//     (zero-filled rows are not read), so 16, 32 and 64 tokens cost about the same.
+//   - issue per thread and step in the sm_90a SASS (ptxas 13.0, nvdisasm): ~209
+//     instructions, 32 HMMA, 12 LDSM, and ~120 to dequantize 32 levels (per value one
+//     LOP3, FADD and FFMA and half an F2FP: nibble e of a half-word stays in place under
+//     the exponent of 2^23, and the FMA takes scale 16^-e, exactly; the first version's
+//     extraction and run-time indices made it ~320). So ~840 warp-instructions per block
+//     step of 2 KiB of levels: at an IPC of ~2.5-3 per SM, ~6-7 B/clock, ~1.6-1.9 TB/s of
+//     levels, issue-bound about 2.3x under copy bandwidth but far from the one-round-trip-
+//     per-step bound of the first version;
+//   - gate_up (37888 x 3584, 68 MB of levels, 296 tiles): ~35-45 us; qkv (4608 rows,
+//     8.3 MB, 36 tiles x 8 splits): ~5 us + ~2 us ramp + ~2 us merge; o (3584 rows, 28 x 8)
+//     ~7 us; down (3584 x 18944, 34 MB, 28 x 8) ~20-25 us. The token count up to 64 changes
+//     only x (rows past n_tokens are zero-filled, not read) and the HMMA count, so 16, 32
+//     and 64 tokens cost about the same.
 //
-// Launch contract, checked (a violation traps): blocks of exactly QILIN_QGEMM_THREADS
-// threads; grid = (ceil(out_features / QILIN_QGEMM_BLOCK_N), ceil(n_tokens /
+// Launch contract, checked (a violation traps but for the last): blocks of exactly
+// QILIN_QGEMM_THREADS threads; grid = (ceil(out_features / QILIN_QGEMM_BLOCK_N), ceil(n_tokens /
 // QILIN_QGEMM_BLOCK_M), splits) with 1 <= splits <= in_features / QILIN_QGEMM_BLOCK_K;
 // partials [tiles * splits * QILIN_QGEMM_PARTIALS] f32 and counters [tiles] u32, all zero at
 // launch, non-null when splits > 1 (tiles = grid.x * grid.y); in_features a multiple of
-// QILIN_QGEMM_BLOCK_K and of group_size, group_size a non-zero multiple of a 16-byte
-// vector's levels; 16-byte aligned x and levels, 8-byte aligned scale_min (whole cudarc
-// allocations). `partials` must not alias anything another op reads meanwhile (one stream
+// QILIN_QGEMM_BLOCK_K and of group_size, group_size a power of two and a multiple of a
+// 16-byte vector's levels (every format Qilin packs; GPTQ's per-channel groups are not, and
+// take dequantization + cuBLAS); 16-byte aligned x and levels, 8-byte aligned scale_min (whole cudarc
+// allocations); n_tokens x in_features < 2^32 (x offsets are u32; the geometry refuses
+// more). `partials` must not alias anything another op reads meanwhile (one stream
 // orders it).
 
 #include "common.cuh"
@@ -101,6 +105,9 @@ static_assert(QILIN_QGEMM_PARTIALS == 2 * 8 * 4 * QILIN_QGEMM_THREADS,
 template <int BITS>
 struct QgemmRing {
     static constexpr int kSteps = BITS == 4 ? QILIN_QGEMM_LEVEL_STEPS_W4 : QILIN_QGEMM_LEVEL_STEPS_W8;
+    // The x stage and weight buffer of a step then follow from its place in the ring.
+    static_assert(kSteps % QGEMM_X_STAGES == 0 && kSteps % 2 == 0,
+                  "abi.h: the level ring is a multiple of the x stages and of 2");
 };
 
 // One step's levels and (scale, min) pairs of one channel row, held in registers between
@@ -111,36 +118,51 @@ struct StepLevels {
     float2 sm[Levels<BITS>::kVecsPerLane];
 };
 
-// Row `row`'s levels and pairs of step `step` (zeros past out_features).
-template <int BITS>
-QILIN_DEVICE StepLevels<BITS> qgemm_load_levels(const QilinQuantGemvParams& p,
-                                                 const uint8_t* __restrict__ levels,
-                                                 const float2* __restrict__ scale_min,
-                                                 unsigned row, unsigned step) {
-    constexpr int VL = Levels<BITS>::kVecsPerLane;
-    constexpr int PER_VEC = Levels<BITS>::kPerVec;
-    StepLevels<BITS> out;
-    const bool ok = row < p.out_features;
-    const size_t safe_row = ok ? row : 0u;
-    const unsigned vecs_per_row = p.in_features / PER_VEC;
-    const unsigned n_groups = p.in_features / p.group_size;
-    const uint4* lv = reinterpret_cast<const uint4*>(levels) + safe_row * vecs_per_row;
+// (a & mask) | or_bits in one LOP3 (written in C with two immediates, nvcc emits two).
+QILIN_DEVICE uint32_t and_or(uint32_t a, uint32_t mask, uint32_t or_bits) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(or_bits));
+    return r;
+}
+
+// 32 4-bit levels (one 16-byte vector) -> bf16_rne(fma(scale, level, min)) into dst[0..32),
+// the value store_dequantized gives, in ~3.6 instructions a value instead of ~4.5: nibble
+// e of a half-word stays where it is, 2^23 + level 16^e comes out of one LOP3 and one FADD,
+// and the FMA takes scale 16^-e (scale16[e], exact: a power-of-two scaling of a normal
+// float), so the product scale16[e] x level 16^e is scale x level exactly and the FMA
+// rounds the same sum once.
+QILIN_DEVICE void dequantize_w4_to_shared(const uint4& v, const float scale16[4], float min,
+                                          bf16* dst) {
 #pragma unroll
-    for (int i = 0; i < VL; ++i) {
-        const unsigned first = step * QILIN_QGEMM_BLOCK_K + i * PER_VEC;
-        out.v[i] = ok ? load128_stream(lv + first / PER_VEC) : make_uint4(0u, 0u, 0u, 0u);
-        out.sm[i] = ok ? __ldg(scale_min + safe_row * n_groups + first / p.group_size)
-                       : make_float2(0.0f, 0.0f);
+    for (int w = 0; w < 4; ++w) {
+        const uint32_t word = (&v.x)[w];
+        float out[8];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const uint32_t bits = half == 0 ? word : word >> 16;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float biased = __uint_as_float(and_or(bits, 0xFu << (4 * e), 0x4B000000u));
+                out[4 * half + e] = fmaf(scale16[e], biased - 8388608.0f, min);
+            }
+        }
+        store128(dst + 8 * w, float_to_bf16x8(out));
     }
-    return out;
 }
 
 // The row's 32 values of this step, dequantized and rounded to bf16, into w_row[0..32).
 template <int BITS>
 QILIN_DEVICE void qgemm_store_levels(const StepLevels<BITS>& s, bf16* w_row) {
+    if (BITS == 4) {
+        const float scale = s.sm[0].x;
+        const float scale16[4] = {scale, scale * 0.0625f, scale * 0.00390625f,
+                                  scale * 0.000244140625f};
+        dequantize_w4_to_shared(s.v[0], scale16, s.sm[0].y, w_row);
+    } else {
 #pragma unroll
-    for (int i = 0; i < Levels<BITS>::kVecsPerLane; ++i) {
-        store_dequantized<BITS>(s.v[i], s.sm[i], w_row + i * Levels<BITS>::kPerVec);
+        for (int i = 0; i < Levels<BITS>::kVecsPerLane; ++i) {
+            store_dequantized<BITS>(s.v[i], s.sm[i], w_row + i * Levels<BITS>::kPerVec);
+        }
     }
 }
 
@@ -154,14 +176,18 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
                         float* __restrict__ partials,
                         unsigned* __restrict__ counters) {
     constexpr int RING = QgemmRing<BITS>::kSteps;
+    constexpr int VL = Levels<BITS>::kVecsPerLane;
+    constexpr unsigned PER_VEC = Levels<BITS>::kPerVec;
+    constexpr unsigned X_STAGE_BYTES = QILIN_QGEMM_BLOCK_M * QGEMM_LD * sizeof(bf16);
+    constexpr unsigned W_BUFFER_BYTES = QILIN_QGEMM_BLOCK_N * QGEMM_LD * sizeof(bf16);
     __shared__ __align__(16) bf16 xs[QGEMM_X_STAGES][QILIN_QGEMM_BLOCK_M][QGEMM_LD];
     __shared__ __align__(16) bf16 ws[2][QILIN_QGEMM_BLOCK_N][QGEMM_LD];
     __shared__ bool merges;
-    constexpr unsigned per_vec = Levels<BITS>::kPerVec;
     const unsigned n_steps = p.in_features / QILIN_QGEMM_BLOCK_K;
     const unsigned splits = gridDim.z;
     if (blockDim.x != QILIN_QGEMM_THREADS || p.in_features % QILIN_QGEMM_BLOCK_K != 0 ||
-        p.group_size == 0 || p.group_size % per_vec != 0 || p.in_features % p.group_size != 0 ||
+        p.group_size == 0 || (p.group_size & (p.group_size - 1)) != 0 ||
+        p.group_size % PER_VEC != 0 || p.in_features % p.group_size != 0 ||
         p.n_tokens == 0 || splits > n_steps ||
         (splits > 1 && (partials == nullptr || counters == nullptr))) {
         __trap();
@@ -179,24 +205,62 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
     const unsigned count =
         (unsigned)((unsigned long long)n_steps * (split + 1) / splits) - first_step;
 
+    // Thread tid's channel row: its levels, and its (scale, min) pairs (zeroed past
+    // out_features, which makes the row's weights 0 while the loads stay in row 0).
+    const unsigned row = channel0 + tid;
+    const bool row_ok = row < p.out_features;
+    const size_t safe_row = row_ok ? row : 0u;
+    const uint4* lv_row = reinterpret_cast<const uint4*>(levels) + safe_row * (p.in_features / PER_VEC);
+    const float2* sm_row = scale_min + safe_row * (p.in_features / p.group_size);
+    const unsigned group_shift = __ffs(p.group_size) - 1;  // a power of two (checked)
+    auto load_levels = [&](unsigned local_step) {
+        StepLevels<BITS> s;
+#pragma unroll
+        for (int i = 0; i < VL; ++i) {
+            const unsigned channel = (first_step + local_step) * QILIN_QGEMM_BLOCK_K + i * PER_VEC;
+            const unsigned group = channel >> group_shift;
+            s.v[i] = load128_stream(lv_row + channel / PER_VEC);
+            const float2 pair = __ldg(sm_row + group);
+            s.sm[i] = row_ok ? pair : make_float2(0.0f, 0.0f);
+        }
+        return s;
+    };
+
     // x chunks of one step: 64 rows x 4 chunks of 8 values; thread tid copies chunks
-    // tid and tid + 128. The caller commits the group.
-    auto load_x = [&](unsigned step, unsigned stage) {
+    // tid and tid + 128 (rows past n_tokens zero-filled, nothing read). The caller commits.
+    // Offsets in values from x_base, within u32 (the geometry bounds n_tokens x in_features).
+    const bf16* const x_base = x + (size_t)first_step * QILIN_QGEMM_BLOCK_K;
+    uint32_t x_offset[2], x_dst[2], x_bytes[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const unsigned chunk = tid + c * QILIN_QGEMM_THREADS;
+        const unsigned r = chunk / (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS);
+        const unsigned col = (chunk % (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS)) * QILIN_VEC_ELEMS;
+        const bool ok = token0 + r < p.n_tokens;
+        x_offset[c] = (ok ? token0 + r : 0u) * p.in_features + col;
+        x_dst[c] = smem_u32(&xs[0][r][col]);
+        x_bytes[c] = ok ? 16u : 0u;
+    }
+    auto load_x = [&](unsigned local_step, unsigned stage) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            const unsigned chunk = tid + c * QILIN_QGEMM_THREADS;
-            const unsigned r = chunk / (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS);
-            const unsigned col = (chunk % (QILIN_QGEMM_BLOCK_K / QILIN_VEC_ELEMS)) * QILIN_VEC_ELEMS;
-            const unsigned token = token0 + r;
-            const bool ok = token < p.n_tokens;
-            const bf16* src =
-                x + (size_t)(ok ? token : 0u) * p.in_features + step * QILIN_QGEMM_BLOCK_K + col;
-            cp_async_16(smem_u32(&xs[stage][r][col]), src, ok ? 16u : 0u);
+            cp_async_16(x_dst[c] + stage * X_STAGE_BYTES,
+                        x_base + x_offset[c] + local_step * QILIN_QGEMM_BLOCK_K, x_bytes[c]);
         }
     };
-    auto load_levels = [&](unsigned local_step) {
-        return qgemm_load_levels<BITS>(p, levels, scale_min, channel0 + tid, first_step + local_step);
-    };
+    // This lane's ldmatrix rows in stage 0 / buffer 0 (k16 0): A per m-tile, B per pair of
+    // n-tiles; a stage, buffer or k16 adds a compile-time offset.
+    uint32_t a_addr[2], b_addr[4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        a_addr[mt] = smem_u32(&xs[0][warp_m * QGEMM_WARP_M + mt * 16 + (lane % 16)][(lane / 16) * 8]);
+    }
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+        const unsigned n = warp_n * QGEMM_WARP_N + np * 16 + (lane / 16) * 8 + (lane % 8);
+        b_addr[np] = smem_u32(&ws[0][n][((lane / 8) % 2) * 8]);
+    }
+    bf16* const w_row0 = &ws[0][tid][0];
 
     float acc[2][8][4];
 #pragma unroll
@@ -216,7 +280,7 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
 #pragma unroll
     for (int s = 0; s < QGEMM_X_STAGES - 1; ++s) {
         if ((unsigned)s < count) {
-            load_x(first_step + s, s);
+            load_x(s, s);
         }
         cp_async_commit();
     }
@@ -228,7 +292,7 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
         }
     }
     if (count > 0) {
-        qgemm_store_levels<BITS>(ring[0], &ws[0][tid][0]);
+        qgemm_store_levels<BITS>(ring[0], w_row0);
         if ((unsigned)RING < count) {
             ring[0] = load_levels(RING);
         }
@@ -236,9 +300,9 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
     cp_async_wait<QGEMM_X_STAGES - 2>();
     __syncthreads();
 
-    // Local step i = base + j: its x in stage i % X_STAGES, its weights in ws[i % 2], and
-    // step i + 1's levels in ring slot (j + 1) % RING (compile-time: base is a multiple of
-    // RING, and j is unrolled).
+    // Local step i = base + j (base a multiple of RING, j unrolled): its x in stage
+    // j % X_STAGES, its weights in ws[j % 2], step i + 1's levels in ring slot (j + 1) %
+    // RING, all compile-time (RING is a multiple of X_STAGES and of 2).
     for (unsigned base = 0; base < count; base += RING) {
 #pragma unroll
         for (int j = 0; j < RING; ++j) {
@@ -246,29 +310,23 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
             if (i >= count) {
                 break;  // block-uniform
             }
-            const unsigned ahead = i + QGEMM_X_STAGES - 1;
-            if (ahead < count) {
-                load_x(first_step + ahead, ahead % QGEMM_X_STAGES);
+            if (i + QGEMM_X_STAGES - 1 < count) {
+                load_x(i + QGEMM_X_STAGES - 1, (j + QGEMM_X_STAGES - 1) % QGEMM_X_STAGES);
             }
             cp_async_commit();
-            const unsigned xb = i % QGEMM_X_STAGES;
-            const unsigned wb = i % 2;
+            const uint32_t x_stage = (j % QGEMM_X_STAGES) * X_STAGE_BYTES;
+            const uint32_t w_buffer = (j % 2) * W_BUFFER_BYTES;
 #pragma unroll
             for (int k16 = 0; k16 < QILIN_QGEMM_BLOCK_K / 16; ++k16) {
                 uint32_t a[2][4];
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
-                    const unsigned r = warp_m * QGEMM_WARP_M + mt * 16 + (lane % 16);
-                    const unsigned col = k16 * 16 + (lane / 16) * 8;
-                    ldmatrix_x4(a[mt], smem_u32(&xs[xb][r][col]));
+                    ldmatrix_x4(a[mt], a_addr[mt] + x_stage + k16 * 16 * sizeof(bf16));
                 }
 #pragma unroll
                 for (int np = 0; np < 4; ++np) {  // pairs of n-tiles
                     uint32_t b[4];
-                    const unsigned n =
-                        warp_n * QGEMM_WARP_N + np * 16 + (lane / 16) * 8 + (lane % 8);
-                    const unsigned col = k16 * 16 + ((lane / 8) % 2) * 8;
-                    ldmatrix_x4(b, smem_u32(&ws[wb][n][col]));
+                    ldmatrix_x4(b, b_addr[np] + w_buffer + k16 * 16 * sizeof(bf16));
 #pragma unroll
                     for (int mt = 0; mt < 2; ++mt) {
                         mma_bf16_16816(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -278,7 +336,7 @@ QILIN_DEVICE void qgemm(const QilinQuantGemvParams p,
             }
             if (i + 1 < count) {
                 const int next = (j + 1) % RING;
-                qgemm_store_levels<BITS>(ring[next], &ws[wb ^ 1u][tid][0]);
+                qgemm_store_levels<BITS>(ring[next], w_row0 + ((j + 1) % 2) * (W_BUFFER_BYTES / sizeof(bf16)));
                 if (i + 1 + RING < count) {
                     ring[next] = load_levels(i + 1 + RING);
                 }

@@ -839,4 +839,8 @@ fn qgemm_geometry_splits_narrow_layers_and_covers_every_tile() {
     assert_eq!(qgemm_geometry(64, 4, 3584, 4608, 128, 132, 20, None).unwrap().0 .2, 1);
     assert_eq!(qgemm_geometry(64, 4, 3584, 0, 128, 132, 8192, None), None, "no outputs");
     assert_eq!(qgemm_geometry(0, 4, 3584, 64, 128, 132, 8192, None), None, "no tokens");
+    assert!(quant_layout_ok(4, 3840, 96));
+    assert_eq!(qgemm_geometry(64, 4, 3840, 64, 96, 132, 8192, None), None, "group not 2^k");
+    assert_eq!(qgemm_geometry(1 << 17, 4, 1 << 15, 64, 128, 132, 8192, None), None, "n x in");
+    assert!(qgemm_geometry((1 << 17) - 1, 4, 1 << 15, 64, 128, 132, 8192, None).is_some());
 }

@@ -247,7 +247,9 @@ pub fn qgemv_splitk_geometry(
 /// the tiles outnumber `max_counters` (the merge's counters). Qwen2.5-7B at <= 64 tokens
 /// on 132 SMs: qkv 36 tiles x 8, o 28 x 8, down 28 x 8, gate_up 296 x 1. `None` when `n`
 /// or `out` is zero or a grid dimension exceeds 65535 tokens-blocks, `in` is not a
-/// multiple of `QILIN_QGEMM_BLOCK_K`, or the layout is not `quant_layout_ok`.
+/// multiple of `QILIN_QGEMM_BLOCK_K`, the layout is not `quant_layout_ok`, the group is
+/// not a power of two (the kernel finds a channel's group by a shift) or `n x in` does not
+/// fit u32 (its x offsets).
 #[allow(clippy::too_many_arguments)]
 pub fn qgemm_geometry(
     n: usize,
@@ -263,6 +265,7 @@ pub fn qgemm_geometry(
         || out_features == 0
         || !in_features.is_multiple_of(QILIN_QGEMM_BLOCK_K as usize)
         || !quant_layout_ok(bits, in_features, group)
+        || !group.is_power_of_two()
     {
         return None;
     }
@@ -270,6 +273,7 @@ pub fn qgemm_geometry(
     let channels = u32::try_from(out_features.div_ceil(QILIN_QGEMM_BLOCK_N as usize)).ok()?;
     u32::try_from(n).ok()?;
     u32::try_from(out_features).ok()?;
+    u32::try_from(n.checked_mul(in_features)?).ok()?; // the kernel's x offsets
     if tokens > 65535 {
         return None;
     }
