@@ -61,10 +61,10 @@ pub fn rounds(full: usize) -> usize {
     }
 }
 
-/// Whether a suite repeats a launch to check it bit for bit against the first (split-K
-/// merges: counters reset, fixed order): yes unless the run is capped
-/// (QILIN_GPU_TEST_MAX_TOKENS set: racecheck, which watches shared memory only, where a
-/// repeat adds minutes and no coverage).
+/// Whether a suite runs the launches that add no shared-memory access pattern of their
+/// own (a repeat checked bit for bit against the first, a forced split count): yes unless
+/// the run is capped (QILIN_GPU_TEST_MAX_TOKENS set: racecheck, which watches shared
+/// memory only, where they add minutes and no coverage).
 pub fn repeats_launches() -> bool {
     std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_none()
 }
