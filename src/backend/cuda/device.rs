@@ -110,9 +110,9 @@ pub struct FastPaths {
     /// instead of three column copies and qilin_rope_store_kv_bf16.
     pub rope_qkv: bool,
     /// `QILIN_CUDA_QGEMM_WIDE=1` (opt-in; the pipelined split-K rewrite compiles,
-    /// unverified): quantized layers at 9-256 tokens that the tensor-core GEMV does not
-    /// take through the tensor-core GEMM qilin_qgemm_w{4,8}_bf16
-    /// (`quant_linear::qgemm_wins`) instead of dequantization + cuBLAS.
+    /// unverified): quantized layers at 9-256 tokens through the tensor-core GEMM
+    /// qilin_qgemm_w{4,8}_bf16 (`quant_linear::qgemm_wins`) instead of the chunked
+    /// tensor-core GEMV (9-32) or dequantization + cuBLAS.
     pub qgemm_wide: bool,
     /// `QILIN_CUDA_GEMV_CUBLAS_DEEP=1` (opt-in until a GPU run compares the two): bf16
     /// layers no wider than deep (o_proj, down_proj) at 4-8 tokens through cuBLAS instead

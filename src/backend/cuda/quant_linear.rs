@@ -148,11 +148,12 @@ pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = 32;
 
 /// Whether the dispatch sends `n` tokens through `w` by the tensor-core GEMV: a layer it
 /// takes (`qgemv_mma_ok`) at up to GEMV_MAX_TOKENS tokens, or up to
-/// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0.
+/// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0 or the
+/// tensor-core GEMM takes those tokens (QILIN_CUDA_QGEMM_WIDE=1, predicted to win there).
 pub fn qgemv_mma_takes(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
-    let most =
-        if dev.paths.qgemv_mma_wide { QGEMV_MMA_CHUNKED_MAX_TOKENS } else { GEMV_MAX_TOKENS };
+    let chunked = dev.paths.qgemv_mma_wide && !dev.paths.qgemm_wide;
+    let most = if chunked { QGEMV_MMA_CHUNKED_MAX_TOKENS } else { GEMV_MAX_TOKENS };
     dev.paths.qgemv_mma
         && n <= most
         && qgemv_mma_ok(n, q.format.bits, w.in_features, q.format.group)
@@ -289,8 +290,8 @@ fn launch_split_k(
 }
 
 /// Whether the dispatch sends `n` tokens through a quantized layer by
-/// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS (opt-in,
-/// QILIN_CUDA_QGEMM_WIDE=1): past the tensor-core GEMV's tokens (`qgemv_mma_takes`) up to
+/// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS or the chunked tensor-core
+/// GEMV (opt-in, QILIN_CUDA_QGEMM_WIDE=1): from 9 tokens (past every GEMV's 8) up to
 /// QGEMM_MAX_TOKENS. The first version of the kernel won only gate_up at 32-64 tokens on an
 /// H200 (b908988: 139 us against 277; qkv [64] 89 against 40); the pipelined split-K
 /// rewrite (kernels/quant_gemm.cu, unverified) predicts every layer under the cuBLAS path
