@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::attention_decode::decode_attention;
 use super::CpuTensor;
 use crate::backend::batch::slot_of;
 use crate::backend::{AttentionShape, BackendError, Batch, KvCacheShape, BLOCK_SIZE};
@@ -30,8 +31,13 @@ impl CpuKvCache {
         Ok(CpuKvCache { shape, keys, values })
     }
 
-    fn width(&self) -> usize {
+    pub(super) fn width(&self) -> usize {
         self.shape.num_kv_heads * self.shape.head_dim
+    }
+
+    /// Layer `layer`'s keys and values, each `[num_blocks * BLOCK_SIZE, kv_heads*head_dim]`.
+    pub(super) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
     }
 
     /// Writes k and v `[n, kv_heads*head_dim]` into `slots` of `layer`, skipping `NO_SLOT`.
@@ -68,16 +74,16 @@ pub fn apply_rope(x: &mut CpuTensor, positions: &[u32], rope: &RopeTable, head_d
 /// Query rows per attention task: bounds the score matrix to `QUERY_BLOCK x context`.
 const QUERY_BLOCK: usize = 64;
 
-/// Up to this many query rows (decode), a task reads K/V in place and computes scores
-/// with dot products; above it (prefill), it gathers K/V tiles once and runs GEMMs.
+/// Up to this many query rows (decode), a sequence's rows go through
+/// `attention_decode` (K/V read in place, split over the context); above it (prefill),
+/// tasks gather K/V tiles once and run GEMMs.
 const DIRECT_MAX_ROWS: usize = 4;
 
-/// One unit of attention work: a block of one sequence's query rows against one KV
-/// head, for query heads `kv_head * group + heads.start .. + heads.end` of its group.
+/// One unit of prefill attention work: a block of one sequence's query rows against one
+/// KV head, for every query head of its group.
 struct AttentionTask {
     seq: usize,
     kv_head: usize,
-    heads: std::ops::Range<usize>,
     /// Rows `first_row..first_row + rows` of the sequence's slice of the batch.
     first_row: usize,
     rows: usize,
@@ -86,9 +92,10 @@ struct AttentionTask {
 /// Causal attention of every batch row over its own sequence's cached K/V.
 /// q `[n, heads*head_dim]` -> `[n, heads*head_dim]`.
 ///
-/// Per task, the KV head's keys and values are gathered from their blocks into
-/// contiguous `[context, head_dim]` tiles, then each query head of the group does two
-/// GEMMs (scores = Q K^T, out = P V) around a masked softmax.
+/// Decode rows: `attention_decode::decode_attention`. Prefill rows: per task, the KV
+/// head's keys and values are gathered from their blocks into contiguous
+/// `[context, head_dim]` tiles, then each query head of the group does two GEMMs
+/// (scores = Q K^T, out = P V) around a masked softmax.
 pub fn paged_attention(
     q: &CpuTensor,
     batch: &Batch,
@@ -97,109 +104,32 @@ pub fn paged_attention(
     shape: AttentionShape,
 ) -> CpuTensor {
     let group = shape.num_heads / shape.num_kv_heads;
+    let mut out = CpuTensor::zeros(q.rows, q.cols);
+    decode_attention(q, batch, cache, layer, shape, DIRECT_MAX_ROWS, &mut out);
     let mut tasks = Vec::new();
     for (s, seq) in batch.seqs.iter().enumerate() {
-        // A sequence with no new tokens this step has no rows to write (and a task of
-        // zero rows would split its result into zero-length chunks).
-        if seq.len == 0 {
+        // Sequences with no new tokens this step have no rows; decode rows are done.
+        if seq.len <= DIRECT_MAX_ROWS {
             continue;
         }
         for kv_head in 0..shape.num_kv_heads {
-            if seq.len <= DIRECT_MAX_ROWS {
-                // Decode: one task per query head, so few KV heads still fill the threads.
-                for g in 0..group {
-                    let (first_row, rows) = (0, seq.len);
-                    tasks.push(AttentionTask { seq: s, kv_head, heads: g..g + 1, first_row, rows });
-                }
-                continue;
-            }
             for first_row in (0..seq.len).step_by(QUERY_BLOCK) {
                 let rows = QUERY_BLOCK.min(seq.len - first_row);
-                tasks.push(AttentionTask { seq: s, kv_head, heads: 0..group, first_row, rows });
+                tasks.push(AttentionTask { seq: s, kv_head, first_row, rows });
             }
         }
     }
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|t| {
-            if t.rows <= DIRECT_MAX_ROWS {
-                let direct = || attend_direct(q, batch, cache, layer, shape, t);
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2.
-                    return unsafe { with_avx2(direct) };
-                }
-                direct()
-            } else {
-                attend(q, batch, cache, layer, shape, t)
-            }
-        })
-        .collect();
+    let results: Vec<Vec<f32>> =
+        tasks.par_iter().map(|t| attend(q, batch, cache, layer, shape, t)).collect();
     let hd = shape.head_dim;
-    let mut out = CpuTensor::zeros(q.rows, q.cols);
     for (t, result) in tasks.iter().zip(results) {
         let seq = &batch.seqs[t.seq];
-        // result: [heads, rows, head_dim]
-        for (g, head_rows) in t.heads.clone().zip(result.chunks(t.rows * hd)) {
+        // result: [group, rows, head_dim]
+        for (g, head_rows) in result.chunks(t.rows * hd).enumerate() {
             let head = t.kv_head * group + g;
             for (r, values) in head_rows.chunks(hd).enumerate() {
                 let row = seq.start + t.first_row + r;
                 out.data[row * q.cols + head * hd..][..hd].copy_from_slice(values);
-            }
-        }
-    }
-    out
-}
-
-/// Runs `f` compiled for AVX2 (it is inlined here): baseline x86-64 code runs
-/// `attend_direct`'s score dots and value sums 4 lanes at a time. The arithmetic is the
-/// same (the dot's 16 lanes are explicit, the value sums elementwise, Rust never fuses
-/// a mul+add), so the results are identical.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-/// One task's output, `[heads, rows, head_dim]`, reading K/V in place (decode).
-#[inline(always)]
-fn attend_direct(
-    q: &CpuTensor,
-    batch: &Batch,
-    cache: &CpuKvCache,
-    layer: usize,
-    shape: AttentionShape,
-    task: &AttentionTask,
-) -> Vec<f32> {
-    let hd = shape.head_dim;
-    let group = shape.num_heads / shape.num_kv_heads;
-    let seq = &batch.seqs[task.seq];
-    let kv_width = cache.width();
-    let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-    let slot_offset = |j: usize| slot_of(&seq.block_table, j) * kv_width + task.kv_head * hd;
-    let mut out = vec![0.0f32; task.heads.len() * task.rows * hd];
-    let mut scores = Vec::new();
-    let mut outs = out.chunks_mut(hd);
-    for g in task.heads.clone() {
-        let head = task.kv_head * group + g;
-        for r in 0..task.rows {
-            let row = seq.start + task.first_row + r;
-            let pos = seq.context_len - seq.len + task.first_row + r;
-            let q_head = &q.row(row)[head * hd..(head + 1) * hd];
-            // A plain loop, not `extend(map(..))`: the iterator adaptor would be a
-            // separate function, compiled without `with_avx2`'s features.
-            scores.resize(pos + 1, 0.0);
-            for (j, score) in scores.iter_mut().enumerate() {
-                let off = slot_offset(j);
-                *score = dot_f32(q_head, &keys[off..off + hd]) * shape.scale;
-            }
-            softmax_in_place(&mut scores);
-            let dst = outs.next().unwrap_or_default();
-            for (j, &p) in scores.iter().enumerate() {
-                let off = slot_offset(j);
-                for (o, &v) in dst.iter_mut().zip(&values[off..off + hd]) {
-                    *o += p * v;
-                }
             }
         }
     }
@@ -218,22 +148,7 @@ fn softmax_in_place(scores: &mut [f32]) {
     scores.iter_mut().for_each(|s| *s *= inv);
 }
 
-/// f32 dot product with independent accumulators so LLVM vectorises it.
-#[inline(always)]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let whole = a.len() / LANES * LANES;
-    for (ca, cb) in a[..whole].chunks_exact(LANES).zip(b[..whole].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// One task's output, `[heads, rows, head_dim]`, from gathered K/V tiles and GEMMs
+/// One task's output, `[group, rows, head_dim]`, from gathered K/V tiles and GEMMs
 /// (prefill).
 fn attend(
     q: &CpuTensor,
@@ -259,9 +174,9 @@ fn attend(
     }
     let rows = task.rows;
     let mut scores = vec![0.0f32; rows * ctx]; // [rows, ctx]
-    let mut out = vec![0.0f32; task.heads.len() * rows * hd]; // [heads, rows, head_dim]
-    for (i, g) in task.heads.clone().enumerate() {
-        let head = task.kv_head * group + g;
+    let mut out = vec![0.0f32; group * rows * hd]; // [group, rows, head_dim]
+    for i in 0..group {
+        let head = task.kv_head * group + i;
         let q_block = &q.data[(seq.start + task.first_row) * q.cols + head * hd..];
         // scores [rows, ctx] = scale * Q [rows, hd] (row stride q.cols) . K^T [hd, ctx]
         // SAFETY: every pointer/stride pair stays inside its slice: Q rows are

@@ -3,6 +3,7 @@
 //! stay in their file format (bf16, f16, GGUF blocks) and are decoded on the fly.
 
 mod attention;
+mod attention_decode;
 mod linear;
 mod norm;
 
