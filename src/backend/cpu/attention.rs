@@ -5,6 +5,9 @@
 use rayon::prelude::*;
 
 use super::attention_decode::decode_attention;
+use super::softmax::softmax_in_place;
+#[cfg(target_arch = "x86_64")]
+use super::softmax::with_avx2_fma;
 use super::CpuTensor;
 use crate::backend::batch::slot_of;
 use crate::backend::{AttentionShape, BackendError, Batch, KvCacheShape, BLOCK_SIZE};
@@ -119,8 +122,20 @@ pub fn paged_attention(
             }
         }
     }
-    let results: Vec<Vec<f32>> =
-        tasks.par_iter().map(|t| attend(q, batch, cache, layer, shape, t)).collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| {
+            let run = || attend(q, batch, cache, layer, shape, t);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { with_avx2_fma(run) };
+            }
+            run()
+        })
+        .collect();
     let hd = shape.head_dim;
     for (t, result) in tasks.iter().zip(results) {
         let seq = &batch.seqs[t.seq];
@@ -136,20 +151,9 @@ pub fn paged_attention(
     out
 }
 
-/// Numerically stable softmax of attention scores, in place.
-fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    scores.iter_mut().for_each(|s| *s *= inv);
-}
-
 /// One task's output, `[group, rows, head_dim]`, from gathered K/V tiles and GEMMs
 /// (prefill).
+#[inline(always)]
 fn attend(
     q: &CpuTensor,
     batch: &Batch,

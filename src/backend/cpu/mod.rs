@@ -6,6 +6,7 @@ mod attention;
 mod attention_decode;
 mod linear;
 mod norm;
+mod softmax;
 
 pub use attention::CpuKvCache;
 pub use linear::CpuLinear;
