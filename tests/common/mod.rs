@@ -122,8 +122,11 @@ pub fn read_expected(path: &Path) -> Expected {
 
 /// How a greedy run compares with the reference.
 pub struct Comparison {
-    /// Steps compared (up to the first step where the reference's own choice was a
-    /// near-tie and we picked the other token, after which the runs legitimately diverge).
+    /// Steps whose tokens agree: all of them, or those before the first step where the
+    /// reference's own choice was a near-tie and we picked the other token, after which
+    /// the runs legitimately diverge. (Counting the diverging step too made a divergence
+    /// at the last step look like full agreement, and the caller then demanded identical
+    /// ids: SmolLM2's "raw" case with 8-bit activations, whose step 47 is a near-tie.)
     pub compared: usize,
     pub max_logprob_error: f32,
 }
@@ -167,7 +170,6 @@ pub fn compare_greedy(
             };
             max_err = max_err.max((lp - r.logprob).abs());
         }
-        compared += 1;
         if ours != theirs {
             assert!(
                 step.margin <= min_margin,
@@ -177,6 +179,7 @@ pub fn compare_greedy(
             );
             break; // a near-tie broke the other way: the continuations differ from here
         }
+        compared += 1;
     }
     assert!(max_err <= logprob_tol, "{}: logprob error {max_err} exceeds {logprob_tol}", case.name);
     Comparison { compared, max_logprob_error: max_err }
