@@ -48,6 +48,9 @@
 mod penalties;
 mod vecmath;
 
+/// Also the CPU attention's softmax exponential (`backend::cpu::softmax`).
+pub(crate) use vecmath::exp_nonpos;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

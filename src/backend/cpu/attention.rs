@@ -5,9 +5,7 @@
 use rayon::prelude::*;
 
 use super::attention_decode::decode_attention;
-use super::softmax::softmax_in_place;
-#[cfg(target_arch = "x86_64")]
-use super::softmax::with_avx2_fma;
+use super::softmax::{avx2_fma_if_present, softmax_in_place};
 use super::CpuTensor;
 use crate::backend::batch::slot_of;
 use crate::backend::{AttentionShape, BackendError, Batch, KvCacheShape, BLOCK_SIZE};
@@ -124,17 +122,7 @@ pub fn paged_attention(
     }
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|t| {
-            let run = || attend(q, batch, cache, layer, shape, t);
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { with_avx2_fma(run) };
-            }
-            run()
-        })
+        .map(|t| avx2_fma_if_present(|| attend(q, batch, cache, layer, shape, t)))
         .collect();
     let hd = shape.head_dim;
     for (t, result) in tasks.iter().zip(results) {

@@ -18,9 +18,7 @@
 use rayon::prelude::*;
 
 use super::attention::CpuKvCache;
-use super::softmax::exp_minus;
-#[cfg(target_arch = "x86_64")]
-use super::softmax::with_avx2_fma;
+use super::softmax::{avx2_fma_if_present, exp_minus};
 use super::CpuTensor;
 use crate::backend::batch::slot_of;
 use crate::backend::{AttentionShape, Batch, BLOCK_SIZE};
@@ -60,15 +58,7 @@ pub fn decode_attention(
     let partials: Vec<Partial> = tasks
         .par_iter()
         .map(|&(s, chunk)| {
-            let run = || chunk_partial(q, batch, s, cache, layer, shape, chunk);
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { with_avx2_fma(run) };
-            }
-            run()
+            avx2_fma_if_present(|| chunk_partial(q, batch, s, cache, layer, shape, chunk))
         })
         .collect();
     let hd = shape.head_dim;
