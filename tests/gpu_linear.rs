@@ -36,7 +36,9 @@
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
-use gpu_common::{fresh_seed, open_gpu, poisoned, runs_tokens, skip_without_gpu_tests};
+use gpu_common::{
+    capped_rows, fresh_seed, open_gpu, poisoned, runs_tokens, skip_without_gpu_tests,
+};
 
 use std::sync::Arc;
 
@@ -46,7 +48,7 @@ use qilin::backend::abi::{
     QILIN_GEMV_THREADS,
 };
 use qilin::backend::cpu::{CpuBackend, CpuLinear, CpuTensor};
-use qilin::backend::cuda::{CudaBackend, CudaLinear};
+use qilin::backend::cuda::{gemv_cublas_wins, CudaBackend, CudaLinear};
 use qilin::backend::{Backend, LinearPart};
 use qilin::model::tensor::Bytes;
 use qilin::model::{DType, WeightTensor};
@@ -115,7 +117,7 @@ struct Case {
 }
 
 fn build_layer(cpu: &CpuBackend, gpu: &CudaBackend, case: &Case, seed: u64, id: u64) -> Layer {
-    let (k, m) = (case.in_features, case.out_features);
+    let (k, m) = (case.in_features, capped_rows(case.out_features));
     // Weights of the size real checkpoints have (|w| ~ 1/sqrt(K)); biases O(1).
     let w_bits = random_bits(seed, 2 * id, m * k, 2.0 / (k as f32).sqrt());
     let weight = bf16_tensor(&w_bits, vec![m, k], false);
@@ -202,7 +204,7 @@ fn run_cases(test: &str, cases: &[Case]) {
 
             let mut out = poisoned(&gpu, n, m);
             gpu.linear_into(&x_gpu, &layer.gpu, &mut out);
-            let path = if gemv_geometry(n, k, m).is_some() {
+            let path = if gemv_geometry(n, k, m).is_some() && !gemv_cublas_wins(n) {
                 "dispatch (gemv)"
             } else {
                 "dispatch (cublas)"

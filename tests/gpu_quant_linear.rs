@@ -33,7 +33,8 @@
 #[path = "common/gpu.rs"]
 mod gpu_common;
 use gpu_common::{
-    fresh_seed, open_gpu, poisoned, repeats_launches, runs_tokens, skip_without_gpu_tests,
+    capped_rows, fresh_seed, open_gpu, poisoned, repeats_launches, runs_tokens,
+    skip_without_gpu_tests,
 };
 
 use std::sync::Arc;
@@ -167,7 +168,7 @@ fn build_layer(cpu: &CpuBackend, gpu: &CudaBackend, case: &Case, seed: u64, id: 
         .parts
         .iter()
         .enumerate()
-        .map(|(i, &(dtype, rows))| weight(dtype, rows, k, seed ^ (id << 8 | i as u64)))
+        .map(|(i, &(dtype, rows))| weight(dtype, capped_rows(rows), k, seed ^ (id << 8 | i as u64)))
         .collect();
     let m: usize = weights.iter().map(|w| w.rows()).sum();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ id);

@@ -50,6 +50,15 @@ pub fn runs_tokens(n: usize) -> bool {
     cap.is_none_or(|cap: usize| n <= cap)
 }
 
+/// `rows` output features, or at most QILIN_GPU_TEST_MAX_ROWS where that is set:
+/// tools/gpu-check sets 1024 under racecheck, where Qwen2.5-7B's gate_up (37888 rows) and
+/// lm_head (152064) only repeat, block after block, the shared-memory pattern that the
+/// kernel, K and the token count fix.
+pub fn capped_rows(rows: usize) -> usize {
+    let cap = std::env::var("QILIN_GPU_TEST_MAX_ROWS").ok().and_then(|s| s.parse().ok());
+    cap.map_or(rows, |cap: usize| rows.min(cap.max(1)))
+}
+
 /// Rounds of random inputs a suite repeats its shapes for: `full`, or 1 under a capped
 /// run (QILIN_GPU_TEST_MAX_TOKENS set: tools/gpu-check's racecheck, where coverage comes
 /// from the code paths, not from more random rows).
