@@ -17,17 +17,18 @@
 //!
 //! Every case runs under each launcher path (the bisecting switches of
 //! src/backend/cuda/attention.rs, set on the device with `Device::set_attention_switches`;
-//! each switch's environment variable is named below): default (the pipelined tensor-core decode kernel,
-//! which merges its splits in the same launch, for one-token sequences where head_dim is
-//! 64 or 128, tensor-core prefill for the rest), the decode kernel forced to 16-key
-//! splits (every context above 16 goes through the counters and the last-block merge,
-//! and each case finds the counters as the launches before it left them), both again
-//! with the tensor-core decode kernel and its separate reduction pass
-//! (QILIN_ATTN_DECODE_PIPE=0) and with the FMA decode kernels, the prefill kernel on
-//! every row, the 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1; the default
-//! takes the 128-row ones) for the prefill rows and on every row, the v2 head_dim-128
-//! prefill kernel (QILIN_ATTN_PREFILL_V2=1) for the prefill rows and on every row, and the
-//! plain-FMA kernel on every row. A failure names the path, so it tells which kernel
+//! each switch's environment variable is named below): default (the pipelined tensor-core
+//! decode kernel, which merges its splits in the same launch, for one-token sequences
+//! where head_dim is 64 or 128, tensor-core prefill for the rest: the v2 kernel at
+//! head_dim 128), the decode kernel forced to 16-key splits (every context above 16 goes
+//! through the counters and the last-block merge, and each case finds the counters as the
+//! launches before it left them), both again with the tensor-core decode kernel and its
+//! separate reduction pass (QILIN_ATTN_DECODE_PIPE=0) and with the FMA decode kernels,
+//! the prefill kernel on every row, the 64-row-tile prefill kernels
+//! (QILIN_ATTN_PREFILL_NARROW=1) for the prefill rows and on every row, the wide
+//! head_dim-128 prefill kernel the v2 one replaced (QILIN_ATTN_PREFILL_V2=0) for the
+//! prefill rows and on every row, and the plain-FMA kernel on every row. A failure names
+//! the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
 //!
@@ -110,8 +111,8 @@ const PATHS: &[Path] = &[
         "prefill-narrow-only",
         AttentionSwitches { no_decode: true, prefill_narrow: true, ..DISPATCH },
     ),
-    path("prefill-v2", AttentionSwitches { prefill_v2: true, ..DISPATCH }),
-    path("prefill-v2-only", AttentionSwitches { no_decode: true, prefill_v2: true, ..DISPATCH }),
+    path("prefill-wide", AttentionSwitches { prefill_v2: false, ..DISPATCH }),
+    path("prefill-wide-only", AttentionSwitches { no_decode: true, prefill_v2: false, ..DISPATCH }),
     path("simple-fma", AttentionSwitches { simple: true, ..DISPATCH }),
 ];
 

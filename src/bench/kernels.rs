@@ -32,7 +32,7 @@ use serde::Serialize;
 use super::gpu_model::{quant_format, shape_config, DeviceRandom};
 use super::kernel_timer::{ceilings, print_header, Bench, Flush, Timer};
 use crate::backend::abi::{GEMV_MAX_TOKENS, QILIN_QGEMV_SMALL_MAX_TOKENS};
-use crate::backend::cuda::gemv_mma_wins;
+use crate::backend::cuda::{gemv_cublas_wins, gemv_mma_wins};
 use crate::backend::cuda::{AttentionKernels, CudaBackend, CudaTensor};
 use crate::backend::{
     rope_qkv_by_split, AttentionShape, Backend, Batch, KvCacheShape, PenaltyBatch, PenaltyToken,
@@ -164,8 +164,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
     ];
     for (name, out, inp, bias) in linears {
         let w = rand.linear(out, inp, bias);
-        let sizes: &[usize] =
-            if name.ends_with("lm_head") { &[1, 4, 8, 64, 256] } else { &[1, 4, 8, 64, 256, 2048] };
+        let sizes: &[usize] = if name.ends_with("lm_head") {
+            &[1, 2, 4, 8, 64, 256]
+        } else {
+            &[1, 2, 4, 8, 64, 256, 2048]
+        };
         for &n in sizes {
             let x = rand.tensor(n, inp, 1.0);
             let values = out * inp + n * inp + n * out + if bias { out } else { 0 };
@@ -174,28 +177,31 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             bench.measure(name, shape.clone(), values as f64 * bf, flops, &mut || {
                 drop(b.linear(&x, &w));
             });
-            // cuBLAS at decode sizes (the dispatch's choice for o_proj and down_proj from 4
-            // tokens with QILIN_CUDA_GEMV_CUBLAS_DEEP=1): decides `gemv_cublas_wins`.
-            if n <= GEMV_MAX_TOKENS && n > 1 {
-                let mut y = rand.tensor(n, out, 1.0);
-                let op = format!("{name} (cublas)");
-                bench.measure(&op, shape.clone(), values as f64 * bf, flops, &mut || {
-                    b.linear_cublas_into(&x, &w, &mut y)
-                });
-            }
-            // The GEMV the dispatch does not take at this n and shape, beside the one it
-            // does: they decide `gemv_mma_wins`.
+            // At 2-8 tokens, the paths the dispatch does not take beside the one it does:
+            // cuBLAS (the dispatch's from 4 tokens, `gemv_cublas_wins`) and the two GEMVs
+            // (`gemv_mma_wins` picks one below that, or with QILIN_CUDA_GEMV_CUBLAS=0).
             if (2..=GEMV_MAX_TOKENS).contains(&n) {
                 let mut y = rand.tensor(n, out, 1.0);
-                let mma = !gemv_mma_wins(n, inp, out);
-                let op = format!("{name} ({})", if mma { "gemv mma" } else { "gemv fma" });
-                bench.measure(&op, shape, values as f64 * bf, flops, &mut || {
-                    if mma {
-                        b.linear_gemv_mma_into(&x, &w, &mut y)
-                    } else {
-                        b.linear_gemv_fma_into(&x, &w, &mut y)
+                let cublas_takes = gemv_cublas_wins(n);
+                if !cublas_takes {
+                    let op = format!("{name} (cublas)");
+                    bench.measure(&op, shape.clone(), values as f64 * bf, flops, &mut || {
+                        b.linear_cublas_into(&x, &w, &mut y)
+                    });
+                }
+                for mma in [false, true] {
+                    if !cublas_takes && mma == gemv_mma_wins(n, inp, out) {
+                        continue; // the dispatch row above
                     }
-                });
+                    let op = format!("{name} ({})", if mma { "gemv mma" } else { "gemv fma" });
+                    bench.measure(&op, shape.clone(), values as f64 * bf, flops, &mut || {
+                        if mma {
+                            b.linear_gemv_mma_into(&x, &w, &mut y)
+                        } else {
+                            b.linear_gemv_fma_into(&x, &w, &mut y)
+                        }
+                    });
+                }
             }
         }
     }
@@ -210,8 +216,8 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             let weight_bytes =
                 (out * inp * format.bits as usize / 8 + out * inp / format.group * 8) as f64;
             // 16 and 32: where the tensor-core GEMV's chunks of 8 tokens
-            // (QILIN_CUDA_QGEMV_MMA_WIDE) meet dequantization + cuBLAS; 256: the most the
-            // tensor-core GEMM takes with QILIN_CUDA_QGEMM_WIDE=1.
+            // (QILIN_CUDA_QGEMV_MMA_WIDE) meet the tensor-core GEMM and dequantization +
+            // cuBLAS; 64: the most the GEMM takes (`qgemm_wins`); 256: past it.
             for n in [1usize, 8, 16, 32, 64, 256, 2048] {
                 let x = rand.tensor(n, inp, 1.0);
                 let values = n * inp + n * out + if bias { out } else { 0 };
@@ -246,21 +252,20 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemv_splitk_into(&x, &w, &mut y);
                     });
                 }
-                // The tensor-core GEMM (the dispatch's with QILIN_CUDA_QGEMM_WIDE=1) where
-                // cuBLAS serves by default, split-K as its geometry decides; at 64 tokens
-                // also in one split, which shows what the splits buy.
-                if n > GEMV_MAX_TOKENS {
+                // Past the GEMVs' tokens, the two paths for the same layer whichever the
+                // dispatch takes (`qgemm_wins`): the tensor-core GEMM, split-K as its
+                // geometry decides, and dequantization + cuBLAS. Not at 2048 tokens, where
+                // the GEMM lost by 3-4x (771cd47).
+                if n > GEMV_MAX_TOKENS && n <= 256 {
                     let mut y = rand.tensor(n, out, 1.0);
                     let op = format!("{name} {} (qgemm)", method.name());
                     bench.measure(&op, shape.clone(), bytes, flops, &mut || {
                         b.linear_qgemm_into(&x, &w, &mut y, None);
                     });
-                    if n == 64 {
-                        let op = format!("{name} {} (qgemm, 1 split)", method.name());
-                        bench.measure(&op, shape, bytes, flops, &mut || {
-                            b.linear_qgemm_into(&x, &w, &mut y, Some(1));
-                        });
-                    }
+                    let op = format!("{name} {} (dequant + cublas)", method.name());
+                    bench.measure(&op, shape, bytes, flops, &mut || {
+                        b.linear_cublas_into(&x, &w, &mut y);
+                    });
                 }
             }
         }
@@ -465,11 +470,11 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::NarrowPrefill));
         });
-        // The opt-in v2 head_dim-128 kernel (QILIN_ATTN_PREFILL_V2=1; the wide kernel at
-        // other head sizes), on the same batch.
-        let what = format!("prefill (v2): {len} tokens, causal");
+        // The wide 128-row-tile kernel that the v2 one replaced at head_dim 128
+        // (QILIN_ATTN_PREFILL_V2=0), on the same batch.
+        let what = format!("prefill (wide v1): {len} tokens, causal");
         bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::PrefillV2));
+            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::WidePrefill));
         });
     }
 

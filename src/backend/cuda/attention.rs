@@ -11,11 +11,11 @@
 //!   qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
 //!   qilin_attention_decode_g{4,8}_bf16, split-K then qilin_attention_decode_reduce_bf16
 //!   when the plan has more than one split;
-//! - every other sequence: qilin_attention_prefill_wide_hd{64,128}_bf16 (tensor cores,
-//!   128-row tiles; the 64-row qilin_attention_prefill_hd{64,128}_bf16 with
-//!   QILIN_ATTN_PREFILL_NARROW=1; qilin_attention_prefill_v2_hd128_bf16 at head_dim 128
-//!   with QILIN_ATTN_PREFILL_V2=1), or qilin_attention_prefill_simple_bf16 for head sizes
-//!   without a tensor-core kernel.
+//! - every other sequence: at head_dim 128 qilin_attention_prefill_v2_hd128_bf16, else
+//!   qilin_attention_prefill_wide_hd64_bf16 (tensor cores, 128-row tiles; the 64-row
+//!   qilin_attention_prefill_hd{64,128}_bf16 with QILIN_ATTN_PREFILL_NARROW=1, the wide
+//!   head_dim-128 one with QILIN_ATTN_PREFILL_V2=0), or qilin_attention_prefill_simple_bf16
+//!   for head sizes without a tensor-core kernel.
 //!
 //! Both kernels are launched over the whole `DeviceBatch` and skip the sequences the other
 //! one owns, so the host needs no per-sequence lengths (the step's metadata stays on the
@@ -36,11 +36,12 @@
 //! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
 //!   (qilin_attention_prefill_hd{64,128}_bf16), which the 128-row ones replaced (H200,
 //!   16K causal at head_dim 128: 161 against 220 TFLOP/s).
-//! - `QILIN_ATTN_PREFILL_V2=1` (opt-in; compiles, unverified on hardware): head_dim-128
-//!   prefill rows take qilin_attention_prefill_v2_hd128_bf16 (double-buffered K/V, one
-//!   barrier per key tile, the causal mask on diagonal tiles only, lazy rescaling) instead
-//!   of the wide kernel, where the softmax scale is positive (its contract) and unless
-//!   `QILIN_ATTN_PREFILL_NARROW=1` also asks for the 64-row ones.
+//! - `QILIN_ATTN_PREFILL_V2=0`: head_dim-128 prefill rows take the wide kernel instead
+//!   of qilin_attention_prefill_v2_hd128_bf16 (double-buffered K/V, one barrier per key
+//!   tile, the causal mask on diagonal tiles only, lazy rescaling; H200 at 771cd47, 16K
+//!   causal: 339 against 221 TFLOP/s), which otherwise takes them where the softmax scale
+//!   is positive (its contract) unless `QILIN_ATTN_PREFILL_NARROW=1` asks for the 64-row
+//!   ones.
 
 use std::sync::Once;
 
@@ -75,9 +76,9 @@ pub enum AttentionKernels {
     NarrowPrefill,
     /// The tensor-core decode kernel and its reduction pass (QILIN_ATTN_DECODE_PIPE=0).
     UnpipedDecode,
-    /// The v2 head_dim-128 prefill kernel (QILIN_ATTN_PREFILL_V2=1; opt-in, for its
-    /// benchmark row before it is the default).
-    PrefillV2,
+    /// The wide 128-row-tile prefill kernel at head_dim 128 too (QILIN_ATTN_PREFILL_V2=0),
+    /// which the v2 kernel replaced: for its benchmark row.
+    WidePrefill,
 }
 
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
@@ -96,9 +97,9 @@ pub fn attention(
         AttentionKernels::Dispatch => {}
         AttentionKernels::NarrowPrefill => switches.prefill_narrow = true,
         AttentionKernels::UnpipedDecode => switches.decode_pipe = false,
-        AttentionKernels::PrefillV2 => {
+        AttentionKernels::WidePrefill => {
             switches.prefill_narrow = false;
-            switches.prefill_v2 = true;
+            switches.prefill_v2 = false;
         }
     }
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
@@ -242,7 +243,7 @@ fn raise_v2_smem(dev: &Device) -> bool {
         static WARN: Once = Once::new();
         WARN.call_once(|| {
             tracing::warn!(
-                "QILIN_ATTN_PREFILL_V2=1 ignored: {} cannot have {} B of shared memory: {e}",
+                "{} cannot have {} B of shared memory ({e}): the wide kernel takes head_dim-128 prefill rows",
                 kernel.entry,
                 QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES
             )
@@ -484,12 +485,12 @@ pub struct AttentionSwitches {
     pub split_tokens: Option<usize>,
     /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
     pub prefill_narrow: bool,
-    /// `QILIN_ATTN_PREFILL_V2=1`: the v2 head_dim-128 prefill kernel.
+    /// Unless `QILIN_ATTN_PREFILL_V2=0`: the v2 head_dim-128 prefill kernel.
     pub prefill_v2: bool,
 }
 
 impl AttentionSwitches {
-    /// The dispatch's own choices: every switch off.
+    /// The dispatch's own choices: no switch set.
     pub const DISPATCH: AttentionSwitches = AttentionSwitches {
         simple: false,
         no_decode: false,
@@ -497,7 +498,7 @@ impl AttentionSwitches {
         decode_pipe: true,
         split_tokens: None,
         prefill_narrow: false,
-        prefill_v2: false,
+        prefill_v2: true,
     };
 
     pub fn from_env() -> AttentionSwitches {
@@ -509,7 +510,7 @@ impl AttentionSwitches {
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
             decode_pipe: std::env::var_os("QILIN_ATTN_DECODE_PIPE").is_none_or(|v| v != "0"),
             prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
-            prefill_v2: on("QILIN_ATTN_PREFILL_V2"),
+            prefill_v2: std::env::var_os("QILIN_ATTN_PREFILL_V2").is_none_or(|v| v != "0"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }

@@ -113,7 +113,7 @@ pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaT
 fn gemv_path(dev: &Device, n: usize, w: &CudaLinear) -> Option<&'static str> {
     let (k, m) = (w.in_features, w.out_features);
     match &w.weight {
-        LinearWeight::Bf16(_) if dev.paths.gemv_cublas_deep && gemv_cublas_wins(n, k, m) => None,
+        LinearWeight::Bf16(_) if dev.paths.gemv_cublas && gemv_cublas_wins(n) => None,
         LinearWeight::Bf16(_) => gemv_geometry(n, k, m).map(|_| "gemv"),
         LinearWeight::Quant(_) if qgemv_mma_takes(dev, n, w) => Some("qgemv mma"),
         LinearWeight::Quant(q) => {
@@ -150,15 +150,16 @@ pub fn gemv_mma_wins(n: usize, in_features: usize, out_features: usize) -> bool 
     n >= GEMV_MMA_MIN_TOKENS && out_features > in_features
 }
 
-/// Whether cuBLAS is predicted to beat both bf16 GEMVs at `n` tokens on a layer of this
-/// shape (taken only with QILIN_CUDA_GEMV_CUBLAS_DEEP=1 until a GPU run compares them): the
-/// layers no deeper than wide lose with either GEMV from 4 tokens on (H200, b908988:
-/// down_proj [4] 55.8 us, [8] 79.1, o_proj [8] 22.2), while cuBLAS took the same layers
-/// at 64 tokens in 42.3 and 12.7 us. The FMA GEMV's blocks each read the tokens' whole x
-/// row (8 x 18944 bf16 = 303 KB for down_proj at 8 tokens) through L1, which cannot hold
-/// it; cuBLAS splits k.
-pub fn gemv_cublas_wins(n: usize, in_features: usize, out_features: usize) -> bool {
-    n >= GEMV_MMA_MIN_TOKENS && out_features <= in_features
+/// Whether cuBLAS beats both bf16 GEMVs at `n` tokens (the dispatch asks unless
+/// QILIN_CUDA_GEMV_CUBLAS=0). H200, `qilin bench kernels` at 771cd47, us at n = 4 and 8
+/// (best GEMV / cuBLAS): qkv_proj 21.5 / 15.7, 21.9 / 16.1; o_proj 15.9 / 13.1, 20.1 /
+/// 13.3; gate_up 78.9 / 73.5, 79.6 / 73.1; down_proj 54.8 / 39.2, 80.1 / 39.8; lm_head
+/// 263.8 / 260.1, 265.4 / 261.3. The GEMVs' blocks each read the tokens' whole x row
+/// through L1 and cannot split k; cuBLAS's small-n kernels do. Below 4 tokens the GEMV
+/// keeps the layers (batch 1 reads the weights at 49-102% of copy bandwidth; n = 2 and
+/// 3 were not measured against cuBLAS).
+pub fn gemv_cublas_wins(n: usize) -> bool {
+    n >= GEMV_MMA_MIN_TOKENS
 }
 
 /// qilin_gemv_mma_bf16 (tensor cores) for a bf16 W, whatever the dispatch would pick: for
@@ -434,24 +435,5 @@ impl CudaBackend {
     /// quantized W or a shape the GEMV cannot take.
     pub fn linear_gemv_mma_into(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
         gemv_mma_into(&self.dev, x, w, out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gemv_cublas_wins_on_deep_layers_from_4_tokens() {
-        // Qwen2.5-7B: o_proj [3584, 3584] and down_proj [3584, 18944], not qkv or gate_up.
-        assert!(gemv_cublas_wins(4, 3584, 3584));
-        assert!(gemv_cublas_wins(8, 18944, 3584));
-        assert!(!gemv_cublas_wins(3, 18944, 3584), "below 4 tokens the GEMV streams W once");
-        assert!(!gemv_cublas_wins(8, 3584, 4608), "qkv: the tensor-core GEMV");
-        assert!(!gemv_cublas_wins(8, 3584, 37888), "gate_up: the tensor-core GEMV");
-        // The two rules never claim the same layer.
-        for (n, k, m) in [(4, 3584, 3584), (8, 18944, 3584), (8, 3584, 4608), (6, 576, 1536)] {
-            assert!(!(gemv_cublas_wins(n, k, m) && gemv_mma_wins(n, k, m)), "{n} {k} {m}");
-        }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 pub use attention::{AttentionKernels, AttentionSwitches};
 pub use batch_meta::DeviceBatch;
 pub use device::{Device, FastPaths};
-pub use linear::gemv_mma_wins;
+pub use linear::{gemv_cublas_wins, gemv_mma_wins};
 pub use quant_linear::reserve_dequant_scratch;
 pub use sampling::argmax_rows_on_device;
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};

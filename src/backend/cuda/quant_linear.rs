@@ -149,10 +149,10 @@ pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = 32;
 /// Whether the dispatch sends `n` tokens through `w` by the tensor-core GEMV: a layer it
 /// takes (`qgemv_mma_ok`) at up to GEMV_MAX_TOKENS tokens, or up to
 /// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0 or the
-/// tensor-core GEMM takes those tokens (QILIN_CUDA_QGEMM_WIDE=1, predicted to win there).
+/// tensor-core GEMM is asked first (it is not: the chunks won 9-32 tokens, `qgemm_wins`).
 pub fn qgemv_mma_takes(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
-    let chunked = dev.paths.qgemv_mma_wide && !dev.paths.qgemm_wide;
+    let chunked = dev.paths.qgemv_mma_wide;
     let most = if chunked { QGEMV_MMA_CHUNKED_MAX_TOKENS } else { GEMV_MAX_TOKENS };
     dev.paths.qgemv_mma
         && n <= most
@@ -290,16 +290,12 @@ fn launch_split_k(
 }
 
 /// Whether the dispatch sends `n` tokens through a quantized layer by
-/// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS or the chunked tensor-core
-/// GEMV (opt-in, QILIN_CUDA_QGEMM_WIDE=1): from 9 tokens (past every GEMV's 8) up to
-/// QGEMM_MAX_TOKENS. The first version of the kernel won only gate_up at 32-64 tokens on an
-/// H200 (b908988: 139 us against 277; qkv [64] 89 against 40); the pipelined split-K
-/// rewrite (kernels/quant_gemm.cu, unverified) predicts every layer under the cuBLAS path
-/// at 9-256 tokens (bench/notes.md), which the next GPU run checks before this becomes the
-/// default.
+/// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS (unless QILIN_CUDA_QGEMM=0):
+/// past the tokens a GEMV takes (8, or 32 in the tensor-core GEMV's chunks), up to
+/// QGEMM_MAX_TOKENS, on layers of at least QGEMM_MIN_WEIGHTS weights.
 pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
-    dev.paths.qgemm_wide
+    dev.paths.qgemm
         && !qgemv_mma_takes(dev, n, w)
         && qgemm_shape_wins(n, q.format.bits, w.in_features, w.out_features, q.format.group)
 }
@@ -308,13 +304,23 @@ pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
 fn qgemm_shape_wins(n: usize, bits: u32, k: usize, m: usize, group: usize) -> bool {
     n > GEMV_MAX_TOKENS
         && n <= QGEMM_MAX_TOKENS
+        && k * m >= QGEMM_MIN_WEIGHTS
         && qgemm_geometry(n, bits, k, m, group, 1, 0, None).is_some()
 }
 
-/// The most tokens `qgemm_wins` routes: past ~256 the GEMM's dequantization per token tile
-/// (the weight tile is dequantized again for every 64 tokens) and mma.sync's rate lose to
-/// cuBLAS on a once-dequantized weight (b908988: gate_up [2048] 2904 us against 882).
-const QGEMM_MAX_TOKENS: usize = 256;
+/// The most tokens `qgemm_wins` routes: one 64-token tile. H200, `qilin bench kernels` at
+/// 771cd47, int4 us at 64 tokens (dequantization + cuBLAS / GEMM): gate_up 278 / 132,
+/// down 145 / 83; at 256 the GEMM lost every layer (gate_up 293 / 389), since it
+/// dequantizes the weights again for every 64-token tile. 65-128 tokens were not measured.
+const QGEMM_MAX_TOKENS: usize = 64;
+
+/// The fewest weights of a layer `qgemm_wins` routes. The same run at 64 tokens fits the
+/// GEMM's time to ~34 us + 0.72 us per million weights (gate_up 135.8M: 132 us; down
+/// 67.9M: 83; qkv 16.5M: 41) against ~2.1-2.5 us per million through dequantization +
+/// cuBLAS (278, 145, 41), so it wins from ~25M weights: qkv and o_proj (12.8M) stay on
+/// cuBLAS. Int8 has the same crossover (gate_up [16-64] 160-164 / 202-203 us, down
+/// 101-103 / 107-108, o_proj 33-38 / 24-25).
+const QGEMM_MIN_WEIGHTS: usize = 1 << 25;
 
 /// qilin_qgemm_w{4,8}_bf16 (tensor cores, any n): `out [n, m] = x [n, k] W^T + b`, split-K
 /// as `qgemm_geometry` decides (or `splits`, for tests) and merged as `launch_split_k`
@@ -482,18 +488,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn qgemm_takes_quantized_layers_past_the_gemv_up_to_256_tokens() {
-        for (k, m) in [(3584, 37888), (3584, 4608), (18944, 3584)] {
+    fn qgemm_takes_the_large_quantized_layers_past_the_gemv_up_to_64_tokens() {
+        // Qwen2.5-7B's gate_up and down, Llama-3-8B's down (58.7M weights).
+        for (k, m) in [(3584, 37888), (18944, 3584), (14336, 4096)] {
             assert!(qgemm_shape_wins(9, 4, k, m, 128), "k {k} m {m}");
-            assert!(qgemm_shape_wins(256, 8, k, m, 128), "k {k} m {m}");
+            assert!(qgemm_shape_wins(64, 8, k, m, 128), "k {k} m {m}");
             assert!(!qgemm_shape_wins(8, 4, k, m, 128), "the GEMV's tokens");
-            assert!(!qgemm_shape_wins(257, 4, k, m, 128), "prefill sizes: cuBLAS");
+            assert!(!qgemm_shape_wins(65, 4, k, m, 128), "a second token tile: cuBLAS");
         }
-        // GGUF layouts: 8-bit levels in groups of 16 (Q4_K_M's mixed qkv), 4-bit in 32.
-        assert!(qgemm_shape_wins(64, 8, 3584, 4608, 16));
-        assert!(qgemm_shape_wins(64, 4, 576, 1536, 32));
-        assert!(!qgemm_shape_wins(64, 4, 3584, 4608, 16), "4-bit groups under a vector");
-        assert!(!qgemm_shape_wins(64, 4, 3600, 4608, 16), "in not whole 32-channel steps");
+        // qkv and o_proj: dequantization + cuBLAS won at every token count measured.
+        for (k, m) in [(3584, 4608), (3584, 3584)] {
+            assert!(!qgemm_shape_wins(64, 4, k, m, 128), "k {k} m {m}");
+        }
+        // GGUF layouts: 8-bit levels in groups of 16, 4-bit in 32 (Q4_K_M's gate_up).
+        assert!(qgemm_shape_wins(64, 8, 3584, 37888, 16));
+        assert!(qgemm_shape_wins(64, 4, 3584, 37888, 32));
+        assert!(!qgemm_shape_wins(64, 4, 3584, 37888, 16), "4-bit groups under a vector");
+        assert!(!qgemm_shape_wins(64, 4, 3600, 37888, 16), "in not whole 32-channel steps");
     }
 
     #[test]

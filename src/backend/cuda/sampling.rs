@@ -46,7 +46,7 @@ pub fn argmax_rows(dev: &Device, logits: &CudaTensor) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    let ids = match split_path(dev, logits.cols) {
+    let ids = match split_path(dev, n, logits.cols) {
         Some(geometry) => split_rows(dev, logits, None, geometry),
         None => argmax_rows_on_device(dev, logits),
     };
@@ -98,7 +98,7 @@ pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> V
         return Vec::new();
     }
     assert!(logits.data.len() >= n * vocab, "sample: logits buffer shorter than [{n}, {vocab}]");
-    if let Some(geometry) = split_path(dev, vocab) {
+    if let Some(geometry) = split_path(dev, n, vocab) {
         let ids = split_rows(dev, logits, Some(rows), geometry);
         return dev.download(&ids, n);
     }
@@ -159,10 +159,19 @@ pub fn split_geometry(cols: usize) -> Option<(u32, u32)> {
     Some((splits as u32, chunk as u32))
 }
 
-/// The split kernels' geometry for rows of `cols` logits when the dispatch takes them
-/// (`paths.sample_split` and a row they can cut).
-fn split_path(dev: &Device, cols: usize) -> Option<(u32, u32)> {
-    split_geometry(cols).filter(|_| dev.paths.sample_split)
+/// Most rows the dispatch gives the split kernels. H200, `qilin bench kernels` at 771cd47,
+/// Qwen's vocabulary, us one block per row / split: at 1 and 64 rows the split kernels won
+/// argmax (53 / 24, 56 / 32), top-k sampling (274 / 79, 260 / 199) and top-p over peaked
+/// logits (509 / 99, 497 / 256); at 256 rows, where one block per row already fills the
+/// GPU, they lost all but the last (argmax 61 / 77, top-k 516 / 644). Top-p alone over
+/// flat random logits lost at every batch (696 / 766 at 1 row), a case real logits rarely
+/// are.
+pub const SPLIT_MAX_BATCH: usize = 64;
+
+/// The split kernels' geometry for `rows` rows of `cols` logits when the dispatch takes
+/// them (`paths.sample_split`, at most SPLIT_MAX_BATCH rows, and rows they can cut).
+fn split_path(dev: &Device, rows: usize, cols: usize) -> Option<(u32, u32)> {
+    split_geometry(cols).filter(|_| dev.paths.sample_split && rows <= SPLIT_MAX_BATCH)
 }
 
 /// The split kernels (kernels/sampling_split.cu) over `logits [n, vocab]`: argmax
