@@ -386,6 +386,10 @@ pub struct ServeArgs {
     /// Accepted for vLLM compatibility; request content is never logged anyway.
     #[arg(long)]
     pub disable_log_requests: bool,
+    /// A Jinja chat template file to use instead of the model's own (as vLLM's
+    /// --chat-template), e.g. one with tool calling for a GGUF whose template has none.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

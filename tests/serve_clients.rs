@@ -29,23 +29,47 @@ fn venv_python() -> PathBuf {
 #[test]
 fn official_openai_python_client() {
     let server = Server::start(&common::smollm2_gguf(), &["--served-model-name", "smollm2"]);
-    let script = common::manifest_dir().join("tests/clients/openai_client.py");
+    run_client_script(&server, "openai_client.py");
+}
+
+/// tests/clients/`script` against `server` (served as "smollm2"): it must pass every check.
+fn run_client_script(server: &Server, script: &str) {
     let out = Command::new(venv_python())
-        .arg(&script)
+        .arg(common::manifest_dir().join("tests/clients").join(script))
         .env("QILIN_URL", &server.base_url)
         .env("QILIN_KEY", &server.api_key)
         .env("QILIN_MODEL", "smollm2")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
-        .expect("running the openai client script");
+        .expect("running a client script");
     let report = text(&out);
     assert!(
         out.status.success(),
-        "{report}\n--- server stderr\n{}\n(`No module named 'openai'`: run tools/setup)",
+        "{script}: {report}\n--- server stderr\n{}\n(`No module named 'openai'`: run tools/setup)",
         server.stderr()
     );
-    // The script prints this only after every check ran.
-    assert!(report.contains("all checks passed"), "{report}");
+    // The scripts print this only after every check ran.
+    assert!(report.contains("all checks passed"), "{script}: {report}");
+}
+
+/// Tool calling end to end (tests/clients/openai_tools.py): SmolLM2 served with
+/// Qwen2.5's chat template through `--chat-template`, the template taken from the
+/// transformers-rendered fixture (tests/fixtures/tokenizer/chat_templates.json).
+#[test]
+fn official_openai_python_client_tool_calls() {
+    let fixture = common::manifest_dir().join("tests/fixtures/tokenizer/chat_templates.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let qwen = fx["templates"].as_array().unwrap().iter().find(|t| t["name"] == "qwen2.5");
+    let source = qwen.and_then(|t| t["template"].as_str()).expect("Qwen2.5's template");
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("qwen2.5.jinja");
+    std::fs::write(&template, source).unwrap();
+    let template = template.display().to_string();
+    let server = Server::start(
+        &common::smollm2_gguf(),
+        &["--served-model-name", "smollm2", "--chat-template", &template],
+    );
+    run_client_script(&server, "openai_tools.py");
 }
 
 /// curl -i with the server's key; everything it printed.

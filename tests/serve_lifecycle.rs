@@ -469,6 +469,43 @@ fn refuses_non_loopback_addresses() {
     }
 }
 
+/// `--chat-template` with a missing or broken file: refused before the model loads, with
+/// the file named; a good one replaces the model's template on the chat route.
+#[test]
+fn chat_template_flag_names_a_bad_file_and_replaces_the_template() {
+    let model = common::a_fixture_model().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}{{ m.content }").unwrap();
+    let missing = dir.path().join("missing.jinja");
+    for (file, why) in [(&missing, "cannot read"), (&broken, "not a valid template")] {
+        let path = file.display().to_string();
+        let out = qilin(
+            &["serve", "--model", &model, "--port", "0", "--chat-template", &path],
+            &[("API_TOKENS", "qk-x-0123456789abcdef")],
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{path}: must fail: {err}");
+        assert!(err.contains(&path) && err.contains(why), "{path}: {err}");
+        assert!(!err.contains("listening on") && !err.contains("plan:"), "{err}");
+    }
+    let good = dir.path().join("plain.jinja");
+    std::fs::write(&good, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+        .unwrap();
+    let good = good.display().to_string();
+    let s = Server::start(&common::a_fixture_model(), &["--chat-template", &good]);
+    let chat = s.post("/tokenize", &json!({"messages": [{"role": "user", "content": "hi"}]}));
+    let plain = s.post("/tokenize", &json!({"prompt": "[user] hi\n", "add_special_tokens": false}));
+    assert_eq!((chat.status, plain.status), (200, 200), "{} {}", chat.body, plain.body);
+    assert_eq!(
+        chat.json()["tokens"],
+        plain.json()["tokens"],
+        "the chat rendered through the given template"
+    );
+}
+
 fn uds_exchange(path: &std::path::Path, request: &str) -> common::server::Reply {
     let mut c = UnixStream::connect(path).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sse;
 pub mod state;
+pub mod tool_calls;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,6 +42,16 @@ use metrics::Metrics;
 use proxy::TrustedProxies;
 use state::App;
 
+/// `--chat-template FILE`: its text, compiled once here so that a broken template fails
+/// before the model loads, with the file's name.
+fn read_chat_template(path: &std::path::Path) -> anyhow::Result<String> {
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("--chat-template {}: cannot read the file", path.display()))?;
+    crate::tokenizer::ChatTemplate::new(&source)
+        .with_context(|| format!("--chat-template {}: not a valid template", path.display()))?;
+    Ok(source)
+}
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let request_timeout = positive_seconds("--request-timeout", args.request_timeout)?;
     let shutdown_timeout = positive_seconds("--shutdown-timeout", args.shutdown_timeout)?;
@@ -54,6 +65,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut keys = ApiKeys::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
     let proxies = TrustedProxies::parse(&args.trusted_proxy)?;
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
+    let chat_template = args.chat_template.as_deref().map(read_chat_template).transpose()?;
     let listener = match &args.uds {
         Some(path) => Listener::bind_unix(path)?,
         None => Listener::bind_tcp(&args.host, args.port)?,
@@ -61,7 +73,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 
     let model_path = args.engine.model_path()?;
     let (engine, defaults) = load_engine(&model_path, &args.engine.engine_options())?;
-    let tokenizer = engine.tokenizer().clone();
+    let tokenizer = match chat_template {
+        // Only the HTTP side renders templates; the engine decodes with the same vocabulary.
+        Some(source) => engine.tokenizer().with_chat_template(source)?,
+        None => engine.tokenizer().clone(),
+    };
     let max_model_len = engine.max_model_len();
     let engine = engine.spawn().context("starting the engine thread")?;
     if keys.is_empty() {

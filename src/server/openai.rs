@@ -10,6 +10,7 @@
 use serde_json::{json, Map, Value};
 
 use super::error::{clip, ApiError};
+use super::tool_calls::{self, ToolRequest};
 use crate::engine::SamplingParams;
 use crate::model::loader::GenerationDefaults;
 use crate::tokenizer::{RenderOptions, Tokenizer};
@@ -54,6 +55,8 @@ pub struct GenRequest {
     pub echo: bool,
     /// Report logprobs in the response (`params.top_logprobs` is then `Some(k)`).
     pub logprobs: bool,
+    /// Chat with `tools` (and `tool_choice` "auto"): the answer is read for tool calls.
+    pub tools: Option<ToolRequest>,
 }
 
 /// The most stop sequences a request may carry (OpenAI allows 4; vLLM has no limit).
@@ -65,9 +68,6 @@ type IsSet = fn(&Value) -> bool;
 /// the test for "set to something other than its neutral value".
 const UNSUPPORTED: &[(&str, IsSet)] = &[
     ("logit_bias", |v| !v.as_object().is_some_and(Map::is_empty)),
-    ("tools", |v| !v.as_array().is_some_and(Vec::is_empty)),
-    // "auto" without tools can call nothing: the same output as "none".
-    ("tool_choice", |v| !matches!(v.as_str(), Some("none" | "auto"))),
     ("functions", |v| !v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| !matches!(v.as_str(), Some("none" | "auto"))),
     ("response_format", |v| v.get("type").and_then(Value::as_str) != Some("text")),
@@ -116,6 +116,24 @@ pub fn parse_request(
             ));
         }
     }
+    let tools = if route == Route::ChatCompletions {
+        tool_calls::parse_request(
+            f.get("tools"),
+            f.get("tool_choice"),
+            f.get("parallel_tool_calls"),
+            ctx.tokenizer.special().chat_template.as_deref(),
+        )?
+    } else {
+        for name in ["tools", "tool_choice"] {
+            if f.get(name).is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("`{name}` is only supported on /v1/chat/completions"),
+                ));
+            }
+        }
+        None
+    };
 
     let stream = f.bool("stream")?.unwrap_or(false);
     if stream && !route.streams() {
@@ -168,7 +186,7 @@ pub fn parse_request(
 
     let (prompt_ids, prompt_text, prompt_param) = match route {
         Route::ChatCompletions => {
-            let text = render_chat(&f, ctx)?;
+            let text = render_chat(&f, ctx, tools.as_ref())?;
             let ids = encode(ctx, &text, f.bool("add_special_tokens")?.unwrap_or(false))?;
             (ids, text, "messages")
         }
@@ -200,6 +218,7 @@ pub fn parse_request(
         include_usage,
         echo,
         logprobs: top_logprobs.is_some(),
+        tools,
     })
 }
 
@@ -220,7 +239,13 @@ pub fn tokenize(body: &[u8], ctx: &ParseContext) -> Result<Value, ApiError> {
             return Err(ApiError::bad_request("give either `prompt` or `messages`, not both"))
         }
         (None, Some(_)) => {
-            let text = render_chat(&f, ctx)?;
+            let tools = tool_calls::parse_request(
+                f.get("tools"),
+                f.get("tool_choice"),
+                f.get("parallel_tool_calls"),
+                ctx.tokenizer.special().chat_template.as_deref(),
+            )?;
+            let text = render_chat(&f, ctx, tools.as_ref())?;
             encode(ctx, &text, f.bool("add_special_tokens")?.unwrap_or(false))?
         }
         (_, None) => {
@@ -267,7 +292,11 @@ fn encode(ctx: &ParseContext, text: &str, add_special: bool) -> Result<Vec<u32>,
 
 /// The chat prompt of `messages` (+ `add_generation_prompt`, `continue_final_message`,
 /// `chat_template_kwargs`), rendered as vLLM renders it.
-fn render_chat(f: &Fields, ctx: &ParseContext) -> Result<String, ApiError> {
+fn render_chat(
+    f: &Fields,
+    ctx: &ParseContext,
+    tools: Option<&ToolRequest>,
+) -> Result<String, ApiError> {
     let messages = chat_messages(f.get("messages").ok_or_else(|| missing("messages"))?)?;
     let continue_final = f.bool("continue_final_message")?.unwrap_or(false);
     let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(!continue_final);
@@ -299,6 +328,9 @@ fn render_chat(f: &Fields, ctx: &ParseContext) -> Result<String, ApiError> {
         Some(_) => {
             return Err(ApiError::invalid_param("chat_template_kwargs", "must be an object"))
         }
+    }
+    if let Some(tools) = tools {
+        opts.extra_context.insert("tools".into(), Value::Array(tools.tools.clone()));
     }
     let mut text = apply_template(ctx, &messages, add_generation_prompt, &opts)?;
     if continue_final {
@@ -338,7 +370,8 @@ fn apply_template(
 }
 
 /// OpenAI messages -> `{"role", "content"}` objects with string content, as vLLM
-/// hands them to the template: text parts joined by newlines, `developer` as `system`.
+/// hands them to the template: text parts joined by newlines, `developer` as `system`,
+/// an assistant's `tool_calls` with their arguments parsed, a tool's `tool_call_id`.
 fn chat_messages(value: &Value) -> Result<Vec<Value>, ApiError> {
     let bad = |msg: String| ApiError::invalid_param("messages", msg);
     let items = value.as_array().ok_or_else(|| bad("`messages` must be an array".into()))?;
@@ -354,28 +387,34 @@ fn chat_messages(value: &Value) -> Result<Vec<Value>, ApiError> {
             .and_then(Value::as_str)
             .ok_or_else(|| bad(format!("message {i}: `role` must be a string")))?;
         let role = match role {
-            "system" | "user" | "assistant" => role,
+            "system" | "user" | "assistant" | "tool" => role,
             "developer" => "system",
-            "tool" | "function" => {
+            "function" => {
                 return Err(bad(format!(
-                    "message {i}: role `{role}` is not supported (no tool calling)"
+                    "message {i}: the legacy role `function` is not supported; use `tool`"
                 )))
             }
             other => return Err(bad(format!("message {i}: unknown role `{}`", clip(other, 32)))),
         };
-        for key in ["tool_calls", "function_call"] {
-            if m.get(key).is_some_and(|v| !v.as_array().is_some_and(Vec::is_empty)) {
-                return Err(bad(format!(
-                    "message {i}: `{key}` is not supported (no tool calling)"
-                )));
-            }
+        if m.get("function_call").is_some_and(|v| !v.is_null()) {
+            return Err(bad(format!(
+                "message {i}: the legacy `function_call` is not supported; use `tool_calls`"
+            )));
         }
+        let calls = match m.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.is_empty() => None,
+            Some(_) if role != "assistant" => {
+                return Err(bad(format!("message {i}: only assistant messages carry `tool_calls`")))
+            }
+            Some(calls) => Some(tool_calls::message_tool_calls(i, calls)?),
+        };
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
                 text_parts(parts).map_err(|e| bad(format!("message {i}: {e}")))?
             }
-            None if role == "assistant" => String::new(),
+            None | Some(Value::Null) if role == "assistant" => String::new(),
             None => return Err(bad(format!("message {i}: `content` is required"))),
             Some(_) => {
                 return Err(bad(format!(
@@ -383,7 +422,16 @@ fn chat_messages(value: &Value) -> Result<Vec<Value>, ApiError> {
                 )))
             }
         };
-        out.push(json!({"role": role, "content": content}));
+        let mut message = json!({"role": role, "content": content});
+        if let Some(calls) = calls {
+            message["tool_calls"] = calls;
+        }
+        if role == "tool" {
+            if let Some(id) = m.get("tool_call_id").and_then(Value::as_str) {
+                message["tool_call_id"] = json!(id);
+            }
+        }
+        out.push(message);
     }
     Ok(out)
 }

@@ -7,6 +7,7 @@
 use serde_json::{json, Value};
 
 use super::openai::{GenRequest, Route};
+use super::tool_calls::{self, ToolRequest, ToolStream};
 use crate::engine::output::TokenStep;
 use crate::engine::{FinishReason, GenerationOutput, StepLogprobs};
 use crate::tokenizer::Tokenizer;
@@ -27,26 +28,39 @@ pub fn final_response(
     out: &GenerationOutput,
     tokenizer: &Tokenizer,
 ) -> Value {
-    let finish_reason = match out.finish_reason {
+    let mut finish_reason = match out.finish_reason {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
     };
     let usage = usage(out.prompt_ids.len(), out.output_ids.len(), out.cached_prompt_tokens);
     let steps = out.logprobs.as_deref().filter(|_| req.logprobs);
     match req.route {
-        Route::ChatCompletions => json!({
-            "id": meta.id,
-            "object": "chat.completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text, "refusal": null},
-                "logprobs": steps.map(|s| chat_logprobs(s, tokenizer)),
-                "finish_reason": finish_reason,
-            }],
-            "usage": usage,
-        }),
+        Route::ChatCompletions => {
+            let mut message = json!({"role": "assistant", "content": out.text, "refusal": null});
+            let split = req.tools.as_ref().and_then(|t| tool_calls::split_answer(&out.text, t));
+            if let Some((content, calls)) = split {
+                // OpenAI: `content` is null beside calls unless the model also wrote text.
+                message["content"] =
+                    if content.trim().is_empty() { Value::Null } else { json!(content) };
+                message["tool_calls"] = calls.iter().map(|c| c.to_json(None)).collect();
+                if out.finish_reason == FinishReason::Stop {
+                    finish_reason = "tool_calls";
+                }
+            }
+            json!({
+                "id": meta.id,
+                "object": "chat.completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [{
+                    "index": 0,
+                    "message": message,
+                    "logprobs": steps.map(|s| chat_logprobs(s, tokenizer)),
+                    "finish_reason": finish_reason,
+                }],
+                "usage": usage,
+            })
+        }
         Route::Completions => {
             let text = if req.echo {
                 format!("{}{}", req.prompt_text, out.text)
@@ -159,6 +173,8 @@ pub struct StreamState {
     /// Completions logprobs: characters of token text sent so far.
     text_offset: usize,
     finished: bool,
+    /// Chat with tools: the answer's text, held back from the tag of a call on.
+    tools: Option<(ToolRequest, ToolStream)>,
 }
 
 impl StreamState {
@@ -172,6 +188,7 @@ impl StreamState {
             echo: req.echo.then(|| req.prompt_text.clone()),
             text_offset: 0,
             finished: false,
+            tools: req.tools.clone().map(|t| (t, ToolStream::default())),
         }
     }
 
@@ -218,12 +235,16 @@ impl StreamState {
         self.role_chunk(&mut out);
         let steps = step.logprobs.as_ref().filter(|_| self.logprobs).map(std::slice::from_ref);
         if self.chat() {
-            if step.delta.is_empty() && steps.is_none() {
+            let delta = match &mut self.tools {
+                Some((_, held)) => held.push(&step.delta),
+                None => step.delta.clone(),
+            };
+            if delta.is_empty() && steps.is_none() {
                 return out;
             }
             out.push(self.chunk(json!([{
                 "index": 0,
-                "delta": {"content": step.delta},
+                "delta": {"content": delta},
                 "logprobs": steps.map(|s| chat_logprobs(s, tokenizer)),
                 "finish_reason": null,
             }])));
@@ -261,6 +282,27 @@ impl StreamState {
         }
         self.role_chunk(&mut out);
         self.finished = true;
+        let mut finish_reason = finish_reason;
+        if let Some((req, held)) = &mut self.tools {
+            let (content, calls) = held.finish(req);
+            if !content.is_empty() {
+                out.push(self.chunk(json!([{
+                    "index": 0, "delta": {"content": content}, "logprobs": null,
+                    "finish_reason": null,
+                }])));
+            }
+            if !calls.is_empty() {
+                let calls: Vec<Value> =
+                    calls.iter().enumerate().map(|(i, c)| c.to_json(Some(i))).collect();
+                out.push(self.chunk(json!([{
+                    "index": 0, "delta": {"tool_calls": calls}, "logprobs": null,
+                    "finish_reason": null,
+                }])));
+                if finish_reason == "stop" {
+                    finish_reason = "tool_calls";
+                }
+            }
+        }
         let choice = if self.chat() {
             json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
         } else {
@@ -328,6 +370,7 @@ mod tests {
             include_usage: false,
             echo: false,
             logprobs: logprobs.is_some(),
+            tools: None,
         }
     }
 

@@ -140,6 +140,13 @@ impl Tokenizer {
         }
     }
 
+    /// The same tokenizer with `source` as its chat template (`qilin serve
+    /// --chat-template`); fails on a template that does not compile.
+    pub fn with_chat_template(&self, source: String) -> Result<Self, TokenizerError> {
+        let special = SpecialTokens { chat_template: Some(source), ..self.special.clone() };
+        Self::try_from_parts(self.inner.clone(), special)
+    }
+
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -296,8 +296,14 @@ fn every_rejected_request_names_its_param() {
         (chat(json!({"n": 2})), "n", "only n=1 is supported"),
         (chat(json!({"best_of": 2})), "best_of", "not supported"),
         (chat(json!({"logit_bias": {"50": 10}})), "logit_bias", "not supported"),
-        (chat(json!({"tools": [{"type": "function"}]})), "tools", "not supported"),
-        (chat(json!({"tool_choice": "required"})), "tool_choice", "not supported"),
+        (chat(json!({"tools": [{"type": "function"}]})), "tools", "tools[0]"),
+        (chat(json!({"tools": [weather()]})), "tools", "tool-call format"),
+        (
+            chat(json!({"tools": [weather()], "tool_choice": "required"})),
+            "tool_choice",
+            "constrained",
+        ),
+        (cmpl(json!({"prompt": "x", "tools": [weather()]})), "tools", "chat/completions"),
         (chat(json!({"response_format": {"type": "json_object"}})), "response_format", ""),
         (chat(json!({"logprobs": "yes"})), "logprobs", "boolean"),
         (chat(json!({"top_logprobs": 2})), "top_logprobs", "logprobs"),
@@ -337,7 +343,13 @@ fn every_rejected_request_names_its_param() {
 #[test]
 fn unsupported_messages_are_400() {
     let cases = [
-        (json!({"role": "tool", "content": "x", "tool_call_id": "1"}), "role `tool`"),
+        (json!({"role": "function", "content": "x", "name": "f"}), "legacy role"),
+        (json!({"role": "tool"}), "`content` is required"),
+        (
+            json!({"role": "user", "content": "x",
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+            "only assistant messages",
+        ),
         (json!({"role": "wizard", "content": "x"}), "unknown role `wizard`"),
         (json!({"role": "w".repeat(100), "content": "x"}), "..."),
         (json!({"role": "user"}), "`content` is required"),
@@ -353,7 +365,7 @@ fn unsupported_messages_are_400() {
         (
             json!({"role": "assistant", "content": null,
                 "tool_calls": [{"id": "1", "type": "function"}]}),
-            "`tool_calls`",
+            "tool_calls[0]: needs `function`",
         ),
         (json!("hello"), "must be an object"),
     ];
@@ -428,4 +440,64 @@ fn neutral_values_of_unsupported_fields_are_accepted() {
     let req = parse(Route::ChatCompletions, body);
     assert!(!req.logprobs);
     assert_eq!(req.params.top_logprobs, None);
+}
+
+fn weather() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}})
+}
+
+/// A tool conversation in OpenAI's wire form (each call's `arguments` a JSON string, the
+/// assistant's `content` null) renders through Qwen2.5's template exactly as transformers
+/// renders the same conversation with the arguments as an object
+/// (tests/fixtures/tokenizer/chat_templates.json, made by tools/make_tokenizer_fixtures.py).
+#[test]
+fn a_tool_conversation_renders_as_transformers_renders_it() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/chat_templates.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let template = fx["templates"].as_array().unwrap().iter().find(|t| t["name"] == "qwen2.5");
+    let template = template.expect("the fixture has Qwen2.5's template");
+    let case = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "qwen2.5" && c["extra_context"].get("tools").is_some());
+    let case = case.expect("the fixture has a Qwen2.5 tool case");
+    let special = SpecialTokens {
+        eos_token: template["special"]["eos_token"].as_str().map(str::to_string),
+        chat_template: template["template"].as_str().map(str::to_string),
+        ..SpecialTokens::default()
+    };
+    let qwen = Tokenizer::from_parts(tokenizer().inner().clone(), special);
+    let defaults = GenerationDefaults::default();
+    let ctx = ParseContext { tokenizer: &qwen, defaults: &defaults, max_model_len: 4096 };
+
+    // The fixture's messages, as an OpenAI client sends them.
+    let mut messages = case["messages_json"].clone();
+    for m in messages.as_array_mut().unwrap() {
+        if m.get("tool_calls").is_some() {
+            m["content"] = Value::Null;
+        }
+        if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            for call in calls {
+                let args = call["function"]["arguments"].to_string();
+                call["function"]["arguments"] = json!(args);
+            }
+        }
+    }
+    let body = json!({"messages": messages, "tools": case["extra_context"]["tools"]});
+    let req = parse_request(Route::ChatCompletions, body.to_string().as_bytes(), &ctx).unwrap();
+    assert_eq!(req.prompt_text, case["expected"].as_str().unwrap());
+    assert_eq!(
+        req.tools.as_ref().map(|t| t.tools.clone()),
+        case["extra_context"]["tools"].as_array().cloned()
+    );
+
+    // tool_choice "none": the same messages, no tools in the prompt, no parsing.
+    let body = json!({"messages": messages, "tools": case["extra_context"]["tools"],
+                      "tool_choice": "none"});
+    let req = parse_request(Route::ChatCompletions, body.to_string().as_bytes(), &ctx).unwrap();
+    assert!(req.tools.is_none());
+    assert!(!req.prompt_text.contains("<tools>"), "{}", req.prompt_text);
+    assert!(req.prompt_text.contains("<tool_call>"), "the earlier call is still rendered");
 }

@@ -1,0 +1,156 @@
+//! The Hermes format as Qwen2.5's chat template states it to the model:
+//! `<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>`,
+//! one block per call; answers are built from that sentence, not from our own output.
+
+use serde_json::{json, Value};
+
+use super::*;
+
+const QWEN_TEMPLATE_EXCERPT: &str = "For each function call, return a json object with \
+    function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n\
+    {\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call>";
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }})
+}
+
+fn auto() -> ToolRequest {
+    ToolRequest { tools: vec![weather_tool()], parallel: true }
+}
+
+fn args(call: &ToolCall) -> Value {
+    serde_json::from_str(&call.arguments).expect("arguments are a JSON string")
+}
+
+#[test]
+fn a_request_with_tools_is_parsed_for_calls_unless_tool_choice_is_none() {
+    let tools = json!([weather_tool()]);
+    let t = Some(QWEN_TEMPLATE_EXCERPT);
+    let got = parse_request(Some(&tools), None, None, t).unwrap().unwrap();
+    assert_eq!(got, auto());
+    let got = parse_request(Some(&tools), Some(&json!("auto")), Some(&json!(false)), t).unwrap();
+    assert_eq!(got, Some(ToolRequest { tools: vec![weather_tool()], parallel: false }));
+    assert_eq!(parse_request(Some(&tools), Some(&json!("none")), None, t).unwrap(), None);
+    assert_eq!(parse_request(None, Some(&json!("auto")), None, None).unwrap(), None);
+    assert_eq!(parse_request(Some(&json!([])), None, None, None).unwrap(), None);
+}
+
+#[test]
+fn what_cannot_be_honoured_is_refused_with_the_reason() {
+    let tools = json!([weather_tool()]);
+    let t = Some(QWEN_TEMPLATE_EXCERPT);
+    let message = |r: Result<Option<ToolRequest>, ApiError>| r.unwrap_err().message;
+    let e = message(parse_request(Some(&tools), Some(&json!("required")), None, t));
+    assert!(e.contains("constrained decoding"), "{e}");
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let e = message(parse_request(Some(&tools), Some(&named), None, t));
+    assert!(e.contains("named function"), "{e}");
+    let e = message(parse_request(Some(&tools), None, None, Some("{{ messages }}")));
+    assert!(e.contains("tool-call format"), "{e}");
+    for (bad, what) in [
+        (json!({"type": "function"}), "`function` must be an object"),
+        (json!({"type": "retrieval", "function": {"name": "x"}}), "`type`"),
+        (json!({"type": "function", "function": {"name": "has space"}}), "1-64 letters"),
+        (json!({"type": "function", "function": {"name": "x", "parameters": []}}), "Schema"),
+    ] {
+        let e = message(parse_request(Some(&json!([bad])), None, None, t));
+        assert!(e.contains(what) && e.contains("tools[0]"), "{e}");
+    }
+    let e = message(parse_request(Some(&tools), None, Some(&json!("yes")), t));
+    assert!(e.contains("parallel_tool_calls"), "{e}");
+}
+
+#[test]
+fn assistant_tool_calls_reach_the_template_with_parsed_arguments() {
+    let sent = json!([{"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]);
+    assert_eq!(
+        message_tool_calls(1, &sent).unwrap(),
+        json!([{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+    );
+    let broken = json!([{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]);
+    let e = message_tool_calls(3, &broken).unwrap_err().message;
+    assert!(e.contains("message 3") && e.contains("not valid JSON"), "{e}");
+}
+
+#[test]
+fn an_answer_of_calls_splits_into_content_and_calls() {
+    let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \
+                {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \
+                \"arguments\": {\"city\": \"Lyon\"}}\n</tool_call>";
+    let (content, calls) = split_answer(text, &auto()).unwrap();
+    assert_eq!(content, "Let me check.\n");
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        (calls[0].name.as_str(), args(&calls[0])),
+        ("get_weather", json!({"city": "Paris"}))
+    );
+    assert_eq!(args(&calls[1]), json!({"city": "Lyon"}));
+    assert_ne!(calls[0].id, calls[1].id);
+    assert!(calls[0].id.starts_with("call_") && calls[0].id.len() == 29);
+    // parallel_tool_calls: false keeps the first.
+    let one = ToolRequest { parallel: false, ..auto() };
+    assert_eq!(split_answer(text, &one).unwrap().1.len(), 1);
+}
+
+#[test]
+fn answers_that_are_not_calls_stay_content() {
+    for text in [
+        "It is sunny in Paris.",
+        "<tool_call>\nnot json\n</tool_call>",
+        "<tool_call>\n{\"arguments\": {}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"f\", \"arguments\": [1, 2]}\n</tool_call>",
+    ] {
+        assert_eq!(split_answer(text, &auto()), None, "{text}");
+    }
+    // An unclosed last block (the end-of-turn token came first) still counts.
+    let (_, calls) =
+        split_answer("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}", &auto()).unwrap();
+    assert_eq!(args(&calls[0]), json!({"a": 1}));
+}
+
+/// Feeds `pieces` through a ToolStream: (content released piece by piece, the rest).
+fn stream(pieces: &[&str]) -> (Vec<String>, (String, Vec<ToolCall>)) {
+    let mut s = ToolStream::default();
+    let released = pieces.iter().map(|p| s.push(p)).collect();
+    (released, s.finish(&auto()))
+}
+
+#[test]
+fn streamed_text_goes_out_at_once_until_a_tag_might_start() {
+    let (released, (held, calls)) = stream(&["It is ", "sunny <", "b>really</b>", " <tool"]);
+    assert_eq!(released, ["It is ", "sunny ", "<b>really</b>", " "]);
+    assert_eq!((held.as_str(), calls.len()), ("<tool", 0), "a tail that never became a tag");
+}
+
+#[test]
+fn a_streamed_call_is_held_back_and_given_whole_at_the_end() {
+    let (released, (held, calls)) = stream(&[
+        "Checking",
+        ".\n<tool_",
+        "call>\n{\"name\": \"get_weather\", ",
+        "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+    ]);
+    assert_eq!(released.concat(), "Checking.\n");
+    assert_eq!(held, "");
+    assert_eq!(
+        (calls[0].name.as_str(), args(&calls[0])),
+        ("get_weather", json!({"city": "Paris"}))
+    );
+}
+
+#[test]
+fn a_streamed_block_that_is_not_a_call_comes_out_as_content_at_the_end() {
+    let (released, (held, calls)) = stream(&["A ", "<tool_call>", "{broken", "</tool_call>"]);
+    assert_eq!(released.concat(), "A ");
+    assert_eq!(held, "<tool_call>{broken</tool_call>");
+    assert!(calls.is_empty());
+    // Multi-byte text next to a partial tag is never cut inside a character.
+    let (released, (held, _)) = stream(&["é<", "tool_ca", "ß"]);
+    assert_eq!(released.concat() + &held, "é<tool_caß");
+}
