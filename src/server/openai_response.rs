@@ -188,7 +188,10 @@ impl StreamState {
             echo: req.echo.then(|| req.prompt_text.clone()),
             text_offset: 0,
             finished: false,
-            tools: req.tools.clone().map(|t| (t, ToolStream::default())),
+            tools: req.tools.clone().map(|t| {
+                let stream = ToolStream::new(t.format);
+                (t, stream)
+            }),
         }
     }
 

@@ -1,10 +1,11 @@
-//! OpenAI tool calling on `/v1/chat/completions`, for chat templates of the Hermes format
-//! (Qwen2.5, Qwen3, NousResearch Hermes): the template puts the `tools` into the prompt
-//! and tells the model to answer a call as
-//! `<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>`
-//! (Qwen2.5's template, verbatim). This module checks the request's `tools`,
-//! `tool_choice` and tool messages, and turns such blocks in the answer into
-//! `tool_calls`, whole or streamed.
+//! OpenAI tool calling on `/v1/chat/completions`, for the two formats chat templates ask
+//! models to call in (`ToolFormat`): Hermes (Qwen2.5, Qwen3, NousResearch Hermes), whose
+//! template says to answer a call as
+//! `<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>`,
+//! and Llama 3.1-3.3's JSON, `{"name": function name, "parameters": dictionary of argument
+//! name and its value}` as the whole answer (both quoted from the templates). This module
+//! checks the request's `tools`, `tool_choice` and tool messages, and turns such answers
+//! into `tool_calls`, whole or streamed.
 //!
 //! Without constrained decoding the model may answer in prose instead; so `auto` and
 //! `none` are served, and `required` or a named function are refused with a 400 rather than
@@ -18,6 +19,32 @@ use super::error::ApiError;
 /// The tag pair of the Hermes format.
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
+/// Llama 3.1-3.3's templates: what they tell the model, verbatim.
+const LLAMA3_INSTRUCTION: &str = "\"parameters\": dictionary of argument name and its value}";
+/// Llama 3.1's marker before a call (a special token, so usually decoded away).
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+/// How a chat template asks the model to write a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name", "arguments"}</tool_call>` blocks after optional text.
+    Hermes,
+    /// The whole answer is `{"name", "parameters"}` (several joined by `;`).
+    Llama3Json,
+}
+
+impl ToolFormat {
+    /// The format a template source teaches, if it is one this module reads.
+    pub fn of_template(source: &str) -> Option<ToolFormat> {
+        if source.contains(OPEN) {
+            Some(ToolFormat::Hermes)
+        } else if source.contains(LLAMA3_INSTRUCTION) {
+            Some(ToolFormat::Llama3Json)
+        } else {
+            None
+        }
+    }
+}
 
 /// What the request asked of tool calling, once validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +54,7 @@ pub struct ToolRequest {
     pub tools: Vec<Value>,
     /// `parallel_tool_calls` (default true): false keeps only the first call.
     pub parallel: bool,
+    pub format: ToolFormat,
 }
 
 /// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request: `None` when the
@@ -71,14 +99,15 @@ pub fn parse_request(
     if !auto {
         return Ok(None);
     }
-    if !chat_template.is_some_and(|t| t.contains(OPEN)) {
+    let Some(format) = chat_template.and_then(ToolFormat::of_template) else {
         return Err(ApiError::invalid_param(
             "tools",
             "this model's chat template has no tool-call format this server reads (the \
-             Hermes <tool_call> blocks of Qwen2.5, Qwen3 and Hermes templates)",
+             <tool_call> blocks of Qwen2.5, Qwen3 and Hermes templates, or Llama 3.1-3.3's \
+             JSON); serve one with --chat-template",
         ));
-    }
-    Ok(Some(ToolRequest { tools, parallel }))
+    };
+    Ok(Some(ToolRequest { tools, parallel, format }))
 }
 
 fn not_enforced(what: &str) -> ApiError {
@@ -190,11 +219,24 @@ impl ToolCall {
     }
 }
 
-/// An answer split into the text before the first call and the calls: `None` when it has
-/// no `<tool_call>` block or any block is not `{"name": string, "arguments": object}`
-/// (then the whole answer is content). An unclosed last block is read to the end, since
-/// the model's end-of-turn token may come where `</tool_call>` should.
+/// An answer split into the text before the first call and the calls: `None` when it
+/// holds no call in the request's format, or a call is not `{"name": string,
+/// "arguments" (Hermes) or "parameters" (Llama 3): object}`; then the whole answer is
+/// content.
 pub fn split_answer(text: &str, req: &ToolRequest) -> Option<(String, Vec<ToolCall>)> {
+    let (content, mut calls) = match req.format {
+        ToolFormat::Hermes => hermes_calls(text)?,
+        ToolFormat::Llama3Json => (String::new(), llama3_calls(text)?),
+    };
+    if !req.parallel {
+        calls.truncate(1);
+    }
+    Some((content, calls))
+}
+
+/// Hermes: text, then `<tool_call>` blocks. An unclosed last block is read to the end,
+/// since the model's end-of-turn token may come where `</tool_call>` should.
+fn hermes_calls(text: &str) -> Option<(String, Vec<ToolCall>)> {
     let first = text.find(OPEN)?;
     let mut calls = Vec::new();
     let mut rest = &text[first..];
@@ -204,19 +246,36 @@ pub fn split_answer(text: &str, req: &ToolRequest) -> Option<(String, Vec<ToolCa
             Some(end) => (&body[..end], &body[end + CLOSE.len()..]),
             None => (body, ""),
         };
-        calls.push(read_call(inside)?);
+        calls.push(read_call(&serde_json::from_str(inside.trim()).ok()?)?);
         rest = after;
-    }
-    if !req.parallel {
-        calls.truncate(1);
     }
     Some((text[..first].to_string(), calls))
 }
 
-fn read_call(inside: &str) -> Option<ToolCall> {
-    let value: Value = serde_json::from_str(inside.trim()).ok()?;
+/// Llama 3: the whole answer (after an optional `<|python_tag|>`) is one or more JSON
+/// objects, joined by `;` as the Llama 3.1 model card's multi-call form writes them.
+fn llama3_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let mut rest = text.trim_start();
+    rest = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest).trim_start();
+    if !rest.starts_with('{') {
+        return None;
+    }
+    let mut calls = Vec::new();
+    while !rest.is_empty() {
+        let mut objects = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let value = objects.next()?.ok()?;
+        calls.push(read_call(&value)?);
+        rest = rest[objects.byte_offset()..].trim_start();
+        rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+    }
+    Some(calls)
+}
+
+/// `{"name": string, "arguments" or "parameters": object}` as a call.
+fn read_call(value: &Value) -> Option<ToolCall> {
     let name = value.get("name")?.as_str()?;
-    let arguments = match value.get("arguments") {
+    let arguments = value.get("arguments").or_else(|| value.get("parameters"));
+    let arguments = match arguments {
         Some(args @ Value::Object(_)) => args.to_string(),
         // A model that writes the arguments as a JSON string already: kept if it parses.
         Some(Value::String(s)) if serde_json::from_str::<Map<String, Value>>(s).is_ok() => {
@@ -238,19 +297,28 @@ fn call_id() -> String {
 }
 
 /// A streamed answer's text as it comes: what may go out as content at once, and what is
-/// held back because it is, or may become, a tool call. Text before the first
+/// held back because it is, or may become, a call. Hermes: text before the first
 /// `<tool_call>` streams as it comes, except for a tail that could be the start of the
-/// tag; from the tag on, everything waits for the end of the answer.
-#[derive(Debug, Default)]
+/// tag; from the tag on, everything waits for the end of the answer. Llama 3: an answer
+/// that starts (after blanks) with `{` or `<` may be a call and waits whole; any other
+/// streams.
+#[derive(Debug)]
 pub struct ToolStream {
+    format: ToolFormat,
     text: String,
     /// Bytes of `text` already released as content.
     released: usize,
-    /// The tag was seen: nothing more is released before the end.
+    /// A call may have started: nothing more is released before the end.
     in_call: bool,
+    /// Llama 3: the first visible character decided that this is prose.
+    prose: bool,
 }
 
 impl ToolStream {
+    pub fn new(format: ToolFormat) -> ToolStream {
+        ToolStream { format, text: String::new(), released: 0, in_call: false, prose: false }
+    }
+
     /// Takes a token's text; returns the content that can go out now (maybe empty).
     pub fn push(&mut self, delta: &str) -> String {
         self.text.push_str(delta);
@@ -258,17 +326,31 @@ impl ToolStream {
             return String::new();
         }
         let pending = &self.text[self.released..];
-        let upto = match pending.find(OPEN) {
-            Some(at) => {
-                self.in_call = true;
-                at
-            }
-            // Hold back the longest tail that is a proper prefix of the tag (ASCII, so the
-            // cut is a char boundary).
-            None => {
-                pending.len()
-                    - (1..OPEN.len()).rev().find(|&n| pending.ends_with(&OPEN[..n])).unwrap_or(0)
-            }
+        let upto = match self.format {
+            ToolFormat::Hermes => match pending.find(OPEN) {
+                Some(at) => {
+                    self.in_call = true;
+                    at
+                }
+                // Hold back the longest tail that is a proper prefix of the tag (ASCII,
+                // so the cut is a char boundary).
+                None => {
+                    let partial = (1..OPEN.len()).rev().find(|&n| pending.ends_with(&OPEN[..n]));
+                    pending.len() - partial.unwrap_or(0)
+                }
+            },
+            ToolFormat::Llama3Json if self.prose => pending.len(),
+            ToolFormat::Llama3Json => match pending.trim_start().chars().next() {
+                None => 0, // only blanks so far: undecided
+                Some('{' | '<') => {
+                    self.in_call = true;
+                    0
+                }
+                Some(_) => {
+                    self.prose = true;
+                    pending.len()
+                }
+            },
         };
         let out = pending[..upto].to_string();
         self.released += upto;

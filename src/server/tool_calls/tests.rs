@@ -10,6 +10,10 @@ const QWEN_TEMPLATE_EXCERPT: &str = "For each function call, return a json objec
     function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n\
     {\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call>";
 
+/// Llama 3.1-3.3's templates, verbatim.
+const LLAMA_TEMPLATE_EXCERPT: &str = "{{- 'Respond in the format {\"name\": function name, \
+    \"parameters\": dictionary of argument name and its value}.' }}";
+
 fn weather_tool() -> Value {
     json!({"type": "function", "function": {
         "name": "get_weather",
@@ -19,7 +23,11 @@ fn weather_tool() -> Value {
 }
 
 fn auto() -> ToolRequest {
-    ToolRequest { tools: vec![weather_tool()], parallel: true }
+    ToolRequest { tools: vec![weather_tool()], parallel: true, format: ToolFormat::Hermes }
+}
+
+fn llama() -> ToolRequest {
+    ToolRequest { format: ToolFormat::Llama3Json, ..auto() }
 }
 
 fn args(call: &ToolCall) -> Value {
@@ -33,7 +41,9 @@ fn a_request_with_tools_is_parsed_for_calls_unless_tool_choice_is_none() {
     let got = parse_request(Some(&tools), None, None, t).unwrap().unwrap();
     assert_eq!(got, auto());
     let got = parse_request(Some(&tools), Some(&json!("auto")), Some(&json!(false)), t).unwrap();
-    assert_eq!(got, Some(ToolRequest { tools: vec![weather_tool()], parallel: false }));
+    assert_eq!(got, Some(ToolRequest { parallel: false, ..auto() }));
+    let got = parse_request(Some(&tools), None, None, Some(LLAMA_TEMPLATE_EXCERPT)).unwrap();
+    assert_eq!(got, Some(llama()));
     assert_eq!(parse_request(Some(&tools), Some(&json!("none")), None, t).unwrap(), None);
     assert_eq!(parse_request(None, Some(&json!("auto")), None, None).unwrap(), None);
     assert_eq!(parse_request(Some(&json!([])), None, None, None).unwrap(), None);
@@ -115,10 +125,14 @@ fn answers_that_are_not_calls_stay_content() {
 }
 
 /// Feeds `pieces` through a ToolStream: (content released piece by piece, the rest).
-fn stream(pieces: &[&str]) -> (Vec<String>, (String, Vec<ToolCall>)) {
-    let mut s = ToolStream::default();
+fn stream_as(req: &ToolRequest, pieces: &[&str]) -> (Vec<String>, (String, Vec<ToolCall>)) {
+    let mut s = ToolStream::new(req.format);
     let released = pieces.iter().map(|p| s.push(p)).collect();
-    (released, s.finish(&auto()))
+    (released, s.finish(req))
+}
+
+fn stream(pieces: &[&str]) -> (Vec<String>, (String, Vec<ToolCall>)) {
+    stream_as(&auto(), pieces)
 }
 
 #[test]
@@ -153,4 +167,50 @@ fn a_streamed_block_that_is_not_a_call_comes_out_as_content_at_the_end() {
     // Multi-byte text next to a partial tag is never cut inside a character.
     let (released, (held, _)) = stream(&["é<", "tool_ca", "ß"]);
     assert_eq!(released.concat() + &held, "é<tool_caß");
+}
+
+#[test]
+fn llama3_answers_of_json_calls_split_into_calls() {
+    // The form the template asks for; Llama 3.1's <|python_tag|> in front; two joined by ';'.
+    for text in [
+        "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+        "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+        "\n {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+    ] {
+        let (content, calls) = split_answer(text, &llama()).unwrap();
+        assert_eq!(content, "", "{text}");
+        assert_eq!(calls.len(), 1, "{text}");
+        assert_eq!(args(&calls[0]), json!({"city": "Paris"}), "{text}");
+    }
+    let two =
+        "{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"x\": 1}}";
+    let (_, calls) = split_answer(two, &llama()).unwrap();
+    let names: Vec<&str> = calls.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(args(&calls[1]), json!({"x": 1}));
+    for prose in [
+        "It is sunny.",
+        "{\"name\": \"a\", \"parameters\": {}} and then some words",
+        "{\"temperature\": 21}",
+        "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+    ] {
+        assert_eq!(split_answer(prose, &llama()), None, "{prose}");
+    }
+}
+
+#[test]
+fn llama3_streams_prose_at_once_and_holds_what_may_be_a_call() {
+    let (released, (held, calls)) = stream_as(&llama(), &["  ", "It", " is sunny", "."]);
+    assert_eq!(released.concat(), "  It is sunny.");
+    assert_eq!((held.as_str(), calls.len()), ("", 0));
+    let (released, (held, calls)) = stream_as(
+        &llama(),
+        &["\n", "{\"name\": \"get_weather\", ", "\"parameters\": {\"city\": \"Paris\"}}"],
+    );
+    assert_eq!((released.concat().as_str(), held.as_str()), ("", ""));
+    assert_eq!(args(&calls[0]), json!({"city": "Paris"}));
+    // Held as a possible call, then not one: all of it comes out as content at the end.
+    let (released, (held, calls)) = stream_as(&llama(), &["{braces}", " in prose"]);
+    assert_eq!((released.concat().as_str(), held.as_str()), ("", "{braces} in prose"));
+    assert!(calls.is_empty());
 }
