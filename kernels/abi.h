@@ -292,21 +292,15 @@ typedef struct QilinRopeParams {
 #define QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES 55296
 #define QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS 8192
 
-/* Prefill (tensor-core) kernel: query rows x keys per tile, threads per block
- * (4 warps x 16 query rows). BLOCK_N is a multiple of QILIN_BLOCK_SIZE. */
-#define QILIN_ATTN_PREFILL_BLOCK_M 64
-#define QILIN_ATTN_PREFILL_BLOCK_N 64
+/* Prefill (tensor-core) kernels: threads per block (4 warps x 32 query rows), rows per
+ * query tile, and the head_dim-64 kernel's keys per tile (a multiple of
+ * QILIN_BLOCK_SIZE). */
 #define QILIN_ATTN_PREFILL_THREADS 128
-/* The wide prefill kernels (32 query rows per warp): rows per query tile; the head_dim-128
- * one's keys per tile and dynamic shared memory (Q, K and V tiles of 136-bf16 rows:
- * (128 + 2 * 32) * 136 * 2 bytes). */
 #define QILIN_ATTN_PREFILL_WIDE_BLOCK_M 128
-#define QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N 32
-#define QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES 52224
-/* The v2 head_dim-128 prefill kernel (qilin_attention_prefill_v2_hd128_bf16, opt-in
- * QILIN_ATTN_PREFILL_V2=1): 128-row query tiles as the wide one, keys per tile, and its
- * dynamic shared memory (the Q tile and two buffers each of K and V, 136-bf16 rows:
- * (128 + 4 * 32) * 136 * 2 bytes). */
+#define QILIN_ATTN_PREFILL_BLOCK_N 64
+/* The head_dim-128 prefill kernel (qilin_attention_prefill_v2_hd128_bf16): keys per tile
+ * and its dynamic shared memory (the Q tile and two buffers each of K and V, 136-bf16
+ * rows: (128 + 4 * 32) * 136 * 2 bytes). */
 #define QILIN_ATTN_PREFILL_V2_HD128_BLOCK_N 32
 #define QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES 69632
 

@@ -13,8 +13,12 @@
 // With skip_decode_rows == 1, sequences with len == 1 are left untouched (the decode
 // kernel writes them); otherwise every row of the batch is written.
 //
-// qilin_attention_prefill_hd{64,128}_bf16 (tensor cores, D = 64 or 128):
-//   grid  = (num_heads, n_tokens / BLOCK_M + n_seqs), block = QILIN_ATTN_PREFILL_THREADS.
+// qilin_attention_prefill_wide_hd64_bf16 (tensor cores, D = 64; head_dim 128 has
+// qilin_attention_prefill_v2_hd128_bf16 in kernels/attention_prefill_v2.cu, which replaced
+// this kernel's head_dim-128 variant after the H200 run at 771cd47: 339 against 221
+// TFLOP/s at 16K causal; the 64-row-tile variants went with it, 161 TFLOP/s there):
+//   grid  = (num_heads, n_tokens / BLOCK_M + n_seqs), block = QILIN_ATTN_PREFILL_THREADS,
+//   BLOCK_M = QILIN_ATTN_PREFILL_WIDE_BLOCK_M.
 //   Tile slot b = gridDim.y - 1 - blockIdx.y (reversed: blocks start in blockIdx order with
 //   x fastest, so every head of the last, most expensive causal tiles starts first, and
 //   the heads of a KV group run side by side on the same K/V tiles in L2) serves tile
@@ -23,8 +27,10 @@
 //   strictly increasing and gives sequence s at least ceil(len / BLOCK_M) slots, so the
 //   grid covers every query tile of the batch without a host-side tile list; slots past a
 //   sequence's last tile exit at once (at most one per sequence).
-//   Each of the 4 warps owns 16 query rows of the 64-row tile. The Q fragments stay in
-//   registers (mma A layout, loaded once). Key tiles of BLOCK_N = 64 positions (four
+//   Each of the 4 warps owns two m16 tiles (32 query rows) of the 128-row tile, so every
+//   K and V fragment loaded from shared memory feeds two mma (64-row tiles, one per warp,
+//   were bound by shared memory: 161-167 TFLOP/s at 16K on an H200). The Q fragments stay
+//   in registers (mma A layout, loaded once). Key tiles of BLOCK_N = 64 positions (four
 //   16-token cache blocks) are gathered from the paged cache into shared memory with
 //   cp.async through the block table (16-byte chunks; positions past the tile's last
 //   query are zero-filled and never read from global memory). Per key tile:
@@ -36,20 +42,8 @@
 //   loads while P V(kt) is computed. Shared rows are padded by 8 bf16 (16 B) so the eight
 //   16-byte rows of every ldmatrix phase fall in distinct banks.
 //   GQA: each block reads its KV head's tiles; the group's other heads read the same
-//   tiles, mostly from L2.
-//
-// qilin_attention_prefill_wide_hd{64,128}_bf16 (the default since the H200 run at
-//   12332f8; QILIN_ATTN_PREFILL_NARROW=1 takes the 64-row kernels): the same kernel with 128-row query tiles,
-//   each warp owning two m16 tiles (32 rows), so every K and V fragment loaded from shared
-//   memory feeds twice the mma work; grid.y counts tiles of
-//   QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows. head_dim 128 keeps Q in dynamic shared memory
-//   and loads its fragments per key tile (O alone takes 128 registers), with 32-key tiles.
-//
-// qilin_attention_prefill_v2_hd128_bf16 (opt-in QILIN_ATTN_PREFILL_V2=1; compiles,
-//   unverified on hardware): the wide head_dim-128 kernel with double-buffered K/V, one
-//   barrier per key tile, the mask on diagonal tiles only and lazy rescaling, in
-//   kernels/attention_prefill_v2.cu with the SASS analysis behind it. Both include
-//   attention_prefill_tile.cuh (the grid-slot -> query-tile map below).
+//   tiles, mostly from L2. Both kernels include attention_prefill_tile.cuh (the grid-slot
+//   -> query-tile map above).
 //
 // The plain-FMA fallback for other head sizes (and for bisecting) is
 // kernels/attention_simple.cu.
@@ -62,10 +56,8 @@
 // from L2) against 64 rows * 4 D flops: 64 flop/B, compute bound.
 //
 // Launch contract (checked by the Rust launcher; violations trap):
-//   hd kernels: head_dim == 64 / 128, blockDim.x == QILIN_ATTN_PREFILL_THREADS, static
-//   shared memory only (2 * 64 * (D + 8) * 2 B = 34,816 B for D = 128, 18,432 B for 64),
-//   except wide_hd128: QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES of dynamic shared memory;
-//   and num_heads % num_kv_heads == 0, seq_starts[0] == 0 and non-decreasing, and
+//   head_dim == 64, blockDim.x == QILIN_ATTN_PREFILL_THREADS, static shared memory only
+//   (2 * 64 * (64 + 8) * 2 B = 18,432 B); and num_heads % num_kv_heads == 0, seq_starts[0] == 0 and non-decreasing, and
 //   len <= ctx for every sequence; q/out rows 16-byte aligned.
 
 #include "attention_common.cuh"
@@ -73,7 +65,7 @@
 
 #include "attention_prefill_tile.cuh"
 
-template <int D, int MT, int BN, bool QS>
+template <int D, int MT, int BN>
 QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
                                         bf16* __restrict__ out,
                                         const bf16* __restrict__ q,
@@ -87,25 +79,8 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
     constexpr int BLOCK_M = 16 * MT * PREFILL_WARPS;
     constexpr int LD = D + SMEM_PAD;  // shared row stride in bf16 (16-byte multiple)
     constexpr int VECS = D / QILIN_VEC_ELEMS;
-    bf16* s_q = nullptr;  // [BLOCK_M rows][D (+ pad)] when QS
-    bf16* s_k;            // [BN keys][D (+ pad)]
-    bf16* s_v;            // [BN keys][D (+ pad)]
-    if constexpr (QS) {
-        extern __shared__ __align__(128) unsigned char prefill_dynamic_smem[];
-        unsigned dynamic_bytes;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
-        if (dynamic_bytes < (BLOCK_M + 2 * BN) * LD * sizeof(bf16)) {
-            __trap();
-        }
-        s_q = reinterpret_cast<bf16*>(prefill_dynamic_smem);
-        s_k = s_q + BLOCK_M * LD;
-        s_v = s_k + BN * LD;
-    } else {
-        __shared__ __align__(128) bf16 static_k[BN * LD];
-        __shared__ __align__(128) bf16 static_v[BN * LD];
-        s_k = static_k;
-        s_v = static_v;
-    }
+    __shared__ __align__(128) bf16 s_k[BN * LD];  // [BN keys][D (+ pad)]
+    __shared__ __align__(128) bf16 s_v[BN * LD];  // [BN keys][D (+ pad)]
 
     if (blockDim.x != PREFILL_THREADS || p.head_dim != D || p.num_kv_heads == 0 ||
         p.num_heads % p.num_kv_heads != 0) {
@@ -145,34 +120,21 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
     const size_t row0 = (size_t)start + tile * BLOCK_M;
     const bf16* q_tile = q + row0 * q_stride + (size_t)head * D;
 
-    // Q as mma A fragments for the D / 16 k-steps, in registers (!QS), or its tile in
-    // shared memory (QS, copied in with K's first tile); rows past the chunk are zero.
-    uint32_t qa[QS ? 1 : MT][QS ? 1 : D / 16][4];
-    if constexpr (QS) {
-        static_assert(BLOCK_M * VECS % PREFILL_THREADS == 0, "whole Q chunks per thread");
+    // Q as mma A fragments for the D / 16 k-steps, in registers; rows past the chunk are
+    // zero.
+    uint32_t qa[MT][D / 16][4];
 #pragma unroll
-        for (int i = 0; i < BLOCK_M * VECS / PREFILL_THREADS; ++i) {
-            const unsigned c = threadIdx.x + i * PREFILL_THREADS;
-            const unsigned r = c / VECS;
-            const unsigned vec = c % VECS;
-            const uint32_t at = smem_u32(s_q + r * LD + vec * QILIN_VEC_ELEMS);
-            const bf16* from = q_tile + (r < rows ? r * q_stride + vec * QILIN_VEC_ELEMS : 0);
-            cp_async_16(at, from, r < rows ? 16 : 0);
-        }
-    } else {
+    for (int mt = 0; mt < MT; ++mt) {
+        const unsigned ra = r0 + 16 * mt;
+        const unsigned rb = ra + 8;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            const unsigned ra = r0 + 16 * mt;
-            const unsigned rb = ra + 8;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const bf16* p0 = q_tile + ra * q_stride + kk * 16 + c0;
-                const bf16* p1 = q_tile + rb * q_stride + kk * 16 + c0;
-                qa[mt][kk][0] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0) : 0u;
-                qa[mt][kk][1] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1) : 0u;
-                qa[mt][kk][2] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0 + 8) : 0u;
-                qa[mt][kk][3] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1 + 8) : 0u;
-            }
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const bf16* p0 = q_tile + ra * q_stride + kk * 16 + c0;
+            const bf16* p1 = q_tile + rb * q_stride + kk * 16 + c0;
+            qa[mt][kk][0] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0) : 0u;
+            qa[mt][kk][1] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1) : 0u;
+            qa[mt][kk][2] = ra < rows ? *reinterpret_cast<const uint32_t*>(p0 + 8) : 0u;
+            qa[mt][kk][3] = rb < rows ? *reinterpret_cast<const uint32_t*>(p1 + 8) : 0u;
         }
     }
 
@@ -248,23 +210,15 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
         }
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk) {
-            // This pair of k-steps' Q fragments: from registers, or (QS) one ldmatrix.x4
-            // per m-tile and k-step (lanes 0-15 address rows 0-15 at column 0, lanes 16-31
-            // the same rows at column 8: the four 8x8 matrices of the A layout).
+            // This pair of k-steps' Q fragments.
             uint32_t q_pair[MT][2][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    if constexpr (QS) {
-                        const unsigned r = warp * 16 * MT + mt * 16 + lane % 16;
-                        ldmatrix_x4(q_pair[mt][h],
-                                    smem_u32(s_q + r * LD + (2 * kk + h) * 16 + (lane / 16) * 8));
-                    } else {
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            q_pair[mt][h][i] = qa[mt][2 * kk + h][i];
-                        }
+                    for (int i = 0; i < 4; ++i) {
+                        q_pair[mt][h][i] = qa[mt][2 * kk + h][i];
                     }
                 }
             }
@@ -411,52 +365,15 @@ QILIN_DEVICE void attention_prefill_mma(const QilinAttentionParams& p,
     }
 }
 
-// out:          bf16 [n_tokens, num_heads * D]   rows of the served sequences written
-// q:            bf16 [n_tokens, num_heads * D]
-// k_cache:      bf16 [cache_slots, num_kv_heads * D]  one layer's keys
-// v_cache:      bf16 [cache_slots, num_kv_heads * D]  one layer's values
+// out:          bf16 [n_tokens, num_heads * 64]   rows of the served sequences written
+// q:            bf16 [n_tokens, num_heads * 64]
+// k_cache:      bf16 [cache_slots, num_kv_heads * 64]  one layer's keys
+// v_cache:      bf16 [cache_slots, num_kv_heads * 64]  one layer's values
 // seq_starts:   u32  [n_seqs + 1]  first row of each sequence, then n_tokens
 // context_lens: u32  [n_seqs]      cached tokens of each sequence including this step's
 // block_tables: u32  [n_seqs, max_blocks_per_seq]
-// Registers ~140 (Q fragments 16, O 32, S 32): 3 blocks per SM.
-extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 3)
-qilin_attention_prefill_hd64_bf16(const QilinAttentionParams p,
-                                  bf16* __restrict__ out,
-                                  const bf16* __restrict__ q,
-                                  const bf16* __restrict__ k_cache,
-                                  const bf16* __restrict__ v_cache,
-                                  const uint32_t* __restrict__ seq_starts,
-                                  const uint32_t* __restrict__ context_lens,
-                                  const uint32_t* __restrict__ block_tables) {
-    attention_prefill_mma<64, 1, QILIN_ATTN_PREFILL_BLOCK_N, false>(
-        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
-}
-
-// Same arguments and shapes as qilin_attention_prefill_hd64_bf16, D = 128.
-// Registers ~240 (Q fragments 32, O 64, S 32): 2 blocks per SM. The explicit minimum keeps
-// ptxas from squeezing registers for occupancy (it spilled without one on sm_80).
-extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 2)
-qilin_attention_prefill_hd128_bf16(const QilinAttentionParams p,
-                                   bf16* __restrict__ out,
-                                   const bf16* __restrict__ q,
-                                   const bf16* __restrict__ k_cache,
-                                   const bf16* __restrict__ v_cache,
-                                   const uint32_t* __restrict__ seq_starts,
-                                   const uint32_t* __restrict__ context_lens,
-                                   const uint32_t* __restrict__ block_tables) {
-    attention_prefill_mma<128, 1, QILIN_ATTN_PREFILL_BLOCK_N, false>(
-        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
-}
-
-// The wide variants (the default; QILIN_ATTN_PREFILL_NARROW=1 takes the ones above):
-// 128-row query tiles, 32 rows per warp, so each K fragment (ldmatrix) feeds 4 mma
-// instead of 2, and each V fragment 4 instead of 2. The 64-row kernels issue one
-// ldmatrix.x4 (512 B of shared memory, ~4 clocks of an SM's 128 B/clock) per two
-// m16n8k16 mma (~1.5 clocks each at mma.sync's ~2.7 kFLOP/clock/SM on H100): shared
-// memory, not the tensor cores, bounds them (167 TFLOP/s measured at 16K on an H200).
-// Arguments and shapes as qilin_attention_prefill_hd64_bf16; grid.y counts tiles of
-// QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows.
-// D = 64: Q 32, O 64, S 64 registers (64-key tiles).
+// 128-row query tiles, 32 rows per warp: Q 32, O 64, S 64 registers (64-key tiles).
+// grid.y counts tiles of QILIN_ATTN_PREFILL_WIDE_BLOCK_M rows.
 extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 2)
 qilin_attention_prefill_wide_hd64_bf16(const QilinAttentionParams p,
                                        bf16* __restrict__ out,
@@ -466,28 +383,6 @@ qilin_attention_prefill_wide_hd64_bf16(const QilinAttentionParams p,
                                        const uint32_t* __restrict__ seq_starts,
                                        const uint32_t* __restrict__ context_lens,
                                        const uint32_t* __restrict__ block_tables) {
-    attention_prefill_mma<64, 2, QILIN_ATTN_PREFILL_BLOCK_N, false>(
-        p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
-}
-
-// D = 128: O 128 and S 64 registers; Q (64 more) would not fit beside them, so it stays
-// in shared memory: (128 + 2 * 64) rows of 136 bf16 = 69,632 B of dynamic shared memory
-// (QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES; the launcher raises the function's limit).
-// One block of 4 warps per SM.
-extern "C" __global__ void __launch_bounds__(QILIN_ATTN_PREFILL_THREADS, 1)
-qilin_attention_prefill_wide_hd128_bf16(const QilinAttentionParams p,
-                                        bf16* __restrict__ out,
-                                        const bf16* __restrict__ q,
-                                        const bf16* __restrict__ k_cache,
-                                        const bf16* __restrict__ v_cache,
-                                        const uint32_t* __restrict__ seq_starts,
-                                        const uint32_t* __restrict__ context_lens,
-                                        const uint32_t* __restrict__ block_tables) {
-    static_assert((QILIN_ATTN_PREFILL_WIDE_BLOCK_M + 2 * QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N) *
-                          (128 + SMEM_PAD) *
-                          sizeof(bf16) ==
-                      QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
-                  "abi.h: the wide head_dim-128 kernel's dynamic shared memory");
-    attention_prefill_mma<128, 2, QILIN_ATTN_PREFILL_WIDE_HD128_BLOCK_N, true>(
+    attention_prefill_mma<64, 2, QILIN_ATTN_PREFILL_BLOCK_N>(
         p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
 }

@@ -9,7 +9,6 @@ static constexpr int PREFILL_THREADS = QILIN_ATTN_PREFILL_THREADS;
 static constexpr int PREFILL_WARPS = PREFILL_THREADS / QILIN_WARP_SIZE;
 static constexpr int SMEM_PAD = 8;  // bf16 per shared row beyond D
 
-static_assert(QILIN_ATTN_PREFILL_BLOCK_M == 16 * PREFILL_WARPS, "16 query rows per warp");
 static_assert(QILIN_ATTN_PREFILL_WIDE_BLOCK_M == 32 * PREFILL_WARPS, "32 query rows per warp");
 static_assert(QILIN_ATTN_PREFILL_BLOCK_N % 16 == 0 &&
                   QILIN_ATTN_PREFILL_BLOCK_N % QILIN_BLOCK_SIZE == 0,
@@ -48,7 +47,5 @@ QILIN_DEVICE bool prefill_tile_of(const QilinAttentionParams& p,
     return true;
 }
 
-// D: head_dim. MT: m16 tiles of query rows per warp (1: 64-row block tiles; 2: 128-row
-// tiles, each K/V fragment read from shared memory feeding twice the mma work). BN: keys
-// per tile. QS: Q stays in shared memory (dynamic, prefill_smem_bytes) and its fragments
-// are loaded per key tile, instead of living in registers for the whole kernel.
+// D: head_dim. MT: m16 tiles of query rows per warp (2: 128-row tiles, each K/V fragment
+// read from shared memory feeding two mma). BN: keys per tile.

@@ -24,10 +24,7 @@
 //! through the counters and the last-block merge, and each case finds the counters as the
 //! launches before it left them), both again with the tensor-core decode kernel and its
 //! separate reduction pass (QILIN_ATTN_DECODE_PIPE=0) and with the FMA decode kernels,
-//! the prefill kernel on every row, the 64-row-tile prefill kernels
-//! (QILIN_ATTN_PREFILL_NARROW=1) for the prefill rows and on every row, the wide
-//! head_dim-128 prefill kernel the v2 one replaced (QILIN_ATTN_PREFILL_V2=0) for the
-//! prefill rows and on every row, and the plain-FMA kernel on every row. A failure names
+//! the prefill kernel on every row, and the plain-FMA kernel on every row. A failure names
 //! the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
 //! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
@@ -106,13 +103,6 @@ const PATHS: &[Path] = &[
         AttentionSwitches { split_tokens: Some(16), decode_pipe: false, ..DISPATCH },
     ),
     path("prefill-kernel-only", AttentionSwitches { no_decode: true, ..DISPATCH }),
-    path("prefill-narrow", AttentionSwitches { prefill_narrow: true, ..DISPATCH }),
-    path(
-        "prefill-narrow-only",
-        AttentionSwitches { no_decode: true, prefill_narrow: true, ..DISPATCH },
-    ),
-    path("prefill-wide", AttentionSwitches { prefill_v2: false, ..DISPATCH }),
-    path("prefill-wide-only", AttentionSwitches { no_decode: true, prefill_v2: false, ..DISPATCH }),
     path("simple-fma", AttentionSwitches { simple: true, ..DISPATCH }),
 ];
 

@@ -349,25 +349,7 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_attention.rs",
     },
     Coverage {
-        entry: "qilin_attention_prefill_hd64_bf16",
-        launcher: "src/backend/cuda/attention.rs",
-        twin: "attention",
-        parity: "tests/gpu_attention.rs",
-    },
-    Coverage {
-        entry: "qilin_attention_prefill_hd128_bf16",
-        launcher: "src/backend/cuda/attention.rs",
-        twin: "attention",
-        parity: "tests/gpu_attention.rs",
-    },
-    Coverage {
         entry: "qilin_attention_prefill_wide_hd64_bf16",
-        launcher: "src/backend/cuda/attention.rs",
-        twin: "attention",
-        parity: "tests/gpu_attention.rs",
-    },
-    Coverage {
-        entry: "qilin_attention_prefill_wide_hd128_bf16",
         launcher: "src/backend/cuda/attention.rs",
         twin: "attention",
         parity: "tests/gpu_attention.rs",
@@ -708,15 +690,7 @@ fn attention_module_entries_and_params_match_the_rust_side() {
             .collect();
     assert_eq!(pipe, expected);
     let prefill: BTreeSet<&str> = entry_names(ptx::ATTENTION_PREFILL_PTX).into_iter().collect();
-    let expected: BTreeSet<&str> = [
-        ptx::ATTENTION_PREFILL_HD64_BF16.entry,
-        ptx::ATTENTION_PREFILL_HD128_BF16.entry,
-        ptx::ATTENTION_PREFILL_WIDE_HD64_BF16.entry,
-        ptx::ATTENTION_PREFILL_WIDE_HD128_BF16.entry,
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(prefill, expected);
+    assert_eq!(prefill, BTreeSet::from([ptx::ATTENTION_PREFILL_WIDE_HD64_BF16.entry]));
     let v2: BTreeSet<&str> = entry_names(ptx::ATTENTION_PREFILL_V2_PTX).into_iter().collect();
     assert_eq!(v2, BTreeSet::from([ptx::ATTENTION_PREFILL_V2_HD128_BF16.entry]));
     let simple: BTreeSet<&str> = entry_names(ptx::ATTENTION_SIMPLE_PTX).into_iter().collect();
@@ -730,10 +704,7 @@ fn attention_module_entries_and_params_match_the_rust_side() {
         ptx::ATTENTION_DECODE_PIPE_HD128_BF16,
         ptx::ATTENTION_DECODE_PIPE_HD64_BF16,
         ptx::ATTENTION_DECODE_REDUCE_BF16,
-        ptx::ATTENTION_PREFILL_HD64_BF16,
-        ptx::ATTENTION_PREFILL_HD128_BF16,
         ptx::ATTENTION_PREFILL_WIDE_HD64_BF16,
-        ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
         ptx::ATTENTION_PREFILL_V2_HD128_BF16,
         ptx::ATTENTION_PREFILL_SIMPLE_BF16,
     ] {

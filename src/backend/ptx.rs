@@ -79,22 +79,13 @@ pub const APPLY_PENALTIES_BF16: Kernel =
 /// Merge of the decode splits; see kernels/attention_decode.cu.
 pub const ATTENTION_DECODE_REDUCE_BF16: Kernel =
     Kernel { module: "attention_decode", entry: "qilin_attention_decode_reduce_bf16" };
-/// Flash-attention prefill on tensor cores, head_dim 64; see kernels/attention_prefill.cu.
-pub const ATTENTION_PREFILL_HD64_BF16: Kernel =
-    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_hd64_bf16" };
-/// Flash-attention prefill on tensor cores, head_dim 128; see kernels/attention_prefill.cu.
-pub const ATTENTION_PREFILL_HD128_BF16: Kernel =
-    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_hd128_bf16" };
-/// Flash-attention prefill, 128-row query tiles (compiles, unverified; opt-in), head_dim
-/// 64; see kernels/attention_prefill.cu.
+/// Flash-attention prefill on tensor cores, 128-row query tiles, head_dim 64; see
+/// kernels/attention_prefill.cu.
 pub const ATTENTION_PREFILL_WIDE_HD64_BF16: Kernel =
     Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd64_bf16" };
-/// As ATTENTION_PREFILL_WIDE_HD64_BF16, head_dim 128 (Q in dynamic shared memory).
-pub const ATTENTION_PREFILL_WIDE_HD128_BF16: Kernel =
-    Kernel { module: "attention_prefill", entry: "qilin_attention_prefill_wide_hd128_bf16" };
-/// The wide head_dim-128 prefill with double-buffered K/V, one barrier per key tile, the
-/// causal mask on diagonal tiles only and lazy rescaling (compiles, unverified; opt-in
-/// QILIN_ATTN_PREFILL_V2=1); see kernels/attention_prefill_v2.cu.
+/// Flash-attention prefill, head_dim 128: 128-row query tiles, Q in dynamic shared memory,
+/// double-buffered K/V, one barrier per key tile, the causal mask on diagonal tiles only
+/// and lazy rescaling; see kernels/attention_prefill_v2.cu.
 pub const ATTENTION_PREFILL_V2_HD128_BF16: Kernel =
     Kernel { module: "attention_prefill_v2", entry: "qilin_attention_prefill_v2_hd128_bf16" };
 /// Plain-FMA paged attention (any head size, any row; the bisecting fallback); see
@@ -157,10 +148,7 @@ pub const KERNELS: &[Kernel] = &[
     SAMPLE_SPLIT_BF16,
     APPLY_PENALTIES_BF16,
     ATTENTION_DECODE_REDUCE_BF16,
-    ATTENTION_PREFILL_HD64_BF16,
-    ATTENTION_PREFILL_HD128_BF16,
     ATTENTION_PREFILL_WIDE_HD64_BF16,
-    ATTENTION_PREFILL_WIDE_HD128_BF16,
     ATTENTION_PREFILL_V2_HD128_BF16,
     ATTENTION_PREFILL_SIMPLE_BF16,
     GEMV_MMA_BF16,

@@ -465,17 +465,6 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
         bench.measure("attention", what, bytes, flops, &mut || {
             drop(b.attention(&qt, &batch, &cache, 0, shape));
         });
-        // The 64-row-tile kernels the 128-row ones replaced, on the same batch.
-        let what = format!("prefill (64-row tiles): {len} tokens, causal");
-        bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::NarrowPrefill));
-        });
-        // The wide 128-row-tile kernel that the v2 one replaced at head_dim 128
-        // (QILIN_ATTN_PREFILL_V2=0), on the same batch.
-        let what = format!("prefill (wide v1): {len} tokens, causal");
-        bench.measure("attention", what, bytes, flops, &mut || {
-            drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::WidePrefill));
-        });
     }
 
     let report = &bench.report;

@@ -11,11 +11,11 @@
 //!   qilin_attention_decode_mma_hd{64,128}_bf16, or the FMA
 //!   qilin_attention_decode_g{4,8}_bf16, split-K then qilin_attention_decode_reduce_bf16
 //!   when the plan has more than one split;
-//! - every other sequence: at head_dim 128 qilin_attention_prefill_v2_hd128_bf16, else
-//!   qilin_attention_prefill_wide_hd64_bf16 (tensor cores, 128-row tiles; the 64-row
-//!   qilin_attention_prefill_hd{64,128}_bf16 with QILIN_ATTN_PREFILL_NARROW=1, the wide
-//!   head_dim-128 one with QILIN_ATTN_PREFILL_V2=0), or qilin_attention_prefill_simple_bf16
-//!   for head sizes without a tensor-core kernel.
+//! - every other sequence: qilin_attention_prefill_wide_hd64_bf16 or
+//!   qilin_attention_prefill_v2_hd128_bf16 (tensor cores, 128-row tiles), or
+//!   qilin_attention_prefill_simple_bf16 for other head sizes (and where the head_dim-128
+//!   kernel cannot have its shared memory or a non-positive softmax scale breaks its
+//!   contract).
 //!
 //! Both kernels are launched over the whole `DeviceBatch` and skip the sequences the other
 //! one owns, so the host needs no per-sequence lengths (the step's metadata stays on the
@@ -33,19 +33,14 @@
 //!   FMA switch wins over both);
 //! - `QILIN_ATTN_DECODE_SPLIT_TOKENS=N` (a positive multiple of 16): the decode kernel's
 //!   keys per split, instead of the occupancy-based choice;
-//! - `QILIN_ATTN_PREFILL_NARROW=1`: the prefill rows take the 64-row-tile kernels
-//!   (qilin_attention_prefill_hd{64,128}_bf16), which the 128-row ones replaced (H200,
-//!   16K causal at head_dim 128: 161 against 220 TFLOP/s).
-//! - `QILIN_ATTN_PREFILL_V2=0`: head_dim-128 prefill rows take the wide kernel instead
-//!   of qilin_attention_prefill_v2_hd128_bf16 (double-buffered K/V, one barrier per key
-//!   tile, the causal mask on diagonal tiles only, lazy rescaling; H200 at 771cd47, 16K
-//!   causal: 339 against 221 TFLOP/s), which otherwise takes them where the softmax scale
-//!   is positive (its contract) unless `QILIN_ATTN_PREFILL_NARROW=1` asks for the 64-row
-//!   ones.
+//!
+//! The prefill kernels the current ones replaced went after the H200 run at 771cd47 (16K
+//! causal at head_dim 128: 64-row tiles 161 TFLOP/s, 128-row tiles 221, v2 339), with
+//! their switches.
 
 use std::sync::Once;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -54,9 +49,8 @@ use super::decode_plan::DecodePlan;
 use super::device::{check, Device};
 use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{
-    QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_MAX_HEAD_DIM, QILIN_ATTN_PREFILL_BLOCK_M,
-    QILIN_ATTN_PREFILL_THREADS, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES,
-    QILIN_ATTN_PREFILL_WIDE_BLOCK_M, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+    QilinAttentionParams, BLOCK_SIZE, QILIN_ATTN_MAX_HEAD_DIM, QILIN_ATTN_PREFILL_THREADS,
+    QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES, QILIN_ATTN_PREFILL_WIDE_BLOCK_M,
     QILIN_ATTN_SIMPLE_THREADS, QILIN_WARP_SIZE, VEC_ELEMS,
 };
 use crate::backend::ptx::{self, Kernel};
@@ -72,13 +66,8 @@ pub(super) const MAX_GRID_YZ: usize = 65535;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernels {
     Dispatch,
-    /// The 64-row-tile prefill kernels (QILIN_ATTN_PREFILL_NARROW=1).
-    NarrowPrefill,
     /// The tensor-core decode kernel and its reduction pass (QILIN_ATTN_DECODE_PIPE=0).
     UnpipedDecode,
-    /// The wide 128-row-tile prefill kernel at head_dim 128 too (QILIN_ATTN_PREFILL_V2=0),
-    /// which the v2 kernel replaced: for its benchmark row.
-    WidePrefill,
 }
 
 /// Causal paged attention of `q [n_tokens, heads*head_dim]` over layer `layer` of `cache`;
@@ -95,12 +84,7 @@ pub fn attention(
     let mut switches = dev.attention_switches();
     match kernels {
         AttentionKernels::Dispatch => {}
-        AttentionKernels::NarrowPrefill => switches.prefill_narrow = true,
         AttentionKernels::UnpipedDecode => switches.decode_pipe = false,
-        AttentionKernels::WidePrefill => {
-            switches.prefill_narrow = false;
-            switches.prefill_v2 = false;
-        }
     }
     let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     assert!(
@@ -162,8 +146,7 @@ pub fn attention(
     // A batch whose longest sequence has one token is all decode rows.
     if batch.max_query_len > 1 || !use_decode_kernel {
         let params = QilinAttentionParams { skip_decode_rows: use_decode_kernel as u32, ..params };
-        let v2 = switches.prefill_v2 && hd == 128 && shape.scale > 0.0 && raise_v2_smem(dev);
-        match prefill_kernel(hd, !switches.prefill_narrow, v2) {
+        match prefill_kernel(dev, hd, shape.scale) {
             Some(kernel) => launch_prefill(dev, kernel, &mut out, q, batch, kv, params),
             None => launch_simple(dev, &mut out, q, batch, kv, params),
         }
@@ -202,54 +185,23 @@ struct PrefillKernel {
     kernel: Kernel,
     /// Query rows per tile (grid.y counts tiles of this many rows).
     block_m: usize,
-    /// Dynamic shared memory (the wide head_dim-128 kernel keeps Q there).
+    /// Dynamic shared memory (the head_dim-128 kernel keeps Q there).
     smem_bytes: u32,
 }
 
-/// The tensor-core prefill kernel for this head size, if there is one: the 64-row-tile
-/// kernels, or with `wide` the 128-row-tile ones (with `v2` as well, the v2 kernel at
-/// head_dim 128; the caller checked its positive-scale contract).
-fn prefill_kernel(head_dim: usize, wide: bool, v2: bool) -> Option<PrefillKernel> {
-    let (narrow_m, wide_m) =
-        (QILIN_ATTN_PREFILL_BLOCK_M as usize, QILIN_ATTN_PREFILL_WIDE_BLOCK_M as usize);
-    let (kernel, block_m, smem_bytes) = match (head_dim, wide) {
-        (64, false) => (ptx::ATTENTION_PREFILL_HD64_BF16, narrow_m, 0),
-        (128, false) => (ptx::ATTENTION_PREFILL_HD128_BF16, narrow_m, 0),
-        (64, true) => (ptx::ATTENTION_PREFILL_WIDE_HD64_BF16, wide_m, 0),
-        (128, true) if v2 => {
-            (ptx::ATTENTION_PREFILL_V2_HD128_BF16, wide_m, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES)
+/// The tensor-core prefill kernel for this head size, if there is one this device can
+/// launch: head_dim 128's keeps the max of the raw scores as the max of the scaled ones,
+/// so it needs a positive softmax scale.
+fn prefill_kernel(dev: &Device, head_dim: usize, scale: f32) -> Option<PrefillKernel> {
+    let block_m = QILIN_ATTN_PREFILL_WIDE_BLOCK_M as usize;
+    let (kernel, smem_bytes) = match head_dim {
+        64 => (ptx::ATTENTION_PREFILL_WIDE_HD64_BF16, 0),
+        128 if scale > 0.0 => {
+            (ptx::ATTENTION_PREFILL_V2_HD128_BF16, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES)
         }
-        (128, true) => (
-            ptx::ATTENTION_PREFILL_WIDE_HD128_BF16,
-            wide_m,
-            QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
-        ),
         _ => return None,
     };
-    Some(PrefillKernel { kernel, block_m, smem_bytes })
-}
-
-/// Raises the v2 prefill kernel's dynamic shared memory limit (69,632 B, over the 48 KiB a
-/// launch gets without asking) on this device; false (the caller keeps the wide kernel)
-/// where the device refuses. Device::open does not raise it while the kernel is opt-in, so
-/// this runs before each launch that takes it: one cheap driver call on the host.
-fn raise_v2_smem(dev: &Device) -> bool {
-    let kernel = ptx::ATTENTION_PREFILL_V2_HD128_BF16;
-    let raised = dev.function(kernel).set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES as i32,
-    );
-    if let Err(e) = &raised {
-        static WARN: Once = Once::new();
-        WARN.call_once(|| {
-            tracing::warn!(
-                "{} cannot have {} B of shared memory ({e}): the wide kernel takes head_dim-128 prefill rows",
-                kernel.entry,
-                QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES
-            )
-        });
-    }
-    raised.is_ok()
+    dev.launchable(kernel).then_some(PrefillKernel { kernel, block_m, smem_bytes })
 }
 
 /// grid.y of the tensor-core prefill kernel: `n_tokens / block_m + n_seqs` query-tile
@@ -292,7 +244,8 @@ fn launch_prefill(
         .arg(&batch.seq_starts)
         .arg(&batch.context_lens)
         .arg(&batch.block_tables);
-    // SAFETY: argument order and types follow qilin_attention_prefill_hd{64,128}_bf16.
+    // SAFETY: argument order and types follow qilin_attention_prefill_wide_hd64_bf16 (and
+    // the v2 kernel's, the same).
     // out and q hold n_tokens * heads * head_dim bf16 (checked by the caller); keys and
     // values cache_slots * kv_heads * head_dim bf16 (checked); seq_starts n_seqs + 1 u32,
     // context_lens n_seqs u32, block_tables n_seqs * max_blocks_per_seq u32 (DeviceBatch
@@ -483,10 +436,6 @@ pub struct AttentionSwitches {
     pub decode_pipe: bool,
     /// `QILIN_ATTN_DECODE_SPLIT_TOKENS=N`: the decode kernel's keys per split.
     pub split_tokens: Option<usize>,
-    /// `QILIN_ATTN_PREFILL_NARROW=1`: the 64-row-tile prefill kernels.
-    pub prefill_narrow: bool,
-    /// Unless `QILIN_ATTN_PREFILL_V2=0`: the v2 head_dim-128 prefill kernel.
-    pub prefill_v2: bool,
 }
 
 impl AttentionSwitches {
@@ -497,8 +446,6 @@ impl AttentionSwitches {
         decode_fma: false,
         decode_pipe: true,
         split_tokens: None,
-        prefill_narrow: false,
-        prefill_v2: true,
     };
 
     pub fn from_env() -> AttentionSwitches {
@@ -509,8 +456,6 @@ impl AttentionSwitches {
             no_decode: on("QILIN_ATTN_NO_DECODE"),
             decode_fma: on("QILIN_ATTN_DECODE_FMA"),
             decode_pipe: std::env::var_os("QILIN_ATTN_DECODE_PIPE").is_none_or(|v| v != "0"),
-            prefill_narrow: on("QILIN_ATTN_PREFILL_NARROW"),
-            prefill_v2: std::env::var_os("QILIN_ATTN_PREFILL_V2").is_none_or(|v| v != "0"),
             split_tokens: split.as_deref().and_then(parse_split_tokens),
         }
     }
@@ -547,8 +492,9 @@ mod tests {
     #[test]
     fn prefill_grid_has_a_slot_for_every_query_tile() {
         // Mirror of the kernel's slot -> (sequence, tile) search over random batches.
-        for bm in [QILIN_ATTN_PREFILL_BLOCK_M, QILIN_ATTN_PREFILL_WIDE_BLOCK_M] {
-            check_tile_slots(bm as usize);
+        // The kernels' 128-row tiles, and 64 (smaller tiles meet more boundaries).
+        for bm in [64, QILIN_ATTN_PREFILL_WIDE_BLOCK_M as usize] {
+            check_tile_slots(bm);
         }
     }
 

@@ -19,7 +19,7 @@ use super::attention::AttentionSwitches;
 use super::CudaError;
 use crate::backend::abi::{
     QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES,
-    QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES,
+    QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES,
 };
 use crate::backend::ptx::{self, Kernel};
 
@@ -210,17 +210,14 @@ impl Device {
                 bytes as i32,
             )
         };
-        // The wide head_dim-128 prefill kernel's Q, K and V tiles (52 KiB fit every
-        // supported GPU).
-        let wide = ptx::ATTENTION_PREFILL_WIDE_HD128_BF16;
-        raise_smem(wide, QILIN_ATTN_PREFILL_WIDE_HD128_SMEM_BYTES).map_err(|e| {
-            CudaError::Driver(format!("raising {}'s shared memory limit: {e}", wide.entry))
-        })?;
-        // The pipelined decode kernels' rings of K/V buffers: a device whose blocks cannot
+        // The head_dim-128 prefill kernel's Q tile and two K/V buffers (68 KiB), and the
+        // pipelined decode kernels' rings of K/V buffers: a device whose blocks cannot
         // have that much (sm_86/sm_89: 99 KiB, under the head_dim-128 ring's 102 KiB)
-        // keeps the mma kernel instead of failing to open.
+        // takes the plain-FMA prefill kernel or the mma decode kernel instead of failing
+        // to open.
         let mut smem_refused = Vec::new();
         for (kernel, bytes) in [
+            (ptx::ATTENTION_PREFILL_V2_HD128_BF16, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES),
             (ptx::ATTENTION_DECODE_PIPE_HD128_BF16, QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES),
             (ptx::ATTENTION_DECODE_PIPE_HD64_BF16, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES),
         ] {
