@@ -25,8 +25,9 @@
 //!
 //! `qilin_argmax_split_bf16` and `qilin_sample_split_bf16` (the same calls with
 //! `FastPaths::sample_split` on: several blocks per row, the last merging) pass the same
-//! two checks on the same kinds of rows, plus rows of exactly 16 chunks (196,608), one
-//! past (the one-block kernels take them) and more rows than one launch takes (1025).
+//! two checks on the same kinds of rows, plus rows of exactly 16 chunks (196,608) and one
+//! past (the one-block kernels take them), in batches up to SAMPLE_SPLIT_MAX_BATCH rows
+//! (past it the dispatch keeps one block per row).
 //! Random top-k up to 50 and top-p without top-k take the split's candidate path; ties
 //! (coarse rows) and top-k of 1000 and more its fall back to the one-block algorithm.
 //!
@@ -50,7 +51,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use std::collections::HashSet;
 
 use qilin::backend::cpu::{penalize_row_bf16, CpuBackend, CpuTensor};
-use qilin::backend::cuda::CudaBackend;
+use qilin::backend::cuda::{CudaBackend, SAMPLE_SPLIT_MAX_BATCH};
 use qilin::backend::{Backend, PenaltyBatch, PenaltyToken, RowSampling};
 use qilin::engine::sampler::inv_temperature;
 use rand::{Rng, SeedableRng};
@@ -81,6 +82,13 @@ fn logit(rng: &mut ChaCha8Rng) -> f32 {
 /// Both kernel families: one block per row, then several (`FastPaths::sample_split`).
 const SPLIT: [bool; 2] = [false, true];
 
+/// Whether the dispatch takes the split kernels for `rows` rows when `split` asks for them
+/// (up to SAMPLE_SPLIT_MAX_BATCH rows; past it the one-block kernels, which the `false`
+/// pass already checked).
+fn dispatch_splits(split: bool, rows: usize) -> bool {
+    !split || rows <= SAMPLE_SPLIT_MAX_BATCH
+}
+
 #[test]
 fn argmax_matches_the_cpu_twin() {
     let Some((mut gpu, cpu, seed, mut rng)) = setup("argmax") else { return };
@@ -96,7 +104,7 @@ fn argmax_matches_the_cpu_twin() {
         (1, 1),
     ];
     for ((rows, cols), split) in shapes.into_iter().flat_map(|s| SPLIT.map(|b| (s, b))) {
-        if !runs_tokens(rows) {
+        if !runs_tokens(rows) || !dispatch_splits(split, rows) {
             continue;
         }
         gpu.dev.paths.sample_split = split;
@@ -289,7 +297,7 @@ fn sampling_matches_the_cpu_twin() {
     ];
     let (mut total_rows, mut mismatches) = (0, 0);
     for ((rows, cols), split) in shapes.into_iter().flat_map(|s| SPLIT.map(|b| (s, b))) {
-        if !runs_tokens(rows) {
+        if !runs_tokens(rows) || !dispatch_splits(split, rows) {
             continue;
         }
         gpu.dev.paths.sample_split = split;

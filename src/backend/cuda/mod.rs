@@ -26,7 +26,7 @@ pub use batch_meta::DeviceBatch;
 pub use device::{Device, FastPaths};
 pub use linear::{gemv_cublas_wins, gemv_mma_wins};
 pub use quant_linear::reserve_dequant_scratch;
-pub use sampling::argmax_rows_on_device;
+pub use sampling::{argmax_rows_on_device, SPLIT_MAX_BATCH as SAMPLE_SPLIT_MAX_BATCH};
 pub use tensor::{CudaKvCache, CudaLinear, CudaTensor, CudaVector, LinearWeight, QuantWeight};
 
 use super::{
