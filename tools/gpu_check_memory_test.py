@@ -1,5 +1,5 @@
 """Tests of tools/gpu_check_memory.py with real processes and real memory: run by
-tests/gpu_check_memory.rs (`cargo test`), or alone with `python3 -m unittest`."""
+tests/sanitizer_scheduler.rs (`cargo test`), or alone with `python3 -m unittest`."""
 
 import os
 import sys
