@@ -214,3 +214,135 @@ fn llama3_streams_prose_at_once_and_holds_what_may_be_a_call() {
     assert_eq!((released.concat().as_str(), held.as_str()), ("", "{braces} in prose"));
     assert!(calls.is_empty());
 }
+
+mod wire {
+    //! The response side: a chat body and a chat stream carrying a Hermes call, in the shape
+    //! the official `openai` client reads (tests/clients/openai_tools.py checks the client
+    //! side against a real server).
+
+    use std::path::Path;
+
+    use serde_json::{json, Value};
+
+    use super::{auto, llama};
+    use crate::engine::output::TokenStep;
+    use crate::engine::{FinishReason, GenerationOutput, SamplingParams};
+    use crate::server::openai::{GenRequest, Route};
+    use crate::server::openai_response::{final_response, ResponseMeta, StreamState};
+    use crate::server::tool_calls::ToolRequest;
+    use crate::tokenizer::Tokenizer;
+
+    const ANSWER: &str = "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \
+                          {\"city\": \"Paris\"}}\n</tool_call>";
+
+    fn tokenizer() -> Tokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/qwen2_gqa4_hd128_tied");
+        Tokenizer::from_hf_dir(&dir).unwrap()
+    }
+
+    fn request(tools: ToolRequest, stream: bool) -> GenRequest {
+        GenRequest {
+            route: Route::ChatCompletions,
+            model: None,
+            prompt_ids: vec![1, 2],
+            prompt_text: String::new(),
+            params: SamplingParams::default(),
+            stream,
+            include_usage: false,
+            echo: false,
+            logprobs: false,
+            tools: Some(tools),
+        }
+    }
+
+    fn meta() -> ResponseMeta {
+        ResponseMeta { id: "chatcmpl-1".into(), created: 1, model: "m".into() }
+    }
+
+    fn output(text: &str, finish_reason: FinishReason) -> GenerationOutput {
+        GenerationOutput {
+            prompt_ids: vec![1, 2],
+            output_ids: vec![3, 4, 5],
+            text: text.into(),
+            finish_reason,
+            logprobs: None,
+            cached_prompt_tokens: 0,
+            timings: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_whole_answer_with_a_call() {
+        let body = final_response(
+            &request(auto(), false),
+            &meta(),
+            &output(ANSWER, FinishReason::Stop),
+            &tokenizer(),
+        );
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], "Checking.\n");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(
+            (call["type"].as_str(), call["function"]["name"].as_str()),
+            (Some("function"), Some("get_weather"))
+        );
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
+        // Cut short by max_tokens: the reason stays "length".
+        let body = final_response(
+            &request(auto(), false),
+            &meta(),
+            &output(ANSWER, FinishReason::Length),
+            &tokenizer(),
+        );
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        // Only a call: content null.
+        let only = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}";
+        let body = final_response(
+            &request(llama(), false),
+            &meta(),
+            &output(only, FinishReason::Stop),
+            &tokenizer(),
+        );
+        assert_eq!(body["choices"][0]["message"]["content"], Value::Null);
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn a_streamed_answer_with_a_call() {
+        let tok = tokenizer();
+        let mut state = StreamState::new(&request(auto(), true), meta());
+        let mut chunks = Vec::new();
+        let pieces = [
+            "Check",
+            "ing.\n<tool",
+            "_call>\n{\"name\": \"get_weather\", ",
+            "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        ];
+        for (i, delta) in pieces.iter().enumerate() {
+            let step = TokenStep {
+                token_id: i as u32,
+                delta: delta.to_string(),
+                finished: None,
+                logprobs: None,
+            };
+            chunks.extend(state.on_token(&step, &tok));
+        }
+        chunks.extend(state.on_finish("stop", 2, 4, 0));
+        let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+        let content: String =
+            deltas.iter().filter_map(|d| d.get("content").and_then(Value::as_str)).collect();
+        assert_eq!(content, "Checking.\n");
+        let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
+        assert_eq!(calls.len(), 1, "{chunks:?}");
+        assert_eq!(calls[0][0]["index"], 0);
+        assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+        assert!(calls[0][0]["id"].as_str().unwrap().starts_with("call_"));
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+    }
+}
