@@ -81,6 +81,7 @@ class SideBySide:
         self.cond = threading.Condition()
         self.running = {}  # pgid -> Run
         self.waiting_alone = 0
+        self.alone_running = False  # a run started alone: nothing may start beside it
         self.peaks = {}  # name -> largest peak group RSS in bytes over its runs
         self.preemptions = {}  # name -> times it was stopped for memory
         self.lowest = None
@@ -99,7 +100,9 @@ class SideBySide:
     def may_start(self, alone):
         if not self.running:
             return True
-        if alone or self.waiting_alone or len(self.running) >= self.workers:
+        if alone or self.alone_running or self.waiting_alone:
+            return False
+        if len(self.running) >= self.workers:
             return False
         avail = mem_available()
         return avail is None or avail >= self.start_bytes
@@ -129,6 +132,7 @@ class SideBySide:
                 return -1, 0.0
             entry = Run(name, proc)
             self.running[proc.pid] = entry
+            self.alone_running = alone
         left = max(1.0, deadline_wait - time.monotonic())
         try:
             rc = proc.wait(timeout=left)
@@ -138,6 +142,8 @@ class SideBySide:
             rc = None
         with self.cond:
             del self.running[proc.pid]
+            if alone:
+                self.alone_running = False
             self.peaks[name] = max(self.peaks.get(name, 0), entry.peak_rss)
             if entry.preempted:
                 self.preemptions[name] = self.preemptions.get(name, 0) + 1

@@ -81,6 +81,28 @@ class SideBySideTest(unittest.TestCase):
         # The lone run began only after the first had ended.
         self.assertGreaterEqual(spans["alone"][1], spans["first"][2] - 0.05)
 
+    def test_nothing_starts_beside_a_lone_run(self):
+        pool = SideBySide(3, 0, 0)
+        spans = {}
+
+        def run(name, alone, delay):
+            time.sleep(delay)
+            with open(os.devnull, "wb") as out:
+                rc, secs = pool.run(name, [sys.executable, "-c", "import time; time.sleep(1.5)"],
+                                    out, 30, alone=alone)
+                spans[name] = (rc, time.monotonic() - secs, time.monotonic())
+
+        with pool:
+            threads = [threading.Thread(target=run, args=a)
+                       for a in (("alone", True, 0.0), ("later", False, 0.3))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        self.assertEqual((spans["alone"][0], spans["later"][0]), (0, 0))
+        # The later run began only after the lone one had ended.
+        self.assertGreaterEqual(spans["later"][1], spans["alone"][2] - 0.05)
+
     def test_timeout_kills_the_whole_group(self):
         pool = SideBySide(1, 0, 0)
         # A child of the command that would outlive it if only the parent were killed.
