@@ -33,33 +33,36 @@ def mem_available():
     return None
 
 
-def group_rss(pgid):
-    """Resident bytes of every process in process group `pgid` (0 when none is left)."""
-    total = 0
+def groups_rss(pgids):
+    """Resident bytes of every process in each of the process groups `pgids`, from one
+    pass over /proc: {pgid: bytes}, 0 for a group with no process left."""
+    totals = dict.fromkeys(pgids, 0)
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return 0
+        return totals
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
             # Fields after the parenthesised command name: state ppid pgrp ...
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+            pgid = int(stat.rsplit(")", 1)[1].split()[2])
+            if pgid not in totals:
                 continue
             with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+                totals[pgid] += int(f.read().split()[1]) * PAGE
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return totals
 
 
 class Run:
     """One started process group."""
 
-    def __init__(self, name, proc):
-        self.name = name
+    def __init__(self, proc, alone):
         self.proc = proc
+        # Started alone: nothing may start beside it.
+        self.alone = alone
         self.started = time.monotonic()
         self.peak_rss = 0
         self.preempted = False
@@ -81,7 +84,6 @@ class SideBySide:
         self.cond = threading.Condition()
         self.running = {}  # pgid -> Run
         self.waiting_alone = 0
-        self.alone_running = False  # a run started alone: nothing may start beside it
         self.peaks = {}  # name -> largest peak group RSS in bytes over its runs
         self.preemptions = {}  # name -> times it was stopped for memory
         self.lowest = None
@@ -100,7 +102,7 @@ class SideBySide:
     def may_start(self, alone):
         if not self.running:
             return True
-        if alone or self.alone_running or self.waiting_alone:
+        if alone or self.waiting_alone or any(r.alone for r in self.running.values()):
             return False
         if len(self.running) >= self.workers:
             return False
@@ -130,9 +132,8 @@ class SideBySide:
             except OSError as e:
                 out.write(f"cannot start: {e}\n".encode())
                 return -1, 0.0
-            entry = Run(name, proc)
+            entry = Run(proc, alone)
             self.running[proc.pid] = entry
-            self.alone_running = alone
         left = max(1.0, deadline_wait - time.monotonic())
         try:
             rc = proc.wait(timeout=left)
@@ -142,8 +143,6 @@ class SideBySide:
             rc = None
         with self.cond:
             del self.running[proc.pid]
-            if alone:
-                self.alone_running = False
             self.peaks[name] = max(self.peaks.get(name, 0), entry.peak_rss)
             if entry.preempted:
                 self.preemptions[name] = self.preemptions.get(name, 0) + 1
@@ -155,8 +154,9 @@ class SideBySide:
         while not self.stop.wait(1.0):
             avail = mem_available()
             with self.cond:
-                for pgid, entry in self.running.items():
-                    entry.peak_rss = max(entry.peak_rss, group_rss(pgid))
+                for pgid, rss in groups_rss(self.running).items():
+                    entry = self.running[pgid]
+                    entry.peak_rss = max(entry.peak_rss, rss)
                 if avail is None:
                     continue
                 if self.lowest is None or avail < self.lowest:

@@ -57,31 +57,9 @@ class SideBySideTest(unittest.TestCase):
         self.assertGreater(pool.peaks["older"], 1.8 * GIB)
         self.assertGreater(pool.peaks["younger"], 1.8 * GIB)
 
-    def test_alone_waits_until_nothing_else_runs(self):
-        pool = SideBySide(3, 0, 0)
-        spans = {}
-
-        def run(name, alone, delay):
-            time.sleep(delay)
-            with open(os.devnull, "wb") as out:
-                start = time.monotonic()
-                rc, secs = pool.run(name, [sys.executable, "-c", "import time; time.sleep(1.5)"],
-                                    out, 30, alone=alone)
-                spans[name] = (rc, time.monotonic() - secs, time.monotonic(), start)
-
-        with pool:
-            threads = [threading.Thread(target=run, args=a)
-                       for a in (("first", False, 0.0), ("alone", True, 0.3))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        self.assertEqual(spans["first"][0], 0)
-        self.assertEqual(spans["alone"][0], 0)
-        # The lone run began only after the first had ended.
-        self.assertGreaterEqual(spans["alone"][1], spans["first"][2] - 0.05)
-
-    def test_nothing_starts_beside_a_lone_run(self):
+    def sleepers(self, runs):
+        """Runs (name, alone, delay) sleepers of 1.5 s side by side, each started `delay`
+        seconds in: {name: (exit status, started, ended)}."""
         pool = SideBySide(3, 0, 0)
         spans = {}
 
@@ -93,12 +71,21 @@ class SideBySideTest(unittest.TestCase):
                 spans[name] = (rc, time.monotonic() - secs, time.monotonic())
 
         with pool:
-            threads = [threading.Thread(target=run, args=a)
-                       for a in (("alone", True, 0.0), ("later", False, 0.3))]
+            threads = [threading.Thread(target=run, args=a) for a in runs]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+        return spans
+
+    def test_alone_waits_until_nothing_else_runs(self):
+        spans = self.sleepers([("first", False, 0.0), ("alone", True, 0.3)])
+        self.assertEqual((spans["first"][0], spans["alone"][0]), (0, 0))
+        # The lone run began only after the first had ended.
+        self.assertGreaterEqual(spans["alone"][1], spans["first"][2] - 0.05)
+
+    def test_nothing_starts_beside_a_lone_run(self):
+        spans = self.sleepers([("alone", True, 0.0), ("later", False, 0.3)])
         self.assertEqual((spans["alone"][0], spans["later"][0]), (0, 0))
         # The later run began only after the lone one had ended.
         self.assertGreaterEqual(spans["later"][1], spans["alone"][2] - 0.05)
