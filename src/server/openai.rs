@@ -10,11 +10,11 @@
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::tool_calls::{self, ToolRequest};
+use super::tool_calls::ToolRequest;
 use crate::engine::SamplingParams;
 use crate::model::loader::GenerationDefaults;
 use crate::tokenizer::{RenderOptions, Tokenizer};
-use chat::{apply_template, render_chat};
+use chat::{apply_template, chat_tools, render_chat};
 
 pub use super::openai_response::{final_response, models_list, ResponseMeta, StreamState};
 
@@ -118,12 +118,7 @@ pub fn parse_request(
         }
     }
     let tools = if route == Route::ChatCompletions {
-        tool_calls::parse_request(
-            f.get("tools"),
-            f.get("tool_choice"),
-            f.get("parallel_tool_calls"),
-            ctx.tokenizer.special().chat_template.as_deref(),
-        )?
+        chat_tools(&f, ctx)?
     } else {
         for name in ["tools", "tool_choice"] {
             if f.get(name).is_some_and(|v| !v.is_null()) {
@@ -240,12 +235,7 @@ pub fn tokenize(body: &[u8], ctx: &ParseContext) -> Result<Value, ApiError> {
             return Err(ApiError::bad_request("give either `prompt` or `messages`, not both"))
         }
         (None, Some(_)) => {
-            let tools = tool_calls::parse_request(
-                f.get("tools"),
-                f.get("tool_choice"),
-                f.get("parallel_tool_calls"),
-                ctx.tokenizer.special().chat_template.as_deref(),
-            )?;
+            let tools = chat_tools(&f, ctx)?;
             let text = render_chat(&f, ctx, tools.as_ref())?;
             encode(ctx, &text, f.bool("add_special_tokens")?.unwrap_or(false))?
         }

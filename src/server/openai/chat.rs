@@ -8,6 +8,17 @@ use crate::server::error::{clip, ApiError};
 use crate::server::tool_calls;
 use crate::tokenizer::RenderOptions;
 
+/// A chat request's `tools`, `tool_choice` and `parallel_tool_calls`, checked against
+/// the model's chat template (`tool_calls::parse_request`).
+pub(super) fn chat_tools(f: &Fields, ctx: &ParseContext) -> Result<Option<ToolRequest>, ApiError> {
+    tool_calls::parse_request(
+        f.get("tools"),
+        f.get("tool_choice"),
+        f.get("parallel_tool_calls"),
+        ctx.tokenizer.special().chat_template.as_deref(),
+    )
+}
+
 /// The chat prompt of `messages` (+ `add_generation_prompt`, `continue_final_message`,
 /// `chat_template_kwargs`), rendered as vLLM renders it.
 pub(super) fn render_chat(
