@@ -201,6 +201,16 @@ def errors():
         ok(f"n=2 -> BadRequestError: {e.message}")
 
 
+def run_checks(checks):
+    """Runs `checks`, then says that all passed; a failed check exits 1 with what it saw."""
+    try:
+        checks()
+    except AssertionError as e:
+        print(f"FAILED: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print("all checks passed", flush=True)
+
+
 def main():
     models()
     reference = chat()
@@ -208,12 +218,7 @@ def main():
     completions()
     logprobs()
     errors()
-    print("all checks passed", flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AssertionError as e:
-        print(f"FAILED: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_checks(main)

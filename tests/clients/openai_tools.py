@@ -12,12 +12,11 @@ Environment: QILIN_URL, QILIN_KEY, QILIN_MODEL as for openai_client.py.
 
 import json
 import os
-import sys
 
 import openai
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
-from openai_client import check, ok
+from openai_client import check, ok, run_checks
 
 URL = os.environ["QILIN_URL"].rstrip("/") + "/v1"
 KEY = os.environ["QILIN_KEY"]
@@ -123,12 +122,7 @@ def main():
     streamed()
     round_trip(first)
     choices()
-    print("all checks passed", flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AssertionError as e:
-        print(f"FAILED: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_checks(main)
