@@ -27,7 +27,8 @@
 //! the prefill kernel on every row, and the plain-FMA kernel on every row. A failure names
 //! the path, so it tells which kernel
 //! is wrong; rerun one path alone with QILIN_ATTN_TEST_PATH=<name>. Under racecheck,
-//! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`).
+//! tools/gpu-check cuts every context to QILIN_ATTN_TEST_MAX_CONTEXT positions (`capped`)
+//! and the suite runs the mild queries only (`rounds`).
 //!
 //! Inputs and poison. Block tables are scattered over a shuffled pool of physical blocks.
 //! The device cache holds the test's K/V in the slots of positions < context of some
@@ -56,7 +57,7 @@
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
-use gpu_common::skip_without_gpu_tests;
+use gpu_common::{rounds, skip_without_gpu_tests};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -308,7 +309,8 @@ fn check_batch(
     let hd = shape.head_dim;
     let cols = shape.num_heads * hd;
     let cpu = CpuBackend::new();
-    for &(q_max, q_name) in Q_SCALES {
+    // Under racecheck one scale: the shared-memory pattern does not depend on the values.
+    for &(q_max, q_name) in Q_SCALES.iter().take(rounds(Q_SCALES.len())) {
         let q = random_bf16(rng, n * cols, q_max);
         let q_cpu = CpuTensor::from_vec(q.clone(), n, cols);
         let expected = cpu.attention(&q_cpu, &batch, &caches.cpu, LAYER, shape);

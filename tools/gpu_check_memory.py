@@ -66,6 +66,9 @@ class Run:
         self.started = time.monotonic()
         self.peak_rss = 0
         self.preempted = False
+        # Killed while running by itself with MemAvailable under the floor: before the
+        # kernel's OOM killer picks a process, which may be the caller's.
+        self.exhausted = False
 
 
 class SideBySide:
@@ -74,7 +77,9 @@ class SideBySide:
     A command starts only while MemAvailable is at least `start_bytes` (or nothing else
     runs). When MemAvailable falls under `floor_bytes` while several run, the youngest is
     killed and flagged preempted; its caller runs it again with `alone=True`, which waits
-    until nothing else runs. Every run's peak group RSS is recorded by name.
+    until nothing else runs. A command that takes MemAvailable under the floor by itself
+    is killed and reported out of memory: it cannot finish on this machine. Every run's
+    peak group RSS is recorded by name.
     """
 
     def __init__(self, workers, start_bytes, floor_bytes):
@@ -111,8 +116,9 @@ class SideBySide:
 
     def run(self, name, cmd, out, timeout, env=None, cwd=None, alone=False):
         """Runs cmd with stdout and stderr to the open binary file `out`; kills its group at
-        `timeout` seconds after it starts. Returns (exit status, None on timeout or
-        'preempted' when stopped for memory; seconds it ran)."""
+        `timeout` seconds after it starts. Returns (exit status, None on timeout,
+        'preempted' when stopped to make room, or 'out of memory' when it alone took the
+        machine under the floor; seconds it ran)."""
         deadline_wait = time.monotonic() + timeout
         with self.cond:
             if alone:
@@ -147,6 +153,8 @@ class SideBySide:
             if entry.preempted:
                 self.preemptions[name] = self.preemptions.get(name, 0) + 1
                 rc = "preempted"
+            elif entry.exhausted:
+                rc = "out of memory"
             self.cond.notify_all()
         return rc, time.monotonic() - entry.started
 
@@ -161,11 +169,16 @@ class SideBySide:
                     continue
                 if self.lowest is None or avail < self.lowest:
                     self.lowest = avail
-                live = [e for e in self.running.values() if not e.preempted]
-                if avail < self.floor_bytes and len(live) > 1:
-                    youngest = max(live, key=lambda e: e.started)
+                live = [e for e in self.running.values()
+                        if not (e.preempted or e.exhausted)]
+                if avail >= self.floor_bytes or not live:
+                    continue
+                youngest = max(live, key=lambda e: e.started)
+                if len(live) > 1:
                     youngest.preempted = True
-                    kill_group(youngest.proc.pid)
+                else:
+                    youngest.exhausted = True
+                kill_group(youngest.proc.pid)
 
     def lowest_gib(self):
         return None if self.lowest is None else round(self.lowest / GIB, 1)

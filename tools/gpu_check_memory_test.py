@@ -57,6 +57,20 @@ class SideBySideTest(unittest.TestCase):
         self.assertGreater(pool.peaks["older"], 1.8 * GIB)
         self.assertGreater(pool.peaks["younger"], 1.8 * GIB)
 
+    def test_a_run_alone_under_the_floor_is_stopped_out_of_memory(self):
+        avail = mem_available()
+        if avail is None or avail < 6 * GIB:
+            self.skipTest("needs /proc/meminfo and 6 GiB available")
+        # One holder of 2 GiB takes MemAvailable under a floor 1 GiB below where it
+        # started: with nothing to stop in its place, it is stopped itself.
+        pool = SideBySide(2, 0, avail - GIB)
+        with pool, open(os.devnull, "wb") as out:
+            rc, secs = pool.run("greedy", holder(2, 20), out, 60)
+        self.assertEqual(rc, "out of memory")
+        self.assertLess(secs, 15, "stopped, not left to sleep out its 20 s")
+        self.assertEqual(pool.preemptions, {})
+        self.assertGreater(pool.peaks["greedy"], 0.9 * GIB)
+
     def sleepers(self, runs):
         """Runs (name, alone, delay) sleepers of 1.5 s side by side, each started `delay`
         seconds in: {name: (exit status, started, ended)}."""

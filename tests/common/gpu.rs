@@ -59,6 +59,14 @@ pub fn capped_rows(rows: usize) -> usize {
     cap.map_or(rows, |cap: usize| rows.min(cap.max(1)))
 }
 
+/// `n` tokens, or at most QILIN_GPU_TEST_MAX_TOKENS where that is set (racecheck): for
+/// a suite whose long case exists to grow a buffer past what the shorter cases needed,
+/// which any token count above theirs still does.
+pub fn capped_tokens(n: usize) -> usize {
+    let cap = std::env::var("QILIN_GPU_TEST_MAX_TOKENS").ok().and_then(|s| s.parse().ok());
+    cap.map_or(n, |cap: usize| n.min(cap.max(1)))
+}
+
 /// Rounds of random inputs a suite repeats its shapes for: `full`, or 1 under a capped
 /// run (QILIN_GPU_TEST_MAX_TOKENS set: tools/gpu-check's racecheck, where coverage comes
 /// from the code paths, not from more random rows).
