@@ -1,0 +1,141 @@
+"""Tests of `tools/gpu-check merge` on results files written here, in this repository's
+own history: run by tests/sanitizer_scheduler.rs (`cargo test`), or alone with
+`python3 -m unittest gpu_check_merge_test`."""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GPU_CHECK = os.path.join(HERE, "gpu-check")
+
+
+def load_gpu_check():
+    loader = importlib.machinery.SourceFileLoader("gpu_check", GPU_CHECK)
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+gpu_check = load_gpu_check()
+
+
+def git(*args):
+    out = subprocess.run(["git", "-C", gpu_check.ROOT, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def commits_touching(paths, limit=200):
+    """Recent commits, newest first, each with whether it changed any of `paths`."""
+    log = git("log", f"-{limit}", "--format=%H")
+    if not log:
+        return []
+    return [(c, bool(git("diff", "--name-only", f"{c}~1", c, "--", *paths)))
+            for c in log.splitlines() if git("rev-parse", "--verify", "-q", f"{c}~1")]
+
+
+def entry(binary, status):
+    return {"binary": binary, "status": status, "errors": 0,
+            "hazards_outside_qilin_kernels": 0, "seconds": 1.0, "peak_rss_gib": 1.0}
+
+
+def part(commit, steps, racecheck):
+    return {"schema": 1, "date": "2026-11-27", "gpu": {"name": "NVIDIA H200"},
+            "binaries": {"commit": commit}, "steps": steps, "tests": [],
+            "sanitizer": {"racecheck": racecheck}, "bench": {}, "elapsed_s": 10}
+
+
+class MergeTest(unittest.TestCase):
+    def test_a_later_run_replaces_the_binaries_it_ran_again(self):
+        first = [entry("gpu_attention", "test failure under the sanitizer (rc 9)"),
+                 entry("gpu_linear", "clean")]
+        second = [entry("gpu_attention::decode_rows_match_the_cpu_twin", "clean"),
+                  entry("gpu_attention::prefill_chunks_match_the_cpu_twin", "clean")]
+        merged = gpu_check.merge_sanitizer([part("a", [], first), part("a", [], second)])
+        self.assertEqual([e["binary"] for e in merged["racecheck"]],
+                         ["gpu_linear", "gpu_attention::decode_rows_match_the_cpu_twin",
+                          "gpu_attention::prefill_chunks_match_the_cpu_twin"])
+        self.assertEqual(gpu_check.sanitizer_verdict(merged["racecheck"])[0], "clean")
+
+    def test_verdicts(self):
+        verdict = gpu_check.sanitizer_verdict
+        self.assertEqual(verdict([entry("a", "clean"), entry("b", "errors")])[0], "FAIL")
+        self.assertEqual(verdict([entry("a", "clean"),
+                                  entry("b", "test failure under the sanitizer (rc 9)")])[0],
+                         "FAIL")
+        self.assertEqual(verdict([entry("a", "clean"),
+                                  entry("b", "out of host memory (alone)")]),
+                         ("partial", "1 of 2 clean"))
+        self.assertEqual(verdict([entry("a", "clean")]), ("clean", "1 of 1 clean"))
+
+    def test_a_test_without_cuda_calls_is_clean(self):
+        status = gpu_check.sanitizer_status
+        # The last attempt's output of gpu_sampling's tolerance check under racecheck
+        # (H200, 6b03246), which compute-sanitizer ends with exit status 255.
+        log = ("========= COMPUTE-SANITIZER\n\nrunning 1 test\n"
+               "test tolerance_check_accepts_the_twin_and_rejects_others ... ok\n\n"
+               "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; "
+               "finished in 0.19s\n\n========= Error: Target application terminated before "
+               "first instrumented API call\n")
+        self.assertEqual(status(255, 0, log), "clean (no GPU work)")
+        failed = log.replace("1 passed; 0 failed", "0 passed; 1 failed")
+        self.assertEqual(status(101, 0, failed), "test failure under the sanitizer (rc 101)")
+        self.assertEqual(status(None, 0, log), "timeout (partial)")
+        self.assertEqual(gpu_check.sanitizer_verdict(
+            [entry("a", "clean"), entry("b", "clean (no GPU work)")]), ("clean", "2 of 2 clean"))
+
+    def merge_files(self, parts):
+        with tempfile.TemporaryDirectory() as d:
+            paths = []
+            for i, p in enumerate(parts):
+                paths.append(os.path.join(d, f"part{i}.json"))
+                with open(paths[-1], "w") as f:
+                    json.dump(p, f)
+            proc = subprocess.run(["python3", GPU_CHECK, "merge", *paths],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            merged = None
+            written = [f for f in os.listdir(d) if f.endswith(".json") and f not in
+                       {os.path.basename(p) for p in paths}]
+            if written:
+                with open(os.path.join(d, written[0])) as f:
+                    merged = json.load(f)
+            return proc.returncode, proc.stdout, merged
+
+    def test_commits_that_differ_in_the_code_do_not_merge(self):
+        touched = [c for c, t in commits_touching(gpu_check.MERGE_CODE_PATHS) if t]
+        if not touched:
+            self.skipTest("no history here (a shallow clone)")
+        c = touched[0]
+        rc, out, _ = self.merge_files([part(f"{c}~1", [], []), part(c, [], [])])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("differ in the code under test", out)
+
+    def test_commits_that_differ_outside_the_code_merge(self):
+        untouched = [c for c, t in commits_touching(gpu_check.MERGE_CODE_PATHS) if not t]
+        if not untouched:
+            self.skipTest("no history here (a shallow clone)")
+        c = untouched[0]
+        steps = lambda status: [{"step": "racecheck", "status": status, "seconds": 100.0,
+                                 "timeout": 300, "note": ""}]
+        rc, out, merged = self.merge_files([
+            part(f"{c}~1", steps("FAIL"), [entry("gpu_graphs", "timeout (partial)"),
+                                           entry("gpu_norm", "clean")]),
+            part(c, steps("clean"), [entry("gpu_graphs::graph_replays", "clean")])])
+        self.assertEqual(rc, 0, out)
+        self.assertEqual(merged["binaries"]["merged_commits"], [f"{c}~1", c])
+        racecheck = [s for s in merged["steps"] if s["step"] == "racecheck"]
+        self.assertEqual(len(racecheck), 1)
+        self.assertEqual(racecheck[0]["status"], "clean")
+        self.assertEqual(racecheck[0]["seconds"], 200.0)
+        self.assertEqual(sorted(e["binary"] for e in merged["sanitizer"]["racecheck"]),
+                         ["gpu_graphs::graph_replays", "gpu_norm"])
+
+
+if __name__ == "__main__":
+    unittest.main()
