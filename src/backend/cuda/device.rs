@@ -113,7 +113,9 @@ pub struct FastPaths {
     pub rope_qkv: bool,
     /// Unless `QILIN_CUDA_QGEMM=0`: the large quantized layers at the token counts where
     /// the tensor-core GEMM qilin_qgemm_w{4,8}_bf16 won (`quant_linear::qgemm_wins`)
-    /// instead of dequantization + cuBLAS (verified on an H200 at 771cd47).
+    /// instead of dequantization + cuBLAS (verified on an H200 at 771cd47), and int4
+    /// layers of gate_up's size at 25-32 tokens instead of four chunks of the tensor-core
+    /// GEMV (`quant_linear::qgemm_beats_chunks`, from the kernel rows at 00b0a12).
     pub qgemm: bool,
     /// Unless `QILIN_CUDA_GEMV_CUBLAS=0`: bf16 layers at 4-8 tokens through cuBLAS instead
     /// of the GEMVs (`linear::gemv_cublas_wins`; H200, 771cd47: cuBLAS won every

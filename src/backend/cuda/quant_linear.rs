@@ -148,8 +148,9 @@ pub const QGEMV_MMA_CHUNKED_MAX_TOKENS: usize = 32;
 
 /// Whether the dispatch sends `n` tokens through `w` by the tensor-core GEMV: a layer it
 /// takes (`qgemv_mma_ok`) at up to GEMV_MAX_TOKENS tokens, or up to
-/// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0 or the
-/// tensor-core GEMM is asked first (it is not: the chunks won 9-32 tokens, `qgemm_wins`).
+/// QGEMV_MMA_CHUNKED_MAX_TOKENS in chunks of 8 unless QILIN_CUDA_QGEMV_MMA_WIDE=0, except
+/// where the tensor-core GEMM beats four chunks (`qgemm_beats_chunks`, unless
+/// QILIN_CUDA_QGEMM=0).
 pub fn qgemv_mma_takes(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
     let chunked = dev.paths.qgemv_mma_wide;
@@ -157,7 +158,24 @@ pub fn qgemv_mma_takes(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     dev.paths.qgemv_mma
         && n <= most
         && qgemv_mma_ok(n, q.format.bits, w.in_features, q.format.group)
+        && !(dev.paths.qgemm && qgemm_beats_chunks(n, w.in_features * w.out_features))
 }
+
+/// Whether the tensor-core GEMM (one pass over the weights for up to 64 tokens) beats the
+/// GEMV's chunks of 8 tokens (a pass each) on a layer of `weights` weights at `n` tokens:
+/// on four chunks, 25-32 tokens, from QGEMM_OVER_CHUNKS_MIN_WEIGHTS. H200 at 00b0a12, int4
+/// us at 32 tokens (chunks / GEMM): gate_up (135.8M weights) 153.9 / 127.6, down (67.9M)
+/// 72.5 / 80.5; at 16 the chunks won both (79.1 / 126.4, 39.6 / 79.3). The chunks cost
+/// ~1.13 us per million weights at four, the GEMM ~34 + 0.72, so the line is ~83M weights;
+/// three chunks (17-24 tokens, ~116 us for gate_up by the 16 and 32 rows) still win.
+fn qgemm_beats_chunks(n: usize, weights: usize) -> bool {
+    n > 3 * GEMV_MAX_TOKENS && weights >= QGEMM_OVER_CHUNKS_MIN_WEIGHTS
+}
+
+/// The fewest weights `qgemm_beats_chunks` takes from the chunked GEMV: between Qwen2.5-7B's
+/// down (67.9M, the chunks won) and gate_up (135.8M, the GEMM won); Llama-3-8B's gate_up
+/// (117.4M) falls with the latter.
+const QGEMM_OVER_CHUNKS_MIN_WEIGHTS: usize = 96 << 20;
 
 /// qilin_qgemv_small_w{4,8}_bf16 whatever the dispatch would pick (n <= 2): for its parity
 /// test and benchmark.
@@ -291,7 +309,8 @@ fn launch_split_k(
 
 /// Whether the dispatch sends `n` tokens through a quantized layer by
 /// qilin_qgemm_w{4,8}_bf16 instead of dequantization + cuBLAS (unless QILIN_CUDA_QGEMM=0):
-/// past the tokens a GEMV takes (8, or 32 in the tensor-core GEMV's chunks), up to
+/// past the tokens a GEMV takes (8, or 32 in the tensor-core GEMV's chunks, 24 on the
+/// layers where the GEMM beats four chunks: `qgemm_beats_chunks`), up to
 /// QGEMM_MAX_TOKENS, on layers of at least QGEMM_MIN_WEIGHTS weights.
 pub fn qgemm_wins(dev: &Device, n: usize, w: &CudaLinear) -> bool {
     let LinearWeight::Quant(q) = &w.weight else { return false };
@@ -505,6 +524,19 @@ mod tests {
         assert!(qgemm_shape_wins(64, 4, 3584, 37888, 32));
         assert!(!qgemm_shape_wins(64, 4, 3584, 37888, 16), "4-bit groups under a vector");
         assert!(!qgemm_shape_wins(64, 4, 3600, 37888, 16), "in not whole 32-channel steps");
+    }
+
+    #[test]
+    fn the_gemm_takes_gate_up_from_the_chunked_gemv_only_at_four_chunks() {
+        let (gate_up, down, llama_gate_up) = (3584 * 37888, 18944 * 3584, 4096 * 2 * 14336);
+        for n in 25..=32 {
+            assert!(qgemm_beats_chunks(n, gate_up), "n {n}");
+            assert!(qgemm_beats_chunks(n, llama_gate_up), "n {n}");
+            assert!(!qgemm_beats_chunks(n, down), "n {n}: down lost at 32 tokens");
+        }
+        for n in 1..=24 {
+            assert!(!qgemm_beats_chunks(n, gate_up), "n {n}: up to three chunks won");
+        }
     }
 
     #[test]
