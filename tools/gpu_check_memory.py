@@ -65,10 +65,17 @@ class Run:
         self.alone = alone
         self.started = time.monotonic()
         self.peak_rss = 0
+        # (seconds since start, group RSS bytes) every TRACE_SECONDS: how a run's memory
+        # grew, for the log (racecheck's grows with the launches of a process).
+        self.trace = []
         self.preempted = False
         # Killed while running by itself with MemAvailable under the floor: before the
         # kernel's OOM killer picks a process, which may be the caller's.
         self.exhausted = False
+
+
+# Seconds between the RSS samples a run's trace keeps.
+TRACE_SECONDS = 5
 
 
 class SideBySide:
@@ -90,6 +97,7 @@ class SideBySide:
         self.running = {}  # pgid -> Run
         self.waiting_alone = 0
         self.peaks = {}  # name -> largest peak group RSS in bytes over its runs
+        self.traces = {}  # name -> the RSS trace of its last run
         self.preemptions = {}  # name -> times it was stopped for memory
         self.lowest = None
         self.stop = threading.Event()
@@ -150,6 +158,7 @@ class SideBySide:
         with self.cond:
             del self.running[proc.pid]
             self.peaks[name] = max(self.peaks.get(name, 0), entry.peak_rss)
+            self.traces[name] = entry.trace
             if entry.preempted:
                 self.preemptions[name] = self.preemptions.get(name, 0) + 1
                 rc = "preempted"
@@ -162,9 +171,13 @@ class SideBySide:
         while not self.stop.wait(1.0):
             avail = mem_available()
             with self.cond:
+                now = time.monotonic()
                 for pgid, rss in groups_rss(self.running).items():
                     entry = self.running[pgid]
                     entry.peak_rss = max(entry.peak_rss, rss)
+                    age = now - entry.started
+                    if not entry.trace or age - entry.trace[-1][0] >= TRACE_SECONDS:
+                        entry.trace.append((age, rss))
                 if avail is None:
                     continue
                 if self.lowest is None or avail < self.lowest:
@@ -182,6 +195,10 @@ class SideBySide:
 
     def lowest_gib(self):
         return None if self.lowest is None else round(self.lowest / GIB, 1)
+
+    def trace_text(self, name):
+        """The RSS trace of `name`'s last run as '5 s 1.2, 10 s 3.4, ...' (GiB), or ''."""
+        return ", ".join(f"{t:.0f} s {rss / GIB:.1f}" for t, rss in self.traces.get(name, []))
 
     def peak_gib(self, name):
         peak = self.peaks.get(name)

@@ -56,6 +56,11 @@ class SideBySideTest(unittest.TestCase):
         # Each one's peak group size saw its 2 GiB (sampled once a second).
         self.assertGreater(pool.peaks["older"], 1.8 * GIB)
         self.assertGreater(pool.peaks["younger"], 1.8 * GIB)
+        # The older one's trace: a sample about every 5 s of its 6, the last near 2 GiB.
+        trace = pool.traces["older"]
+        self.assertTrue(1 <= len(trace) <= 3, trace)
+        self.assertGreater(trace[-1][1], 1.8 * GIB, trace)
+        self.assertRegex(pool.trace_text("older"), r"^\d+ s \d+\.\d( \S+ s \d+\.\d)*")
 
     def test_a_run_alone_under_the_floor_is_stopped_out_of_memory(self):
         avail = mem_available()
