@@ -182,9 +182,12 @@ class SideBySide:
                     continue
                 if self.lowest is None or avail < self.lowest:
                     self.lowest = avail
+                # One kill at a time: until a stopped process is gone its memory is not
+                # back, and the survivors would look short of it.
+                dying = any(e.preempted or e.exhausted for e in self.running.values())
                 live = [e for e in self.running.values()
                         if not (e.preempted or e.exhausted)]
-                if avail >= self.floor_bytes or not live:
+                if avail >= self.floor_bytes or not live or dying:
                     continue
                 youngest = max(live, key=lambda e: e.started)
                 if len(live) > 1:
