@@ -168,6 +168,25 @@ typedef struct QilinBiasParams {
 #define QILIN_QGEMM_MIN_SPLIT_STEPS 8
 #define QILIN_QGEMM_PARTIALS 8192
 
+/* qilin_qgemm_mma_w4_bf16 (kernels/quant_gemm_mma.cu; opt-in with QILIN_CUDA_QGEMM_MMA=1):
+ * the 4-bit GEMM on the tensor-core GEMV's path (levels straight into A fragments), for
+ * the layers qilin_qgemv_mma_w4_bf16 takes (groups a power of two, a multiple of
+ * QILIN_QGEMV_MMA_STEP). A block of QILIN_QGEMM_MMA_THREADS threads (8 warps of 16 rows)
+ * computes QILIN_QGEMM_MMA_ROWS output channels x QILIN_QGEMM_MMA_TOKENS tokens, walking the
+ * input in steps of QILIN_QGEMV_MMA_STEP channels; x streams through QILIN_QGEMM_MMA_X_STAGES
+ * shared stages (QILIN_QGEMM_MMA_SMEM_BYTES of dynamic shared memory with the per-step x
+ * sums), each lane keeps QILIN_QGEMM_MMA_DEPTH steps of levels in flight. */
+#define QILIN_QGEMM_MMA_THREADS 256
+#define QILIN_QGEMM_MMA_ROWS 128
+#define QILIN_QGEMM_MMA_TOKENS 64
+#define QILIN_QGEMM_MMA_X_STAGES 3
+#define QILIN_QGEMM_MMA_DEPTH 3
+#define QILIN_QGEMM_MMA_MIN_BLOCKS 1
+/* Shared row of one token in a stage: 128 channels + 8 of padding (bf16 values). */
+#define QILIN_QGEMM_MMA_X_LD 136
+/* X_STAGES x TOKENS x X_LD bf16 values, then 2 x TOKENS f32 sums (checked in the kernel). */
+#define QILIN_QGEMM_MMA_SMEM_BYTES 52736
+
 /* Threads per block of qilin_dequant_w{4,8}_bf16 (grid-stride loop, one 16-byte vector
  * of levels per thread per step). */
 #define QILIN_DEQUANT_THREADS 256

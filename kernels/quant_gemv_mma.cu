@@ -66,6 +66,7 @@
 
 #include "common.cuh"
 #include "mma.cuh"  // cp.async wrappers
+#include "quant_mma.cuh"
 
 #define QMMA_WARPS (QILIN_QGEMV_MMA_THREADS / QILIN_WARP_SIZE)
 
@@ -77,46 +78,6 @@ static_assert(QILIN_QGEMV_MMA_STEP == 4 * 32, "a step is 4 lanes' 32-value chunk
 static_assert(QILIN_GEMV_MAX_TOKENS == 8, "the tokens are the mma's 8 columns");
 static_assert(QILIN_QGEMV_MMA_ROWS * QILIN_GEMV_MAX_TOKENS <= QILIN_QGEMV_MMA_THREADS,
               "one thread per (row, token) output in the epilogue");
-
-// Bf16 pair (128 + nibble s, 128 + nibble s + 4) of a word of 8 levels (s compile-time,
-// 0..3). One LOP3 (a & b) | c: written in C, with two immediates, the compiler emits two.
-QILIN_DEVICE uint32_t level_pair(uint32_t word, int s) {
-    uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n"
-        : "=r"(r)
-        : "r"(word >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
-    return r;
-}
-
-// Bf16 pair (x[s], x[s + 4]) of 8 bf16 values (s compile-time, 0..3): level_pair's order.
-QILIN_DEVICE uint32_t x_pair(const uint4& v, int s) {
-    const uint32_t lo = (s < 2) ? v.x : v.y;  // values 0..1 or 2..3
-    const uint32_t hi = (s < 2) ? v.z : v.w;  // values 4..5 or 6..7
-    return __byte_perm(lo, hi, (s % 2 == 0) ? 0x5410u : 0x7632u);
-}
-
-QILIN_DEVICE uint32_t word_of(const uint4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// c[16x8] += a[16x16] b[16x8] (bf16 in, f32 accumulators); fragments as in mma.cuh's
-// mma_bf16_16816. Not volatile: the compiler may schedule it like any arithmetic.
-QILIN_DEVICE void qmma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                       uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Both kernels' launch contract on the shapes (the header's): whole steps, power-of-two
-// groups of whole steps dividing the row, 1..=max_tokens tokens, some outputs.
-QILIN_DEVICE bool qmma_shapes_ok(const QilinQuantGemvParams& p, unsigned max_tokens) {
-    constexpr unsigned STEP = QILIN_QGEMV_MMA_STEP;
-    return p.in_features % STEP == 0 && p.group_size % STEP == 0 && p.group_size != 0 &&
-           (p.group_size & (p.group_size - 1)) == 0 && p.in_features % p.group_size == 0 &&
-           p.n_tokens != 0 && p.n_tokens <= max_tokens && p.out_features != 0;
-}
 
 // One step (128 input channels) of both kernels: acc (the C fragment: (row g, token 2t),
 // (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)) += the step's products of rows g and g + 8

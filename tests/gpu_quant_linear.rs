@@ -325,6 +325,15 @@ fn run_cases(test: &str, cases: &[Case]) {
                 let worst = compare(&label("qgemv mma"), &got, &want, &s, m, 0.0);
                 eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemv mma"));
             }
+            // The int4 GEMM on the same path (opt-in with QILIN_CUDA_QGEMM_MMA=1), called
+            // directly where it takes the layer, at any n (several 64-token tiles at 513):
+            // the GEMV's arithmetic but x sums by f32 adds, the GEMV's tolerance.
+            let mut out = poisoned(&gpu, n, m);
+            if gpu.linear_qgemm_mma_into(&x_gpu, &layer.gpu, &mut out) {
+                let got = gpu.to_host(&out);
+                let worst = compare(&label("qgemm mma"), &got, &want, &s, m, 0.0);
+                eprintln!("{}: worst |diff|/tol {worst:.3}", label("qgemm mma"));
+            }
             // Its split-K variant (opt-in with QILIN_CUDA_QGEMV_MMA2=1), the same
             // tolerance; run twice, the second launch on the first one's counters (the
             // merging blocks must have reset them) and bit for bit the same (fixed-order

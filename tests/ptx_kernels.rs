@@ -277,6 +277,12 @@ const COVERAGE: &[Coverage] = &[
         parity: "tests/gpu_quant_linear.rs",
     },
     Coverage {
+        entry: "qilin_qgemm_mma_w4_bf16",
+        launcher: "src/backend/cuda/quant_gemm_mma.rs",
+        twin: "linear",
+        parity: "tests/gpu_quant_linear.rs",
+    },
+    Coverage {
         entry: "qilin_argmax_bf16",
         launcher: "src/backend/cuda/sampling.rs",
         twin: "argmax_rows",
@@ -605,6 +611,15 @@ fn quant_gemv_mma_module_entries_and_params_match_the_rust_side() {
         ptx::QGEMV_MMA_W4_BF16,
         ptx::QGEMV_MMA_SPLITK_W4_BF16,
     ]);
+}
+
+#[test]
+fn quant_gemm_mma_module_entries_and_params_match_the_rust_side() {
+    use qilin::backend::abi::QilinQuantGemvParams;
+    if !ptx_available() {
+        return;
+    }
+    module_is_these_kernels_taking::<QilinQuantGemvParams>(&[ptx::QGEMM_MMA_W4_BF16]);
 }
 
 /// `kernels` are every entry of their (one) module, each taking a `P` first, by value, as

@@ -208,6 +208,27 @@ pub fn qgemv_mma_geometry(
     Some((out.div_ceil(QILIN_QGEMV_MMA_ROWS).checked_mul(chunks)?, QILIN_QGEMV_MMA_THREADS))
 }
 
+/// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemm_mma_w4_bf16 (the 4-bit
+/// GEMM on the tensor-core GEMV's path): one block per `QILIN_QGEMM_MMA_ROWS` output
+/// channels in x and per `QILIN_QGEMM_MMA_TOKENS` tokens in y, for the layers
+/// `qgemv_mma_ok` accepts at any `n >= 1`. `None` where those say no, or the grid or
+/// `n * in` (the kernel's x offsets) is beyond `u32`.
+pub fn qgemm_mma_geometry(
+    n: usize,
+    bits: u32,
+    in_features: usize,
+    out_features: usize,
+    group: usize,
+) -> Option<((u32, u32), u32)> {
+    if n == 0 || out_features == 0 || !qgemv_mma_ok(1, bits, in_features, group) {
+        return None;
+    }
+    u32::try_from(n.checked_mul(in_features)?).ok()?;
+    let tiles = u32::try_from(out_features.div_ceil(QILIN_QGEMM_MMA_ROWS as usize)).ok()?;
+    let token_tiles = u32::try_from(n.div_ceil(QILIN_QGEMM_MMA_TOKENS as usize)).ok()?;
+    Some(((tiles, token_tiles), QILIN_QGEMM_MMA_THREADS))
+}
+
 /// Launch geometry `((grid.x, grid.y), block.x)` of qilin_qgemv_mma_splitk_w4_bf16 on a
 /// device of `sm_count` SMs: grid.x = one block per `QILIN_QGEMV_MMA_ROWS` output channels
 /// (row tiles), grid.y = splits of the input dimension, as many as fill the

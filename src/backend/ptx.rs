@@ -117,6 +117,10 @@ pub const QGEMV_MMA_SPLITK_W4_BF16: Kernel =
 pub const QGEMM_W4_BF16: Kernel = Kernel { module: "quant_gemm", entry: "qilin_qgemm_w4_bf16" };
 /// As QGEMM_W4_BF16 for 8-bit levels.
 pub const QGEMM_W8_BF16: Kernel = Kernel { module: "quant_gemm", entry: "qilin_qgemm_w8_bf16" };
+/// W4A16 GEMM on the tensor-core GEMV's path, levels straight into A fragments (compiles,
+/// unverified; opt-in with QILIN_CUDA_QGEMM_MMA=1); see kernels/quant_gemm_mma.cu.
+pub const QGEMM_MMA_W4_BF16: Kernel =
+    Kernel { module: "quant_gemm_mma", entry: "qilin_qgemm_mma_w4_bf16" };
 /// 4-bit levels to a bf16 weight for the cuBLAS path; see kernels/quant_linear.cu.
 pub const DEQUANT_W4_BF16: Kernel =
     Kernel { module: "quant_linear", entry: "qilin_dequant_w4_bf16" };
@@ -162,6 +166,7 @@ pub const KERNELS: &[Kernel] = &[
     DEQUANT_W8_BF16,
     QGEMM_W4_BF16,
     QGEMM_W8_BF16,
+    QGEMM_MMA_W4_BF16,
 ];
 
 /// The PTX of one kernels/ file by stem (`"norm"`); `None` in a CPU-only build.

@@ -263,9 +263,17 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
                         b.linear_qgemm_into(&x, &w, &mut y, None);
                     });
                     let op = format!("{name} {} (dequant + cublas)", method.name());
-                    bench.measure(&op, shape, bytes, flops, &mut || {
+                    bench.measure(&op, shape.clone(), bytes, flops, &mut || {
                         b.linear_cublas_into(&x, &w, &mut y);
                     });
+                    // The int4 GEMM on the tensor-core GEMV's path (opt-in with
+                    // QILIN_CUDA_QGEMM_MMA=1), called directly where it takes the layer.
+                    let op = format!("{name} {} (qgemm mma)", method.name());
+                    if b.linear_qgemm_mma_into(&x, &w, &mut y) {
+                        bench.measure(&op, shape, bytes, flops, &mut || {
+                            b.linear_qgemm_mma_into(&x, &w, &mut y);
+                        });
+                    }
                 }
             }
         }

@@ -20,6 +20,7 @@ use super::CudaError;
 use crate::backend::abi::{
     QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES,
     QILIN_ATTN_DECODE_PIPE_MAX_COUNTERS, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES,
+    QILIN_QGEMM_MMA_SMEM_BYTES,
 };
 use crate::backend::ptx::{self, Kernel};
 
@@ -121,6 +122,11 @@ pub struct FastPaths {
     /// of the GEMVs (`linear::gemv_cublas_wins`; H200, 771cd47: cuBLAS won every
     /// Qwen2.5-7B layer there).
     pub gemv_cublas: bool,
+    /// `QILIN_CUDA_QGEMM_MMA=1` (opt-in, unverified): 4-bit layers of gate_up's size at
+    /// 9..=64 tokens through qilin_qgemm_mma_w4_bf16, the GEMM on the tensor-core GEMV's
+    /// path (`quant_gemm_mma::qgemm_mma_takes`), instead of the GEMV's chunks or
+    /// qilin_qgemm_w4_bf16.
+    pub qgemm_mma: bool,
 }
 
 impl Default for FastPaths {
@@ -137,6 +143,7 @@ impl Default for FastPaths {
             rope_qkv: true,
             qgemm: true,
             gemv_cublas: true,
+            qgemm_mma: false,
         }
     }
 }
@@ -157,6 +164,7 @@ impl FastPaths {
             rope_qkv: on("QILIN_CUDA_ROPE_QKV"),
             qgemm: on("QILIN_CUDA_QGEMM"),
             gemv_cublas: on("QILIN_CUDA_GEMV_CUBLAS"),
+            qgemm_mma: opt_in("QILIN_CUDA_QGEMM_MMA"),
         }
     }
 }
@@ -216,12 +224,14 @@ impl Device {
         // pipelined decode kernels' rings of K/V buffers: a device whose blocks cannot
         // have that much (sm_86/sm_89: 99 KiB, under the head_dim-128 ring's 102 KiB)
         // takes the plain-FMA prefill kernel or the mma decode kernel instead of failing
-        // to open.
+        // to open. And the int4 GEMM on the GEMV's path (its three x stages, 52 KiB),
+        // without which the dispatch keeps the GEMV's chunks and qilin_qgemm_w4_bf16.
         let mut smem_refused = Vec::new();
         for (kernel, bytes) in [
             (ptx::ATTENTION_PREFILL_V2_HD128_BF16, QILIN_ATTN_PREFILL_V2_HD128_SMEM_BYTES),
             (ptx::ATTENTION_DECODE_PIPE_HD128_BF16, QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES),
             (ptx::ATTENTION_DECODE_PIPE_HD64_BF16, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES),
+            (ptx::QGEMM_MMA_W4_BF16, QILIN_QGEMM_MMA_SMEM_BYTES),
         ] {
             if let Err(e) = raise_smem(kernel, bytes) {
                 tracing::debug!("{} unavailable: {bytes} B of shared memory: {e}", kernel.entry);

@@ -32,6 +32,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::device::{check, Device};
+use super::quant_gemm_mma::{qgemm_mma_into, qgemm_mma_takes};
 use super::quant_linear::{
     dequant_chunk_rows, dequantize_rows, qgemm_into, qgemm_wins, qgemv_into, qgemv_mma_takes,
 };
@@ -94,13 +95,16 @@ pub(super) fn check_shapes(x: &CudaTensor, w: &CudaLinear, out: &CudaTensor) {
     assert!(out.data.len() >= need(n, m), "linear: output buffer shorter than [{n}, {m}]");
 }
 
-/// `out = x W^T + b`, by the GEMV kernel for decode-sized batches, else cuBLAS.
+/// `out = x W^T + b`, by the GEMV kernel for decode-sized batches, else cuBLAS (or the
+/// quantized GEMMs where they win: `qgemm_mma_takes`, opt-in, and `qgemm_wins`).
 pub fn linear_into(dev: &Device, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) {
     check_shapes(x, w, out);
     if x.rows == 0 || w.out_features == 0 {
         return;
     }
-    if gemv_path(dev, x.rows, w).is_some() {
+    if let (true, LinearWeight::Quant(q)) = (qgemm_mma_takes(dev, x.rows, w), &w.weight) {
+        qgemm_mma_into(dev, x, w, q, out);
+    } else if gemv_path(dev, x.rows, w).is_some() {
         gemv_into(dev, x, w, out);
     } else if let (true, LinearWeight::Quant(q)) = (qgemm_wins(dev, x.rows, w), &w.weight) {
         qgemm_into(dev, x, w, q, out, None);

@@ -13,6 +13,7 @@ mod elementwise;
 pub mod graph;
 mod linear;
 mod norm;
+mod quant_gemm_mma;
 mod quant_linear;
 mod rope;
 mod sampling;

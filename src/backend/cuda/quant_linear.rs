@@ -47,13 +47,15 @@ pub fn reserve_dequant_scratch(dev: &Device, k: usize, m: usize) {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(super) enum Op {
     Gemv,
     /// The GEMV compiled for up to QILIN_QGEMV_SMALL_MAX_TOKENS rows.
     GemvSmall,
     /// The tensor-core GEMV (4-bit levels, groups a multiple of 128, 1..=8 rows).
     GemvMma,
     Gemm,
+    /// The 4-bit GEMM on the tensor-core GEMV's path (quant_gemm_mma.rs).
+    GemmMma,
     Dequant,
 }
 
@@ -66,6 +68,7 @@ fn kernel_for(bits: u32, op: Op) -> ptx::Kernel {
         (4, Op::GemvMma) => ptx::QGEMV_MMA_W4_BF16,
         (4, Op::Gemm) => ptx::QGEMM_W4_BF16,
         (8, Op::Gemm) => ptx::QGEMM_W8_BF16,
+        (4, Op::GemmMma) => ptx::QGEMM_MMA_W4_BF16,
         (4, Op::Dequant) => ptx::DEQUANT_W4_BF16,
         (8, Op::Dequant) => ptx::DEQUANT_W8_BF16,
         _ => panic!("no quantized-linear kernel for {bits}-bit levels"),
@@ -74,7 +77,7 @@ fn kernel_for(bits: u32, op: Op) -> ptx::Kernel {
 
 /// The GEMV's and GEMM's parameters; their geometry functions checked that every
 /// dimension fits u32.
-fn matmul_params(n: usize, k: usize, m: usize, group: usize) -> QilinQuantGemvParams {
+pub(super) fn matmul_params(n: usize, k: usize, m: usize, group: usize) -> QilinQuantGemvParams {
     QilinQuantGemvParams {
         n_tokens: n as u32,
         in_features: k as u32,
@@ -85,7 +88,7 @@ fn matmul_params(n: usize, k: usize, m: usize, group: usize) -> QilinQuantGemvPa
 
 /// Launches the GEMV or the GEMM, whose arguments are the same.
 #[allow(clippy::too_many_arguments)]
-fn launch_matmul(
+pub(super) fn launch_matmul(
     dev: &Device,
     op: Op,
     cfg: LaunchConfig,
@@ -103,8 +106,8 @@ fn launch_matmul(
         Some(bias) => launch.arg(bias),
         None => launch.arg(&null),
     };
-    // SAFETY: argument order and types follow qilin_qgemv/qgemm_w{4,8}_bf16 and
-    // qilin_qgemv_mma_w4_bf16, which share them (scale_min's
+    // SAFETY: argument order and types follow qilin_qgemv/qgemm_w{4,8}_bf16,
+    // qilin_qgemv_mma_w4_bf16 and qilin_qgemm_mma_w4_bf16, which share them (scale_min's
     // f32 pairs are their float2). linear.rs's check_shapes showed out holds n * m values,
     // x n * k, levels m * k * bits / 8 bytes, scale_min m * k / group pairs, bias (or
     // null) m; out is a separate allocation (&mut). Whole cudarc allocations are >= 256-
