@@ -57,7 +57,7 @@
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
-use gpu_common::{rounds, skip_without_gpu_tests};
+use gpu_common::{env_cap, rounds, skip_without_gpu_tests};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -280,8 +280,7 @@ fn fill_caches(
 /// every shared-memory access and would take hours over the 32K contexts. Cut contexts
 /// still span many blocks and many 16-key splits, so every kernel and path still runs.
 fn capped(seqs: &[(usize, usize)]) -> Vec<(usize, usize)> {
-    let cap = std::env::var("QILIN_ATTN_TEST_MAX_CONTEXT").ok().and_then(|s| s.parse().ok());
-    match cap {
+    match env_cap("QILIN_ATTN_TEST_MAX_CONTEXT") {
         Some(cap) => {
             let cut = |(first, len): (usize, usize)| {
                 let len = len.min(cap);

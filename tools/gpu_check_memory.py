@@ -184,13 +184,12 @@ class SideBySide:
                     self.lowest = avail
                 # One kill at a time: until a stopped process is gone its memory is not
                 # back, and the survivors would look short of it.
-                dying = any(e.preempted or e.exhausted for e in self.running.values())
-                live = [e for e in self.running.values()
-                        if not (e.preempted or e.exhausted)]
-                if avail >= self.floor_bytes or not live or dying:
+                runs = list(self.running.values())
+                if avail >= self.floor_bytes or not runs or \
+                        any(e.preempted or e.exhausted for e in runs):
                     continue
-                youngest = max(live, key=lambda e: e.started)
-                if len(live) > 1:
+                youngest = max(runs, key=lambda e: e.started)
+                if len(runs) > 1:
                     youngest.preempted = True
                 else:
                     youngest.exhausted = True

@@ -46,8 +46,17 @@ pub fn poisoned(gpu: &CudaBackend, rows: usize, cols: usize) -> CudaTensor {
 /// gpu_linear and gpu_quant_linear from finishing in minutes (H200, 2026-11-26), while
 /// every GEMV path and the chunked one (up to 64 tokens) stays covered.
 pub fn runs_tokens(n: usize) -> bool {
-    let cap = std::env::var("QILIN_GPU_TEST_MAX_TOKENS").ok().and_then(|s| s.parse().ok());
-    cap.is_none_or(|cap: usize| n <= cap)
+    env_cap("QILIN_GPU_TEST_MAX_TOKENS").is_none_or(|cap| n <= cap)
+}
+
+/// The number the environment variable `name` holds, if it is set to one.
+pub fn env_cap(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+/// `n`, or at most the cap `name` sets (and at least 1).
+fn capped(n: usize, name: &str) -> usize {
+    env_cap(name).map_or(n, |cap| n.min(cap.max(1)))
 }
 
 /// `rows` output features, or at most QILIN_GPU_TEST_MAX_ROWS where that is set:
@@ -55,16 +64,14 @@ pub fn runs_tokens(n: usize) -> bool {
 /// lm_head (152064) only repeat, block after block, the shared-memory pattern that the
 /// kernel, K and the token count fix.
 pub fn capped_rows(rows: usize) -> usize {
-    let cap = std::env::var("QILIN_GPU_TEST_MAX_ROWS").ok().and_then(|s| s.parse().ok());
-    cap.map_or(rows, |cap: usize| rows.min(cap.max(1)))
+    capped(rows, "QILIN_GPU_TEST_MAX_ROWS")
 }
 
 /// `n` tokens, or at most QILIN_GPU_TEST_MAX_TOKENS where that is set (racecheck): for
 /// a suite whose long case exists to grow a buffer past what the shorter cases needed,
 /// which any token count above theirs still does.
 pub fn capped_tokens(n: usize) -> usize {
-    let cap = std::env::var("QILIN_GPU_TEST_MAX_TOKENS").ok().and_then(|s| s.parse().ok());
-    cap.map_or(n, |cap: usize| n.min(cap.max(1)))
+    capped(n, "QILIN_GPU_TEST_MAX_TOKENS")
 }
 
 /// Rounds of random inputs a suite repeats its shapes for: `full`, or 1 under a capped
