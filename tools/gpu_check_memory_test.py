@@ -56,11 +56,14 @@ class SideBySideTest(unittest.TestCase):
         # Each one's peak group size saw its 2 GiB (sampled once a second).
         self.assertGreater(pool.peaks["older"], 1.8 * GIB)
         self.assertGreater(pool.peaks["younger"], 1.8 * GIB)
-        # The older one's trace: a sample about every 5 s of its 6, the last near 2 GiB.
+        # The older one's trace: samples at least 5 s apart, one of them near its 2 GiB (a
+        # sample can fall while it allocates or exits, and a loaded machine stretches its
+        # run: a CI run's last sample, at 11 s, caught it exiting at 60 MB).
         trace = pool.traces["older"]
-        self.assertTrue(1 <= len(trace) <= 3, trace)
-        self.assertGreater(trace[-1][1], 1.8 * GIB, trace)
-        self.assertRegex(pool.trace_text("older"), r"^\d+ s \d+\.\d( \S+ s \d+\.\d)*")
+        self.assertGreaterEqual(len(trace), 1, trace)
+        self.assertTrue(all(b[0] - a[0] >= 5 for a, b in zip(trace, trace[1:])), trace)
+        self.assertGreater(max(rss for _, rss in trace), 1.8 * GIB, trace)
+        self.assertRegex(pool.trace_text("older"), r"^\d+ s \d+\.\d(, \d+ s \d+\.\d)*$")
 
     def test_a_run_alone_under_the_floor_is_stopped_out_of_memory(self):
         avail = mem_available()
