@@ -25,7 +25,9 @@
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
-use gpu_common::{capped_rows, capped_tokens, fresh_seed, open_gpu, skip_without_gpu_tests};
+use gpu_common::{
+    capped_rows, capped_run, capped_tokens, fresh_seed, open_gpu, skip_without_gpu_tests,
+};
 
 use std::collections::HashSet;
 
@@ -184,19 +186,26 @@ fn run_shape(shape: &str) {
     let mut blocks = Blocks { next: 0 };
     // Keys (batch bucket, context bucket): (1, 512), (3, 512), (5, 1024), (8, 512),
     // padded (9 -> 16, 512) and (20 -> 24, 1024).
-    let steps: Vec<(String, Batch)> = [
+    let mut step_seqs = vec![
         ("1 sequence", contexts(&mut rng, 1, 100)),
         ("3 sequences", contexts(&mut rng, 3, 500)),
         ("5 sequences", vec![17, 513, 1000, 16, 33]),
         ("8 sequences", contexts(&mut rng, 8, 512)),
         ("9 sequences, padded to 16", contexts(&mut rng, 9, 400)),
         ("20 sequences, padded to 24", contexts(&mut rng, 20, 1024)),
-    ]
-    .into_iter()
-    .map(|(name, seqs)| {
-        (format!("{shape}, {name}"), decode_step(&mut rng, &mut blocks, vocab, &seqs))
-    })
-    .collect();
+    ];
+    // Under racecheck one unpadded and one padded key: the other keys replay the same
+    // kernels, and the sanitizer's host memory grows with every launch of the process
+    // (~1.5 GiB/s here at 6b03246, out of host memory by the fifth step).
+    if capped_run() {
+        step_seqs.retain(|(name, _)| matches!(*name, "5 sequences" | "9 sequences, padded to 16"));
+    }
+    let steps: Vec<(String, Batch)> = step_seqs
+        .into_iter()
+        .map(|(name, seqs)| {
+            (format!("{shape}, {name}"), decode_step(&mut rng, &mut blocks, vocab, &seqs))
+        })
+        .collect();
 
     let untouched_before = cache_values(&model, &cache);
     let mut firsts = Vec::new();
@@ -216,9 +225,12 @@ fn run_shape(shape: &str) {
         }
     }
 
-    // A longer context grows the RoPE table; a long prefill grows the bias scratch.
-    let long = decode_step(&mut rng, &mut blocks, vocab, &[5000, 4097]);
-    let label = format!("{shape}, 2 sequences at 5000 tokens");
+    // A longer context grows the RoPE table; a long prefill grows the bias scratch. The
+    // steps above reach 1000 positions, so under racecheck 1500 still grows the table
+    // without 5000 positions of attention under the sanitizer.
+    let long_contexts: &[usize] = if capped_run() { &[1500, 1025] } else { &[5000, 4097] };
+    let long = decode_step(&mut rng, &mut blocks, vocab, long_contexts);
+    let label = format!("{shape}, 2 sequences at {} tokens", long_contexts[0]);
     check_step(&label, &mut model, &mut cache, &long, vocab);
     let mut prefill = Batch::default();
     // 3000 tokens, or under racecheck 64: either is past the 24 rows of the largest

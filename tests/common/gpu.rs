@@ -78,11 +78,17 @@ pub fn capped_tokens(n: usize) -> usize {
 /// run (QILIN_GPU_TEST_MAX_TOKENS set: tools/gpu-check's racecheck, where coverage comes
 /// from the code paths, not from more random rows).
 pub fn rounds(full: usize) -> usize {
-    if std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_some() {
+    if capped_run() {
         1
     } else {
         full
     }
+}
+
+/// Whether this is a capped run (QILIN_GPU_TEST_MAX_TOKENS set: tools/gpu-check's
+/// racecheck), where a suite keeps one case per code path.
+pub fn capped_run() -> bool {
+    std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_some()
 }
 
 /// Whether a suite runs the launches that add no shared-memory access pattern of their
@@ -90,5 +96,5 @@ pub fn rounds(full: usize) -> usize {
 /// the run is capped (QILIN_GPU_TEST_MAX_TOKENS set: racecheck, which watches shared
 /// memory only, where they add minutes and no coverage).
 pub fn repeats_launches() -> bool {
-    std::env::var_os("QILIN_GPU_TEST_MAX_TOKENS").is_none()
+    !capped_run()
 }
