@@ -323,6 +323,7 @@ qilin_attention_decode_g4_bf16(const QilinAttentionParams p,
                                const uint32_t* __restrict__ seq_starts,
                                const uint32_t* __restrict__ context_lens,
                                const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_decode<4>(p, out, part_out, part_ml, q, k_cache, v_cache, seq_starts,
                         context_lens, block_tables);
 }
@@ -340,6 +341,7 @@ qilin_attention_decode_g8_bf16(const QilinAttentionParams p,
                                const uint32_t* __restrict__ seq_starts,
                                const uint32_t* __restrict__ context_lens,
                                const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     static_assert(QILIN_ATTN_DECODE_MAX_GROUP == 8, "the widest decode variant");
     attention_decode<8>(p, out, part_out, part_ml, q, k_cache, v_cache, seq_starts,
                         context_lens, block_tables);
@@ -362,6 +364,7 @@ qilin_attention_decode_reduce_bf16(const QilinAttentionParams p,
                                    const float* __restrict__ part_ml,
                                    const uint32_t* __restrict__ seq_starts,
                                    const uint32_t* __restrict__ context_lens) {
+    QILIN_PDL_ENTRY();
     const unsigned D = p.head_dim;
     if (D == 0 || D > QILIN_ATTN_MAX_HEAD_DIM || blockDim.x < D || p.split_tokens == 0) {
         __trap();
@@ -572,6 +575,7 @@ qilin_attention_decode_mma_hd128_bf16(const QilinAttentionParams p,
                                       const uint32_t* __restrict__ seq_starts,
                                       const uint32_t* __restrict__ context_lens,
                                       const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_decode_mma<128>(p, out, part_out, part_ml, q, k_cache, v_cache, seq_starts,
                               context_lens, block_tables);
 }
@@ -588,6 +592,7 @@ qilin_attention_decode_mma_hd64_bf16(const QilinAttentionParams p,
                                      const uint32_t* __restrict__ seq_starts,
                                      const uint32_t* __restrict__ context_lens,
                                      const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_decode_mma<64>(p, out, part_out, part_ml, q, k_cache, v_cache, seq_starts,
                              context_lens, block_tables);
 }

@@ -418,6 +418,7 @@ qilin_attention_decode_pipe_hd128_bf16(const QilinAttentionParams p,
                                        const uint32_t* __restrict__ seq_starts,
                                        const uint32_t* __restrict__ context_lens,
                                        const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_decode_pipe<128>(p, out, part_out, part_ml, counters, q, k_cache, v_cache,
                                seq_starts, context_lens, block_tables);
 }
@@ -435,6 +436,7 @@ qilin_attention_decode_pipe_hd64_bf16(const QilinAttentionParams p,
                                       const uint32_t* __restrict__ seq_starts,
                                       const uint32_t* __restrict__ context_lens,
                                       const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_decode_pipe<64>(p, out, part_out, part_ml, counters, q, k_cache, v_cache,
                               seq_starts, context_lens, block_tables);
 }

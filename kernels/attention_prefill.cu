@@ -383,6 +383,7 @@ qilin_attention_prefill_wide_hd64_bf16(const QilinAttentionParams p,
                                        const uint32_t* __restrict__ seq_starts,
                                        const uint32_t* __restrict__ context_lens,
                                        const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     attention_prefill_mma<64, 2, QILIN_ATTN_PREFILL_BLOCK_N>(
         p, out, q, k_cache, v_cache, seq_starts, context_lens, block_tables);
 }

@@ -90,6 +90,7 @@ qilin_attention_prefill_v2_hd128_bf16(const QilinAttentionParams p,
                                       const uint32_t* __restrict__ seq_starts,
                                       const uint32_t* __restrict__ context_lens,
                                       const uint32_t* __restrict__ block_tables) {
+    QILIN_PDL_ENTRY();
     constexpr int D = 128;
     constexpr int MT = 2;
     constexpr int BN = QILIN_ATTN_PREFILL_V2_HD128_BLOCK_N;

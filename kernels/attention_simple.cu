@@ -32,6 +32,7 @@ qilin_attention_prefill_simple_bf16(const QilinAttentionParams p,
                                     const uint32_t* __restrict__ context_lens,
                                     const uint32_t* __restrict__ block_tables,
                                     const uint32_t* __restrict__ token_seq) {
+    QILIN_PDL_ENTRY();
     constexpr int PER_LANE = QILIN_ATTN_MAX_HEAD_DIM / QILIN_WARP_SIZE;
     const unsigned D = p.head_dim;
     if (blockDim.x != QILIN_WARP_SIZE || D == 0 || D % QILIN_VEC_ELEMS != 0 ||

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "abi.h"
+#include "pdl.cuh"
 
 #define QILIN_DEVICE __device__ __forceinline__
 

@@ -82,6 +82,7 @@ qilin_embedding_bf16(const QilinGatherRowsParams p,
                      bf16* __restrict__ out,
                      const bf16* __restrict__ table,
                      const uint32_t* __restrict__ ids) {
+    QILIN_PDL_ENTRY();
     gather_rows(p, out, table, ids);
 }
 
@@ -93,6 +94,7 @@ qilin_gather_rows_bf16(const QilinGatherRowsParams p,
                        bf16* __restrict__ out,
                        const bf16* __restrict__ src,
                        const uint32_t* __restrict__ rows) {
+    QILIN_PDL_ENTRY();
     gather_rows(p, out, src, rows);
 }
 
@@ -102,6 +104,7 @@ extern "C" __global__ void __launch_bounds__(QILIN_ELEMENTWISE_THREADS)
 qilin_copy_cols_bf16(const QilinCopyColsParams p,
                      bf16* __restrict__ out,
                      const bf16* __restrict__ x) {
+    QILIN_PDL_ENTRY();
     const uint32_t r = blockIdx.x;
     if (p.col0 + p.width > p.src_cols || p.col0 + p.width < p.col0) {
         __trap();
@@ -124,6 +127,7 @@ extern "C" __global__ void __launch_bounds__(QILIN_ELEMENTWISE_THREADS)
 qilin_silu_mul_bf16(const QilinSiluMulParams p,
                     bf16* __restrict__ out,
                     const bf16* __restrict__ gate_up) {
+    QILIN_PDL_ENTRY();
     const uint32_t r = blockIdx.x;
     if (r >= p.n_rows) {
         return;

@@ -116,6 +116,7 @@ qilin_fused_add_rms_norm_bf16(const QilinRmsNormParams p,
                               bf16* residual,
                               const bf16* __restrict__ x,
                               const bf16* __restrict__ weight) {
+    QILIN_PDL_ENTRY();
     rms_norm_row(p, out, residual, x, residual, weight);
 }
 
@@ -127,5 +128,6 @@ qilin_rms_norm_bf16(const QilinRmsNormParams p,
                     bf16* __restrict__ out,
                     const bf16* __restrict__ input,
                     const bf16* __restrict__ weight) {
+    QILIN_PDL_ENTRY();
     rms_norm_row(p, out, input, nullptr, nullptr, weight);
 }

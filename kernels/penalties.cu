@@ -47,6 +47,7 @@ qilin_apply_penalties_bf16(const QilinPenaltyParams p,
                            const QilinPenaltyRow* __restrict__ rows,
                            const QilinPenaltyToken* __restrict__ tokens,
                            bf16* __restrict__ logits) {
+    QILIN_PDL_ENTRY();
     if (blockDim.x != QILIN_PENALTY_THREADS) {
         __trap();
     }

@@ -427,6 +427,7 @@ qilin_qgemm_w4_bf16(const QilinQuantGemvParams p,
                     const bf16* __restrict__ bias,        // [out_features] or NULL
                     float* __restrict__ partials,         // [tiles, splits, QILIN_QGEMM_PARTIALS] or NULL
                     unsigned* __restrict__ counters) {   // [tiles], zero at launch, or NULL
+    QILIN_PDL_ENTRY();
     qgemm<4>(p, out, x, levels, scale_min, bias, partials, counters);
 }
 
@@ -440,5 +441,6 @@ qilin_qgemm_w8_bf16(const QilinQuantGemvParams p,
                     const bf16* __restrict__ bias,
                     float* __restrict__ partials,
                     unsigned* __restrict__ counters) {
+    QILIN_PDL_ENTRY();
     qgemm<8>(p, out, x, levels, scale_min, bias, partials, counters);
 }

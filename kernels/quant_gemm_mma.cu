@@ -108,6 +108,7 @@ qilin_qgemm_mma_w4_bf16(const QilinQuantGemvParams p,
                         const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
                         const float2* __restrict__ scale_min, // [out_features, in / group_size]
                         const bf16* __restrict__ bias) {     // [out_features] or NULL
+    QILIN_PDL_ENTRY();
     constexpr int DEPTH = QILIN_QGEMM_MMA_DEPTH;
     extern __shared__ __align__(16) unsigned char qgm_smem[];
     // [QGM_STAGES][QGM_TOKENS][QGM_LD] bf16, then the X slots [2][QGM_TOKENS] f32.

@@ -114,6 +114,14 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
                         const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
                         const float2* __restrict__ scale_min, // [out_features, in / group_size]
                         const bf16* __restrict__ bias) {     // [out_features] or NULL
+    {  // The block's levels (28 KiB at in = 3584), asked of L2 before the wait (pdl.cuh).
+        const unsigned chunks = max((p.n_tokens + QILIN_GEMV_MAX_TOKENS - 1) / QILIN_GEMV_MAX_TOKENS, 1u);
+        const unsigned first = blockIdx.x / chunks * QILIN_QGEMV_MMA_ROWS;
+        const unsigned rows = min((unsigned)QILIN_QGEMV_MMA_ROWS, max(p.out_features, first) - first);
+        qilin_pdl_prefetch_l2(levels + (size_t)first * (p.in_features / 2),
+                              (size_t)rows * (p.in_features / 2), threadIdx.x == 0);
+    }
+    QILIN_PDL_ENTRY();
     constexpr int DEPTH = QILIN_QGEMV_MMA_DEPTH;
     constexpr unsigned STEP = QILIN_QGEMV_MMA_STEP;
     // Each warp's sums for the block's 16 rows x 8 token columns.
@@ -329,6 +337,7 @@ qilin_qgemv_mma_splitk_w4_bf16(const QilinQuantGemvParams p,
                                const bf16* __restrict__ bias,        // [out_features] or NULL
                                float* __restrict__ partials,         // [grid.x * grid.y, QILIN_QGEMV_SPLITK_PARTIALS] or NULL (grid.y == 1)
                                unsigned* __restrict__ counters) {   // [grid.x], zero; or NULL (grid.y == 1)
+    QILIN_PDL_ENTRY();
     constexpr unsigned STEP = QILIN_QGEMV_MMA_STEP;
     __shared__ QsplitSlot ring[QSPLIT_WARPS][QSPLIT_STAGES];
     __shared__ float partial[QSPLIT_WARPS][QILIN_QGEMV_MMA_ROWS][QILIN_GEMV_MAX_TOKENS];

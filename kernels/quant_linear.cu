@@ -404,6 +404,7 @@ qilin_qgemv_w4_bf16(const QilinQuantGemvParams p,
                     const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
                     const float2* __restrict__ scale_min, // [out_features, in / group_size]
                     const bf16* __restrict__ bias) {     // [out_features] or NULL
+    QILIN_PDL_ENTRY();
     qgemv<4, QILIN_GEMV_MAX_TOKENS, false>(p, out, x, levels, scale_min, bias);
 }
 
@@ -415,6 +416,7 @@ qilin_qgemv_w8_bf16(const QilinQuantGemvParams p,
                     const uint8_t* __restrict__ levels,
                     const float2* __restrict__ scale_min,
                     const bf16* __restrict__ bias) {
+    QILIN_PDL_ENTRY();
     qgemv<8, QILIN_GEMV_MAX_TOKENS, false>(p, out, x, levels, scale_min, bias);
 }
 
@@ -428,6 +430,7 @@ qilin_qgemv_small_w4_bf16(const QilinQuantGemvParams p,
                           const uint8_t* __restrict__ levels,   // [out_features, in / 2]
                           const float2* __restrict__ scale_min, // [out_features, in / group]
                           const bf16* __restrict__ bias) {     // [out_features] or NULL
+    QILIN_PDL_ENTRY();
     qgemv<4, QILIN_QGEMV_SMALL_MAX_TOKENS, true>(p, out, x, levels, scale_min, bias);
 }
 
@@ -439,6 +442,7 @@ qilin_qgemv_small_w8_bf16(const QilinQuantGemvParams p,
                           const uint8_t* __restrict__ levels,
                           const float2* __restrict__ scale_min,
                           const bf16* __restrict__ bias) {
+    QILIN_PDL_ENTRY();
     qgemv<8, QILIN_QGEMV_SMALL_MAX_TOKENS, true>(p, out, x, levels, scale_min, bias);
 }
 
@@ -473,6 +477,7 @@ qilin_dequant_w4_bf16(const QilinDequantParams p,
                       bf16* __restrict__ out,
                       const uint8_t* __restrict__ levels,
                       const float2* __restrict__ scale_min) {
+    QILIN_PDL_ENTRY();
     dequant<4>(p, out, levels, scale_min);
 }
 
@@ -482,5 +487,6 @@ qilin_dequant_w8_bf16(const QilinDequantParams p,
                       bf16* __restrict__ out,
                       const uint8_t* __restrict__ levels,
                       const float2* __restrict__ scale_min) {
+    QILIN_PDL_ENTRY();
     dequant<8>(p, out, levels, scale_min);
 }

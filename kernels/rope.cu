@@ -158,6 +158,7 @@ qilin_rope_store_kv_bf16(const QilinRopeParams p,
                          const uint32_t* __restrict__ slot_mapping,
                          bf16* __restrict__ key_cache,
                          bf16* __restrict__ value_cache) {
+    QILIN_PDL_ENTRY();
     rope_check(p, reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
                       reinterpret_cast<uintptr_t>(v) | reinterpret_cast<uintptr_t>(cos_table) |
                       reinterpret_cast<uintptr_t>(sin_table) |
@@ -192,6 +193,7 @@ qilin_rope_qkv_store_kv_bf16(const QilinRopeParams p,
                              const uint32_t* __restrict__ slot_mapping,
                              bf16* __restrict__ key_cache,
                              bf16* __restrict__ value_cache) {
+    QILIN_PDL_ENTRY();
     rope_check(p, reinterpret_cast<uintptr_t>(q_out) | reinterpret_cast<uintptr_t>(qkv) |
                       reinterpret_cast<uintptr_t>(cos_table) |
                       reinterpret_cast<uintptr_t>(sin_table) |

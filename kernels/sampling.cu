@@ -41,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(QILIN_ARGMAX_THREADS)
 qilin_argmax_bf16(const QilinArgmaxParams p,
                   uint32_t* __restrict__ ids,
                   const bf16* __restrict__ logits) {
+    QILIN_PDL_ENTRY();
     __shared__ float s_v[QILIN_ARGMAX_THREADS / QILIN_WARP_SIZE];
     __shared__ unsigned s_i[QILIN_ARGMAX_THREADS / QILIN_WARP_SIZE];
     if (blockDim.x != QILIN_ARGMAX_THREADS) {
@@ -103,6 +104,7 @@ qilin_sample_bf16(const QilinSampleParams p,
                   uint32_t* __restrict__ ids,
                   const QilinSampleRow* __restrict__ rows,
                   const bf16* __restrict__ logits) {
+    QILIN_PDL_ENTRY();
     if (blockDim.x != QILIN_SAMPLE_THREADS) {
         __trap();
     }

@@ -417,6 +417,7 @@ qilin_argmax_split_bf16(const QilinSampleSplitParams p,
                         QilinSampleSplitPart* __restrict__ parts,
                         uint32_t* __restrict__ counters,
                         const bf16* __restrict__ logits) {
+    QILIN_PDL_ENTRY();
     sample_split<true>(p, ids, nullptr, parts, nullptr, counters, logits);
 }
 
@@ -434,5 +435,6 @@ qilin_sample_split_bf16(const QilinSampleSplitParams p,
                         uint32_t* __restrict__ cands,
                         uint32_t* __restrict__ counters,
                         const bf16* __restrict__ logits) {
+    QILIN_PDL_ENTRY();
     sample_split<false>(p, ids, rows, parts, cands, counters, logits);
 }

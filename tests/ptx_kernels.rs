@@ -12,21 +12,12 @@ use std::mem::{align_of, size_of};
 use qilin::backend::abi::QilinRmsNormParams;
 use qilin::backend::ptx::{self, entry_names, module_ptx, Kernel};
 
+#[path = "common/ptx.rs"]
+mod ptx_common;
+use ptx_common::ptx_available;
+
 /// Newest PTX ISA that driver 580 (our H100/H200 machines) JIT-compiles: nvcc 13.0's.
 const NEWEST_LOADABLE_PTX_ISA: (u32, u32) = (9, 0);
-
-fn ptx_available() -> bool {
-    if ptx::PTX_AVAILABLE {
-        return true;
-    }
-    assert!(
-        std::env::var("QILIN_REQUIRE_PTX").as_deref() != Ok("1"),
-        "QILIN_REQUIRE_PTX=1 but this is a CPU-only build: build.rs found no nvcc (run \
-         tools/setup)"
-    );
-    eprintln!("skipped: CPU-only build, no PTX embedded (run tools/setup for nvcc)");
-    false
-}
 
 #[test]
 fn every_kernel_file_has_a_module_and_nothing_else_does() {

@@ -41,7 +41,7 @@
 use std::sync::Once;
 
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
 use super::batch_meta::DeviceBatch;
@@ -234,7 +234,7 @@ fn launch_prefill(
         // kernel's dynamic Q, K and V tiles (Device::open raised its limit).
         shared_mem_bytes: prefill.smem_bytes,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(prefill.kernel));
+    let mut launch = dev.launch_builder(prefill.kernel);
     launch
         .arg(&params)
         .arg(&mut out.data)
@@ -268,7 +268,7 @@ fn launch_simple(
         block_dim: (QILIN_ATTN_SIMPLE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::ATTENTION_PREFILL_SIMPLE_BF16));
+    let mut launch = dev.launch_builder(ptx::ATTENTION_PREFILL_SIMPLE_BF16);
     launch
         .arg(&params)
         .arg(&mut out.data)
@@ -329,7 +329,7 @@ fn launch_decode(
         block_dim: (plan.threads, 1, 1),
         shared_mem_bytes: plan.smem_bytes as u32,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(plan.kernel));
+    let mut launch = dev.launch_builder(plan.kernel);
     launch.arg(&params).arg(&mut out.data);
     match &partials {
         Some((part_out, part_ml)) => launch.arg(part_out).arg(part_ml),
@@ -367,7 +367,7 @@ fn launch_decode(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::ATTENTION_DECODE_REDUCE_BF16));
+    let mut launch = dev.launch_builder(ptx::ATTENTION_DECODE_REDUCE_BF16);
     launch
         .arg(&params)
         .arg(&mut out.data)

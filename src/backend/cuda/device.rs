@@ -2,7 +2,7 @@
 //! cuBLAS, and every kernel of the embedded PTX loaded once at start-up.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,6 +16,7 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::attention::AttentionSwitches;
+use super::pdl;
 use super::CudaError;
 use crate::backend::abi::{
     QILIN_ATTN_DECODE_PIPE_HD128_SMEM_BYTES, QILIN_ATTN_DECODE_PIPE_HD64_SMEM_BYTES,
@@ -66,6 +67,10 @@ pub struct Device {
     /// which a capture cannot contain, panic instead of corrupting it.
     capturing: AtomicBool,
     functions: HashMap<(&'static str, &'static str), CudaFunction>,
+    /// Entries loaded from PTX rewritten for programmatic dependent launch (pdl.rs) whose
+    /// markers keep its contract: the only ones `launch` gives the attribute. Empty
+    /// unless `paths.pdl` and an sm_90+ device.
+    pdl_entries: HashSet<String>,
     /// Which verified fast paths the dispatch takes, read from the environment at open.
     pub paths: FastPaths,
 }
@@ -127,6 +132,12 @@ pub struct FastPaths {
     /// path (`quant_gemm_mma::qgemm_mma_takes`), instead of the GEMV's chunks or
     /// qilin_qgemm_w4_bf16.
     pub qgemm_mma: bool,
+    /// `QILIN_CUDA_PDL=1` (opt-in, unverified; sm_90+): every kernel of ours launched with
+    /// programmatic dependent launch, so that it is placed, and a GEMV's first weights
+    /// requested, while the kernel before it finishes (pdl.rs). Read when the device
+    /// opens, which loads the rewritten PTX; turning it off later only drops the launch
+    /// attribute.
+    pub pdl: bool,
 }
 
 impl Default for FastPaths {
@@ -144,6 +155,7 @@ impl Default for FastPaths {
             qgemm: true,
             gemv_cublas: true,
             qgemm_mma: false,
+            pdl: false,
         }
     }
 }
@@ -165,6 +177,32 @@ impl FastPaths {
             qgemm: on("QILIN_CUDA_QGEMM"),
             gemv_cublas: on("QILIN_CUDA_GEMV_CUBLAS"),
             qgemm_mma: opt_in("QILIN_CUDA_QGEMM_MMA"),
+            pdl: opt_in("QILIN_CUDA_PDL"),
+        }
+    }
+}
+
+/// The PTX text to load for `module` and the entries that may be launched dependent:
+/// with `pdl`, the module rewritten for sm_90 (pdl.rs) and its entries that keep the
+/// markers' contract; otherwise, or when the rewrite fails (logged), the module as built.
+fn module_text(module: &str, source: &'static str, pdl: bool) -> (String, Vec<String>) {
+    if !pdl {
+        return (source.to_string(), Vec::new());
+    }
+    match pdl::rewrite_for_sm90(source) {
+        Ok(text) => {
+            let mut dependent = Vec::new();
+            for (entry, verdict) in pdl::check_entries(source) {
+                match verdict {
+                    Ok(()) => dependent.push(entry),
+                    Err(why) => tracing::warn!("{entry} launches without PDL: {why}"),
+                }
+            }
+            (text, dependent)
+        }
+        Err(e) => {
+            tracing::warn!("{module}.ptx loads without PDL: {e}");
+            (source.to_string(), Vec::new())
         }
     }
 }
@@ -198,15 +236,23 @@ impl Device {
         let blas_workspace = set_blas_workspace(&stream, &blas)?;
         let scratch_f32 = empty_scratch(&stream)?;
         let scratch_bf16 = empty_scratch(&stream)?;
+        let paths = FastPaths::from_env();
+        let (major, _) = ctx
+            .compute_capability()
+            .map_err(|e| CudaError::Driver(format!("reading the compute capability: {e}")))?;
+        let pdl = paths.pdl && major >= 9;
+        let mut pdl_entries = HashSet::new();
         let mut modules = HashMap::new();
         let mut functions = HashMap::new();
         for kernel in ptx::KERNELS {
             if !modules.contains_key(kernel.module) {
                 let source = ptx::module_ptx(kernel.module).ok_or(CudaError::NoPtx)?;
-                let module = ctx.load_module(Ptx::from_src(source)).map_err(|e| {
+                let (text, dependent) = module_text(kernel.module, source, pdl);
+                let module = ctx.load_module(Ptx::from_src(text)).map_err(|e| {
                     CudaError::Driver(format!("the driver rejected {}.ptx: {e}", kernel.module))
                 })?;
                 modules.insert(kernel.module, module);
+                pdl_entries.extend(dependent);
             }
             let function = modules[kernel.module].load_function(kernel.entry).map_err(|e| {
                 CudaError::Driver(format!("kernel {} missing from the PTX: {e}", kernel.entry))
@@ -256,8 +302,15 @@ impl Device {
             graphs_exist: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             functions,
-            paths: FastPaths::from_env(),
+            pdl_entries,
+            paths,
         })
+    }
+
+    /// Whether `kernel` is launched with programmatic dependent launch (`paths.pdl`, and
+    /// its module was loaded rewritten with the entry's markers checked).
+    pub fn dependent_launch(&self, kernel: Kernel) -> bool {
+        self.paths.pdl && self.pdl_entries.contains(kernel.entry)
     }
 
     /// Records what `body` queues on the stream into a graph instead of running it. Host

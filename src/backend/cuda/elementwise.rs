@@ -2,7 +2,7 @@
 //! SiLU-and-multiply. CPU twins: `CpuBackend::{embedding, gather_rows, split_cols,
 //! silu_mul}` (backend/cpu/mod.rs).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::{check, Device};
 use super::tensor::{CudaLinear, CudaTensor, LinearWeight};
@@ -89,7 +89,7 @@ fn gather(
             on_device
         }
     };
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.launch_builder(kernel);
     launch.arg(&params).arg(&mut out.data).arg(src).arg(index);
     // SAFETY: argument order and types follow the kernel (params, out, src, index); out
     // holds n * cols bf16, src src_rows * cols bf16, index n u32, each < src_rows
@@ -118,7 +118,7 @@ pub fn silu_mul(dev: &Device, gate_up: &CudaTensor) -> CudaTensor {
     }
     let params = QilinSiluMulParams { n_rows: as_u32(n, "rows"), ffn: as_u32(ffn, "ffn") };
     let cfg = row_config(n, copy_units(ffn, ffn % VEC_ELEMS == 0));
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::SILU_MUL_BF16));
+    let mut launch = dev.launch_builder(ptx::SILU_MUL_BF16);
     launch.arg(&params).arg(&mut out.data).arg(&gate_up.data);
     // SAFETY: argument order and types follow qilin_silu_mul_bf16; out holds n * ffn
     // bf16, gate_up n * 2 * ffn.
@@ -145,7 +145,7 @@ pub fn split_cols(dev: &Device, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTen
             };
             let vectorised = (width | col0 | x.cols).is_multiple_of(VEC_ELEMS);
             let cfg = row_config(n, copy_units(width, vectorised));
-            let mut launch = dev.stream.launch_builder(dev.function(ptx::COPY_COLS_BF16));
+            let mut launch = dev.launch_builder(ptx::COPY_COLS_BF16);
             launch.arg(&params).arg(&mut out.data).arg(&x.data);
             // SAFETY: argument order and types follow qilin_copy_cols_bf16; out holds
             // n * width bf16, x n * x.cols, and col0 + width <= x.cols (the widths sum

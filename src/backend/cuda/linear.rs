@@ -26,9 +26,7 @@ use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t, cublasOperation_t, cublasSetMathMode,
     cudaDataType_t,
 };
-use cudarc::driver::{
-    CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
 use super::device::{check, Device};
@@ -200,7 +198,7 @@ fn launch_gemv(
     let cfg =
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let null: u64 = 0;
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.launch_builder(kernel);
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(weight);
     match &w.bias {
         Some(bias) => launch.arg(bias),
@@ -400,7 +398,7 @@ fn bias_round(
         block_dim: (QILIN_BIAS_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::BIAS_ROUND_BF16));
+    let mut launch = dev.launch_builder(ptx::BIAS_ROUND_BF16);
     launch.arg(&params).arg(out).arg(acc).arg(bias);
     // SAFETY: argument order and types follow qilin_bias_round_bf16; out holds rows * m
     // values (a view of exactly that), acc at least rows * m (the scratch), bias m

@@ -1,7 +1,7 @@
 //! Launcher of kernels/norm.cu: fused residual add + RMSNorm (CPU twin:
 //! `backend::cpu::add_rms_norm_rows`).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::device::{check, Device};
 use super::tensor::{CudaTensor, CudaVector};
@@ -35,14 +35,14 @@ pub fn add_rms_norm(
     };
     let Some(x) = x else {
         // Nothing to add: the plain kernel only reads the residual.
-        let mut launch = dev.stream.launch_builder(dev.function(ptx::RMS_NORM_BF16));
+        let mut launch = dev.launch_builder(ptx::RMS_NORM_BF16);
         launch.arg(&params).arg(&mut out.data).arg(&residual.data).arg(&weight.data);
         // SAFETY: argument order and types follow qilin_rms_norm_bf16; out and residual
         // hold n * hidden bf16 values, weight hidden.
         check(unsafe { launch.launch(cfg) }, "launching qilin_rms_norm_bf16");
         return out;
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::FUSED_ADD_RMS_NORM_BF16));
+    let mut launch = dev.launch_builder(ptx::FUSED_ADD_RMS_NORM_BF16);
     launch.arg(&params).arg(&mut out.data).arg(&mut residual.data).arg(&x.data).arg(&weight.data);
     // SAFETY: argument order and types follow qilin_fused_add_rms_norm_bf16; out, residual
     // and x hold n * hidden bf16 values, weight hidden.

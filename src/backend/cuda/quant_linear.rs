@@ -4,7 +4,7 @@
 //! kernels/quant_gemv_mma.cu's tensor-core W4A16 GEMVs (`ptx::QGEMV_MMA_W4_BF16` and, opt-in,
 //! its split-K variant `ptx::QGEMV_MMA_SPLITK_W4_BF16`).
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use half::bf16;
 
 use super::attention::sm_count;
@@ -100,7 +100,7 @@ pub(super) fn launch_matmul(
 ) {
     let kernel = kernel_for(q.format.bits, op);
     let null: u64 = 0;
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.launch_builder(kernel);
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);
     match &w.bias {
         Some(bias) => launch.arg(bias),
@@ -289,7 +289,7 @@ fn launch_split_k(
 ) {
     let null: u64 = 0;
     let mut merge = partials.map(|sums| (dev.scratch_f32(sums), dev.merge_counters()));
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.launch_builder(kernel);
     launch.arg(&params).arg(&mut out.data).arg(&x.data).arg(&q.levels).arg(&q.scale_min);
     match &w.bias {
         Some(bias) => launch.arg(bias),
@@ -413,7 +413,7 @@ pub fn dequantize_rows(
     let (scale_min, _s_sync) = q.scale_min.device_ptr(&dev.stream);
     let levels = levels + (row0 * level_bytes) as u64;
     let scale_min = scale_min + (row0 * pairs * 2 * size_of::<f32>()) as u64;
-    let mut launch = dev.stream.launch_builder(dev.function(kernel_for(bits, Op::Dequant)));
+    let mut launch = dev.launch_builder(kernel_for(bits, Op::Dequant));
     launch.arg(&params).arg(dst).arg(&levels).arg(&scale_min);
     // SAFETY: argument order and types follow qilin_dequant_w{4,8}_bf16; dst holds rows * k
     // values, and the level and pair pointers start at row row0 of buffers that hold

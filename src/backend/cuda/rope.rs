@@ -12,11 +12,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 
 use super::batch_meta::DeviceBatch;
 use super::device::{check, Device};
+use super::launch::KernelLaunch;
 use super::tensor::{CudaKvCache, CudaTensor};
 use crate::backend::abi::{rope_block_threads, QilinRopeParams};
 use crate::backend::ptx::{self, Kernel};
@@ -162,9 +163,9 @@ unsafe fn launch<'a>(
     table: &'a PinnedTable,
     cache: &'a mut CudaKvCache,
     layer: usize,
-    tensors: impl FnOnce(&mut LaunchArgs<'a>),
+    tensors: impl FnOnce(&mut KernelLaunch<'a>),
 ) {
-    let mut launch = dev.stream.launch_builder(dev.function(kernel));
+    let mut launch = dev.launch_builder(kernel);
     launch.arg(params);
     tensors(&mut launch);
     launch

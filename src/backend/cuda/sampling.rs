@@ -10,7 +10,7 @@
 //! twin `backend::cpu::penalize_row_bf16`) first penalises each row's listed tokens in
 //! place, rounding each to bf16, on the same stream after the step (never in a graph).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::device::{check, Device};
 use super::tensor::CudaTensor;
@@ -71,7 +71,7 @@ pub fn argmax_rows_on_device(dev: &Device, logits: &CudaTensor) -> CudaSlice<u32
         block_dim: (QILIN_ARGMAX_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::ARGMAX_BF16));
+    let mut launch = dev.launch_builder(ptx::ARGMAX_BF16);
     launch.arg(&params).arg(&mut ids).arg(&logits.data);
     // SAFETY: argument order and types follow qilin_argmax_bf16; ids holds n u32, logits
     // n * vocab bf16 (asserted above); one block per row writes that row's id.
@@ -114,7 +114,7 @@ pub fn sample_rows(dev: &Device, logits: &CudaTensor, rows: &[RowSampling]) -> V
         block_dim: (QILIN_SAMPLE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::SAMPLE_BF16));
+    let mut launch = dev.launch_builder(ptx::SAMPLE_BF16);
     launch.arg(&params).arg(&mut ids).arg(&meta).arg(&logits.data);
     // SAFETY: argument order and types follow qilin_sample_bf16; ids and meta hold n
     // entries, logits n * vocab bf16 (asserted above); one block per row writes that row's id.
@@ -214,7 +214,7 @@ pub fn split_rows(
         let logits_part = logits.data.slice(first * vocab..(first + count) * vocab);
         let meta_part = meta.as_ref().map(|meta| meta.slice(first..first + count));
         let kernel = if rows.is_some() { ptx::SAMPLE_SPLIT_BF16 } else { ptx::ARGMAX_SPLIT_BF16 };
-        let mut launch = dev.stream.launch_builder(dev.function(kernel));
+        let mut launch = dev.launch_builder(kernel);
         launch.arg(&params).arg(&mut ids_part);
         if let Some(meta_part) = &meta_part {
             launch.arg(meta_part);
@@ -269,7 +269,7 @@ pub fn apply_penalties(dev: &Device, logits: &mut CudaTensor, penalties: &Penalt
         block_dim: (QILIN_PENALTY_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream.launch_builder(dev.function(ptx::APPLY_PENALTIES_BF16));
+    let mut launch = dev.launch_builder(ptx::APPLY_PENALTIES_BF16);
     launch.arg(&params).arg(&meta).arg(&tokens).arg(&mut logits.data);
     // SAFETY: argument order and types follow qilin_apply_penalties_bf16; meta holds n rows
     // whose entries lie in tokens (asserted above), logits n * vocab bf16; the entries of a
