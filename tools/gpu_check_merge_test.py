@@ -74,6 +74,25 @@ class MergeTest(unittest.TestCase):
                          ("partial", "1 of 2 clean"))
         self.assertEqual(verdict([entry("a", "clean")]), ("clean", "1 of 1 clean"))
 
+    def test_run_verdicts(self):
+        def res(**statuses):
+            return {"steps": [{"step": n, "status": st} for n, st in statuses.items()]}
+        required = dict(tests="pass", e2e_eager="pass", memcheck="clean", racecheck="clean")
+        self.assertEqual(gpu_check.verdict(res(**required, kernels="ok"))[0], "pass")
+        status, note = gpu_check.verdict(res(**required, optin="FAIL"))
+        self.assertEqual(status, "pass")
+        self.assertIn("opt-in switches (off by default) failed: optin", note)
+        status, note = gpu_check.verdict(res(**dict(required, racecheck="partial")))
+        self.assertEqual(status, "incomplete")
+        self.assertIn("racecheck (partial)", note)
+        self.assertEqual(gpu_check.verdict(res(tests="pass", memcheck="clean"))[0],
+                         "incomplete")
+        status, note = gpu_check.verdict(res(**required, decode="timeout"))
+        self.assertEqual(status, "FAIL")
+        self.assertIn("failed: decode", note)
+        status, note = gpu_check.verdict(res(**dict(required, tests="FAIL")))
+        self.assertEqual((status, note.startswith("failed: tests")), ("FAIL", True))
+
     def test_a_test_without_cuda_calls_is_clean(self):
         status = gpu_check.sanitizer_status
         # The last attempt's output of gpu_sampling's tolerance check under racecheck
