@@ -93,6 +93,31 @@ class MergeTest(unittest.TestCase):
         status, note = gpu_check.verdict(res(**dict(required, tests="FAIL")))
         self.assertEqual((status, note.startswith("failed: tests")), ("FAIL", True))
 
+    def test_ncu_rows_read_the_stall_metrics(self):
+        header = '"ID","Kernel Name","Grid Size","Block Size","Section Name","Metric Name",' \
+                 '"Metric Unit","Metric Value"\n'
+        def row(section, metric, unit, value):
+            return (f'"0","qilin_sample_split_bf16(QilinSampleSplitParams)","(1, 13, 1)",'
+                    f'"(256, 1, 1)","{section}","{metric}","{unit}","{value}"\n')
+        text = header + row("GPU Speed Of Light Throughput", "Duration", "us", "9.87")
+        text += row("Command line profiler metrics", gpu_check.stall_metric("membar"), "", "1,234.5")
+        text += row("Command line profiler metrics", gpu_check.stall_metric("barrier"), "", "2.5")
+        text += row("Command line profiler metrics", "smsp__something_else", "", "7")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "ncu.csv")
+            with open(path, "w") as f:
+                f.write("==PROF== a line ncu prints before the table\n" + text)
+            rows = gpu_check.ncu_rows(path)
+        self.assertEqual(len(rows), 1)
+        self.assertEqual(rows[0]["kernel"], "qilin_sample_split_bf16")
+        self.assertEqual(rows[0]["duration"], "9.87 us")
+        self.assertEqual(rows[0]["stalls"], {"membar": 1234.5, "barrier": 2.5})
+        report = gpu_check.markdown({
+            "date": "2026-11-27", "gpu": {}, "binaries": {}, "steps": [], "tests": [],
+            "sanitizer": {}, "bench": {}, "ncu": rows})
+        self.assertIn("| qilin_sample_split_bf16 | (1, 13, 1) | 9.87 us | membar 1234.5, "
+                      "barrier 2.5 |", report)
+
     def test_a_test_without_cuda_calls_is_clean(self):
         status = gpu_check.sanitizer_status
         # The last attempt's output of gpu_sampling's tolerance check under racecheck
