@@ -154,6 +154,9 @@ pub struct DecodePoint {
     /// CUDA graphs captured so far: 0 means the steps ran
     /// eagerly (a capture failed, or the batch is not one graphs take).
     pub graphs_captured: usize,
+    /// Kernels launched with programmatic dependent launch (`QILIN_CUDA_PDL=1` on sm_90+;
+    /// 0 when off or refused).
+    pub dependent_launch_kernels: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -233,6 +236,7 @@ pub fn decode(args: &BenchDecodeArgs) -> anyhow::Result<()> {
             device_sample_ms,
             weight_gb_per_s: report.model.weight_bytes as f64 / (step_ms / 1e3) / 1e9,
             graphs_captured: model.backend.graphs.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            dependent_launch_kernels: model.backend.dev.dependent_launch_kernels(),
             step_ms_all: times,
         };
         println!(

@@ -247,8 +247,23 @@ impl Device {
         for kernel in ptx::KERNELS {
             if !modules.contains_key(kernel.module) {
                 let source = ptx::module_ptx(kernel.module).ok_or(CudaError::NoPtx)?;
-                let (text, dependent) = module_text(kernel.module, source, pdl);
-                let module = ctx.load_module(Ptx::from_src(text)).map_err(|e| {
+                let (text, mut dependent) = module_text(kernel.module, source, pdl);
+                let rewritten = text != source;
+                let module = match ctx.load_module(Ptx::from_src(text)) {
+                    Ok(module) => Ok(module),
+                    // PDL is an optimisation: a rewritten module the driver refuses loads
+                    // as built, its kernels launched without it.
+                    Err(e) if rewritten => {
+                        tracing::warn!(
+                            "{}.ptx rewritten for PDL was refused ({e}); loading it as built",
+                            kernel.module
+                        );
+                        dependent.clear();
+                        ctx.load_module(Ptx::from_src(source))
+                    }
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| {
                     CudaError::Driver(format!("the driver rejected {}.ptx: {e}", kernel.module))
                 })?;
                 modules.insert(kernel.module, module);
@@ -311,6 +326,16 @@ impl Device {
     /// its module was loaded rewritten with the entry's markers checked).
     pub fn dependent_launch(&self, kernel: Kernel) -> bool {
         self.paths.pdl && self.pdl_entries.contains(kernel.entry)
+    }
+
+    /// How many kernels are launched with programmatic dependent launch: 0 unless
+    /// `QILIN_CUDA_PDL=1` on an sm_90+ device whose driver took the rewritten PTX.
+    pub fn dependent_launch_kernels(&self) -> usize {
+        if self.paths.pdl {
+            self.pdl_entries.len()
+        } else {
+            0
+        }
     }
 
     /// Records what `body` queues on the stream into a graph instead of running it. Host
