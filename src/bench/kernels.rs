@@ -463,6 +463,36 @@ pub fn run(args: &BenchKernelsArgs) -> anyhow::Result<()> {
             drop(b.attention_with(&qt, &batch, &cache, 0, shape, AttentionKernels::UnpipedDecode));
         });
     }
+    // An experiment on the 8-sequence rows (69% of copy bandwidth at 00b0a12, where 64
+    // sequences reach 97% and more splits did not help): the same bytes, grid and work
+    // per block as 8 sequences x Qwen's 4 KV heads, from a cache of one KV head. A block
+    // then reads whole 256-byte slot rows, back to back, instead of every fourth 256-byte
+    // piece of 1 KiB rows. Much faster than "decode: 8 seqs" would say DRAM locality of
+    // the cache layout caps those rows, not the kernel's pipeline.
+    {
+        let group = c.num_heads / c.num_kv_heads;
+        let n_seqs = 8 * c.num_kv_heads;
+        let one_head = AttentionShape { num_heads: group, num_kv_heads: 1, ..shape };
+        let mut one_cache = b
+            .alloc_kv_cache(KvCacheShape {
+                num_layers: 1,
+                num_blocks: n_seqs * per_seq,
+                num_kv_heads: 1,
+                head_dim: hd,
+            })
+            .context("allocating the one-KV-head cache")?;
+        rand.fill_kv(&mut one_cache);
+        let batch = decode_batch(n_seqs);
+        let qt = rand.tensor(n_seqs, group * hd, 1.0);
+        let ctx = args.context;
+        let bytes = (n_seqs * ctx * 2 * hd + 2 * n_seqs * group * hd) as f64 * bf;
+        let flops = 4.0 * (n_seqs * ctx * group * hd) as f64;
+        let what = format!("decode: {n_seqs} seqs x {ctx} ctx");
+        let op = format!("attention, 1 KV head of {group} query heads");
+        bench.measure(&op, what, bytes, flops, &mut || {
+            drop(b.attention(&qt, &batch, &one_cache, 0, one_head));
+        });
+    }
     {
         let len = args.prefill_len;
         let batch = prefill_batch(len);
