@@ -182,31 +182,6 @@ impl FastPaths {
     }
 }
 
-/// The PTX text to load for `module` and the entries that may be launched dependent:
-/// with `pdl`, the module rewritten for sm_90 (pdl.rs) and its entries that keep the
-/// markers' contract; otherwise, or when the rewrite fails (logged), the module as built.
-fn module_text(module: &str, source: &str, pdl: bool) -> (String, Vec<String>) {
-    if !pdl {
-        return (source.to_string(), Vec::new());
-    }
-    match pdl::rewrite_for_sm90(source) {
-        Ok(text) => {
-            let mut dependent = Vec::new();
-            for (entry, verdict) in pdl::check_entries(source) {
-                match verdict {
-                    Ok(()) => dependent.push(entry),
-                    Err(why) => tracing::warn!("{entry} launches without PDL: {why}"),
-                }
-            }
-            (text, dependent)
-        }
-        Err(e) => {
-            tracing::warn!("{module}.ptx loads without PDL: {e}");
-            (source.to_string(), Vec::new())
-        }
-    }
-}
-
 /// Bytes of cuBLAS's workspace: what NVIDIA recommends for Hopper (32 MiB), more than
 /// earlier architectures use.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -247,7 +222,7 @@ impl Device {
         for kernel in ptx::KERNELS {
             if !modules.contains_key(kernel.module) {
                 let source = ptx::module_ptx(kernel.module).ok_or(CudaError::NoPtx)?;
-                let (text, mut dependent) = module_text(kernel.module, source, pdl);
+                let (text, mut dependent) = pdl::module_text(kernel.module, source, pdl);
                 let rewritten = text != source;
                 let module = match ctx.load_module(Ptx::from_src(text)) {
                     Ok(module) => Ok(module),
@@ -646,27 +621,5 @@ mod tests {
         for (i, (&s, &d)) in src.iter().zip(&out).enumerate() {
             assert_eq!(d.to_bits(), s.to_f32().to_bits(), "value {i} ({:#06x})", s.to_bits());
         }
-    }
-
-    /// With the switch off a module loads as built; on, rewritten, with every listed entry
-    /// of it launchable dependent; a module the rewrite refuses loads as built, none dependent.
-    #[test]
-    fn modules_load_rewritten_only_with_pdl() {
-        let Some(kernel) =
-            ptx::KERNELS.iter().find(|k| !ptx::module_ptx(k.module).unwrap_or("").is_empty())
-        else {
-            return; // CPU-only build: no PTX (tests/ptx_kernels.rs says so)
-        };
-        let source = ptx::module_ptx(kernel.module).unwrap_or_default();
-        let (text, dependent) = module_text(kernel.module, source, false);
-        assert_eq!((text.as_str(), dependent.len()), (source, 0));
-        let (text, dependent) = module_text(kernel.module, source, true);
-        assert!(text.contains(".target sm_90\n") && text.contains("griddepcontrol.wait;"));
-        for k in ptx::KERNELS.iter().filter(|k| k.module == kernel.module) {
-            assert!(dependent.iter().any(|e| e == k.entry), "{} not dependent", k.entry);
-        }
-        let refused = source.replace(".target sm_80", ".target sm_75");
-        let (text, dependent) = module_text(kernel.module, &refused, true);
-        assert_eq!((text, dependent.len()), (refused, 0));
     }
 }
