@@ -118,6 +118,21 @@ class MergeTest(unittest.TestCase):
         self.assertIn("| qilin_sample_split_bf16 | (1, 13, 1) | 9.87 us | membar 1234.5, "
                       "barrier 2.5 |", report)
 
+    def test_steps_before_racecheck_leave_it_its_reserve(self):
+        profile = dict(gpu_check.PROFILES["short"])
+        budget = 400.0
+        with_race = gpu_check.Runner(budget, profile, "/tmp", {}, reserve_racecheck=True)
+        without = gpu_check.Runner(budget, profile, "/tmp", {}, reserve_racecheck=False)
+        reserve = min(profile["racecheck"], gpu_check.RACECHECK_RESERVE)
+        left = budget - gpu_check.REPORT_RESERVE
+        self.assertAlmostEqual(with_race.timeout("tests"),
+                               min(profile["tests"], left - reserve), delta=1)
+        self.assertAlmostEqual(with_race.timeout("racecheck"),
+                               min(profile["racecheck"], left), delta=1)
+        self.assertAlmostEqual(without.timeout("tests"), min(profile["tests"], left), delta=1)
+        starved = gpu_check.Runner(reserve / 2, profile, "/tmp", {}, reserve_racecheck=True)
+        self.assertEqual(starved.timeout("kernels"), 0.0)
+
     def test_a_test_without_cuda_calls_is_clean(self):
         status = gpu_check.sanitizer_status
         # The last attempt's output of gpu_sampling's tolerance check under racecheck
