@@ -205,12 +205,9 @@ qilin_gemv_bf16(const QilinGemvParams p,
                 const bf16* __restrict__ x,
                 const bf16* __restrict__ w,
                 const bf16* __restrict__ bias) {
-    {  // The block's first weights, asked of L2 before the wait (kernels/pdl.cuh).
-        const unsigned first = blockIdx.x * QILIN_GEMV_ROWS_PER_BLOCK;
-        const unsigned rows = min((unsigned)QILIN_GEMV_ROWS_PER_BLOCK, max(p.out_features, first) - first);
-        qilin_pdl_prefetch_l2(w + (size_t)first * p.in_features,
-                              (size_t)rows * p.in_features * sizeof(bf16), threadIdx.x == 0);
-    }
+    // The block's first weights, asked of L2 before the wait (kernels/pdl.cuh).
+    qilin_pdl_prefetch_rows(w, blockIdx.x * QILIN_GEMV_ROWS_PER_BLOCK, QILIN_GEMV_ROWS_PER_BLOCK,
+                            p.out_features, (size_t)p.in_features * sizeof(bf16));
     QILIN_PDL_ENTRY();
     __shared__ uint4 x_tile[2][QILIN_GEMV_MAX_TOKENS][GEMV_TILE_VECS];
     // A launch that breaks the contract would leave outputs unwritten or read out of
@@ -286,13 +283,10 @@ qilin_gemv_mma_bf16(const QilinGemvParams p,
                     const bf16* __restrict__ x,       // [n_tokens, in_features]
                     const bf16* __restrict__ w,       // [out_features, in_features]
                     const bf16* __restrict__ bias) {  // [out_features] or NULL
-    {  // The block's first weights, asked of L2 before the wait (kernels/pdl.cuh).
-        const unsigned first = blockIdx.x * QILIN_GEMV_MMA_ROWS_PER_BLOCK;
-        const unsigned rows =
-            min((unsigned)QILIN_GEMV_MMA_ROWS_PER_BLOCK, max(p.out_features, first) - first);
-        qilin_pdl_prefetch_l2(w + (size_t)first * p.in_features,
-                              (size_t)rows * p.in_features * sizeof(bf16), threadIdx.x == 0);
-    }
+    // The block's first weights, asked of L2 before the wait (kernels/pdl.cuh).
+    qilin_pdl_prefetch_rows(w, blockIdx.x * QILIN_GEMV_MMA_ROWS_PER_BLOCK,
+                            QILIN_GEMV_MMA_ROWS_PER_BLOCK, p.out_features,
+                            (size_t)p.in_features * sizeof(bf16));
     QILIN_PDL_ENTRY();
     __shared__ float partial[GEMV_MMA_WARPS][QILIN_GEMV_MMA_ROWS_PER_BLOCK][QILIN_GEMV_MAX_TOKENS];
     if (blockDim.x != QILIN_GEMV_MMA_THREADS || p.in_features % QILIN_VEC_ELEMS != 0 ||

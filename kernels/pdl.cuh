@@ -45,7 +45,19 @@ __device__ __forceinline__ void qilin_pdl_prefetch_l2(const void* p, size_t byte
     const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + 15u) & ~(uintptr_t)15u;
     const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(uintptr_t)15u;
     const uintptr_t span = end > begin ? end - begin : 0u;
-    const unsigned n = (unsigned)(span < QILIN_PDL_PREFETCH_BYTES ? span : QILIN_PDL_PREFETCH_BYTES);
+    const unsigned n =
+        (unsigned)(span < QILIN_PDL_PREFETCH_BYTES ? span : QILIN_PDL_PREFETCH_BYTES);
     const unsigned go = issue && n != 0u ? 1u : 0u;
     asm volatile("// qilin:pdl-prefetch-l2 %0, %1, %2;" ::"l"(begin), "r"(n), "r"(go));
+}
+
+// qilin_pdl_prefetch_l2 of a block's rows [first, first + rows) of a row-major matrix of
+// n_rows rows of row_bytes bytes each (rows past n_rows dropped), issued by thread 0: the
+// GEMVs' weights, whose blocks each own a run of whole rows.
+__device__ __forceinline__ void qilin_pdl_prefetch_rows(const void* base, unsigned first,
+                                                        unsigned rows, unsigned n_rows,
+                                                        size_t row_bytes) {
+    const unsigned kept = min(rows, max(n_rows, first) - first);
+    const char* rows0 = static_cast<const char*>(base) + (size_t)first * row_bytes;
+    qilin_pdl_prefetch_l2(rows0, (size_t)kept * row_bytes, threadIdx.x == 0);
 }

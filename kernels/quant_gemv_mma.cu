@@ -115,11 +115,10 @@ qilin_qgemv_mma_w4_bf16(const QilinQuantGemvParams p,
                         const float2* __restrict__ scale_min, // [out_features, in / group_size]
                         const bf16* __restrict__ bias) {     // [out_features] or NULL
     {  // The block's levels (28 KiB at in = 3584), asked of L2 before the wait (pdl.cuh).
-        const unsigned chunks = max((p.n_tokens + QILIN_GEMV_MAX_TOKENS - 1) / QILIN_GEMV_MAX_TOKENS, 1u);
-        const unsigned first = blockIdx.x / chunks * QILIN_QGEMV_MMA_ROWS;
-        const unsigned rows = min((unsigned)QILIN_QGEMV_MMA_ROWS, max(p.out_features, first) - first);
-        qilin_pdl_prefetch_l2(levels + (size_t)first * (p.in_features / 2),
-                              (size_t)rows * (p.in_features / 2), threadIdx.x == 0);
+        const unsigned chunks =
+            max((p.n_tokens + QILIN_GEMV_MAX_TOKENS - 1) / QILIN_GEMV_MAX_TOKENS, 1u);
+        qilin_pdl_prefetch_rows(levels, blockIdx.x / chunks * QILIN_QGEMV_MMA_ROWS,
+                                QILIN_QGEMV_MMA_ROWS, p.out_features, p.in_features / 2);
     }
     QILIN_PDL_ENTRY();
     constexpr int DEPTH = QILIN_QGEMV_MMA_DEPTH;

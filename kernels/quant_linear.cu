@@ -394,17 +394,6 @@ QILIN_DEVICE void qgemv(const QilinQuantGemvParams p,
     qgemv_for_n<BITS, 1, MAX_N, SMALL>(p, out, x, levels, scale_min, bias, x_tile);
 }
 
-// The block's levels (its QILIN_QGEMV_ROWS_PER_BLOCK rows, up to QILIN_PDL_PREFETCH_BYTES),
-// asked of L2 before the kernel's PDL wait (kernels/pdl.cuh): weights no kernel writes.
-template <int BITS>
-QILIN_DEVICE void qgemv_prefetch_levels(const QilinQuantGemvParams& p, const uint8_t* levels) {
-    const unsigned first = blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK;
-    const unsigned rows =
-        min((unsigned)QILIN_QGEMV_ROWS_PER_BLOCK, max(p.out_features, first) - first);
-    const size_t row_bytes = (size_t)p.in_features * BITS / 8;
-    qilin_pdl_prefetch_l2(levels + first * row_bytes, rows * row_bytes, threadIdx.x == 0);
-}
-
 // Pointer arguments (the GEMV's and the GEMM's): out must not overlap the inputs; x and
 // levels 16-byte aligned; levels hold 4-bit unsigned levels two per byte (w4) or one i8
 // per value (w8).
@@ -415,7 +404,8 @@ qilin_qgemv_w4_bf16(const QilinQuantGemvParams p,
                     const uint8_t* __restrict__ levels,   // [out_features, in_features / 2]
                     const float2* __restrict__ scale_min, // [out_features, in / group_size]
                     const bf16* __restrict__ bias) {     // [out_features] or NULL
-    qgemv_prefetch_levels<4>(p, levels);
+    qilin_pdl_prefetch_rows(levels, blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK,
+                            QILIN_QGEMV_ROWS_PER_BLOCK, p.out_features, p.in_features / 2);
     QILIN_PDL_ENTRY();
     qgemv<4, QILIN_GEMV_MAX_TOKENS, false>(p, out, x, levels, scale_min, bias);
 }
@@ -428,7 +418,8 @@ qilin_qgemv_w8_bf16(const QilinQuantGemvParams p,
                     const uint8_t* __restrict__ levels,
                     const float2* __restrict__ scale_min,
                     const bf16* __restrict__ bias) {
-    qgemv_prefetch_levels<8>(p, levels);
+    qilin_pdl_prefetch_rows(levels, blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK,
+                            QILIN_QGEMV_ROWS_PER_BLOCK, p.out_features, p.in_features);
     QILIN_PDL_ENTRY();
     qgemv<8, QILIN_GEMV_MAX_TOKENS, false>(p, out, x, levels, scale_min, bias);
 }
@@ -443,7 +434,8 @@ qilin_qgemv_small_w4_bf16(const QilinQuantGemvParams p,
                           const uint8_t* __restrict__ levels,   // [out_features, in / 2]
                           const float2* __restrict__ scale_min, // [out_features, in / group]
                           const bf16* __restrict__ bias) {     // [out_features] or NULL
-    qgemv_prefetch_levels<4>(p, levels);
+    qilin_pdl_prefetch_rows(levels, blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK,
+                            QILIN_QGEMV_ROWS_PER_BLOCK, p.out_features, p.in_features / 2);
     QILIN_PDL_ENTRY();
     qgemv<4, QILIN_QGEMV_SMALL_MAX_TOKENS, true>(p, out, x, levels, scale_min, bias);
 }
@@ -456,7 +448,8 @@ qilin_qgemv_small_w8_bf16(const QilinQuantGemvParams p,
                           const uint8_t* __restrict__ levels,
                           const float2* __restrict__ scale_min,
                           const bf16* __restrict__ bias) {
-    qgemv_prefetch_levels<8>(p, levels);
+    qilin_pdl_prefetch_rows(levels, blockIdx.x * QILIN_QGEMV_ROWS_PER_BLOCK,
+                            QILIN_QGEMV_ROWS_PER_BLOCK, p.out_features, p.in_features);
     QILIN_PDL_ENTRY();
     qgemv<8, QILIN_QGEMV_SMALL_MAX_TOKENS, true>(p, out, x, levels, scale_min, bias);
 }
