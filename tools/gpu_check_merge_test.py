@@ -90,6 +90,10 @@ class MergeTest(unittest.TestCase):
         status, note = gpu_check.verdict(res(**required, decode="timeout"))
         self.assertEqual(status, "FAIL")
         self.assertIn("failed: decode", note)
+        status, note = gpu_check.verdict(res(**required, ncu="timeout"))
+        self.assertEqual(status, "pass")
+        self.assertIn("profiling cut short at its timeout: ncu", note)
+        self.assertEqual(gpu_check.verdict(res(**required, ncu="FAIL (rc 1)"))[0], "FAIL")
         status, note = gpu_check.verdict(res(**dict(required, tests="FAIL")))
         self.assertEqual((status, note.startswith("failed: tests")), ("FAIL", True))
 
@@ -117,6 +121,46 @@ class MergeTest(unittest.TestCase):
             "sanitizer": {}, "bench": {}, "ncu": rows})
         self.assertIn("| qilin_sample_split_bf16 | (1, 13, 1) | 9.87 us | membar 1234.5, "
                       "barrier 2.5 |", report)
+
+    def test_ncu_profiles_each_filter_in_its_own_call(self):
+        # A stand-in for ncu on PATH: a profiling call writes its report naming the
+        # `--only` filter (exit 3 for the filter "broken"); an import prints one launch of
+        # a kernel named after it. It checks that each call carries the per-filter launch cap.
+        fake = '''#!/usr/bin/env python3
+import os, sys
+args = sys.argv[1:]
+if "--import" in args:
+    op = open(args[args.index("--import") + 1]).read()
+    print('"ID","Kernel Name","Grid Size","Block Size","Section Name","Metric Name","Metric Unit","Metric Value"')
+    print(f'"0","qilin_{op}(P)","(1, 1, 1)","(32, 1, 1)","GPU Speed Of Light Throughput","Duration","us","1.5"')
+    sys.exit(0)
+assert args[args.index("-c") + 1] == os.environ["EXPECTED_CAP"]
+op = args[args.index("--only") + 1]
+open(args[args.index("-o") + 1] + ".ncu-rep", "w").write(op)
+sys.exit(3 if op == "broken" else 0)
+'''
+        saved = (gpu_check.NCU_OPS, os.environ["PATH"])
+        try:
+            for ops, status in [(["attn", "gemm"], "ok"), (["attn", "broken"], "FAIL")]:
+                with tempfile.TemporaryDirectory() as d:
+                    os.mkdir(os.path.join(d, "bin"))
+                    tool = os.path.join(d, "bin", "ncu")
+                    with open(tool, "w") as f:
+                        f.write(fake)
+                    os.chmod(tool, 0o755)
+                    os.environ["PATH"] = os.path.join(d, "bin") + os.pathsep + saved[1]
+                    gpu_check.NCU_OPS = ops
+                    env = {"EXPECTED_CAP": str(gpu_check.NCU_LAUNCHES_PER_OP)}
+                    r = gpu_check.Runner(300.0, gpu_check.PROFILES["short"], d, env)
+                    results = {}
+                    gpu_check.step_ncu(r, "qilin", results)
+                self.assertEqual([(row["op"], row["kernel"]) for row in results["ncu"]],
+                                 [(op, f"qilin_{op}") for op in ops])
+                self.assertEqual(r.steps[-1]["status"], status)
+                self.assertIn("2 launches profiled, 2 of 2 filters", r.steps[-1]["note"])
+            self.assertIn("failed: 'broken' (rc 3)", r.steps[-1]["note"])
+        finally:
+            gpu_check.NCU_OPS, os.environ["PATH"] = saved
 
     def test_steps_before_racecheck_leave_it_its_reserve(self):
         profile = dict(gpu_check.PROFILES["short"])
